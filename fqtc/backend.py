@@ -1,0 +1,139 @@
+"""The ``fqt`` torch.compile backend: AOTAutograd with fqtc's passes on the joint forward-backward graph.
+
+Found by ``torch.compile(model, backend="fqt")`` through the ``torch_dynamo_backends`` entry point
+(``fqt = "fqtc.backend:fqt_backend"``). This module must not call ``register_backend("fqt")`` itself: Dynamo
+registers the entry point when it loads it, and a second registration raises ``duplicate name: fqt``.
+
+Flow: Dynamo FX graph -> ``aot_autograd(partition_fn=...)`` traces the joint graph -> inside ``partition_fn``
+the passes (sites, assign, rewrite, save) run on it -> min-cut partition -> forward and backward graphs, run as FX
+modules (``compiler="eager"``, the CPU reference path) or compiled by Inductor (``compiler="inductor"``).
+Inference (no-grad) graphs get the same passes on the forward-only graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fqtc.ops  # noqa: F401  (registers the fqt:: ops)
+from fqtc.config import FQTConfig
+from fqtc.passes import PassResult, run_passes
+
+
+@dataclass
+class CompiledGraph:
+    """What the backend did to one Dynamo graph: the config, the rewritten graphs and every GEMM's record."""
+
+    config: FQTConfig
+    param_names: list[str | None]
+    joint: fx.GraphModule | None = None
+    forward: fx.GraphModule | None = None
+    backward: fx.GraphModule | None = None
+    inference: fx.GraphModule | None = None
+    result: PassResult | None = None
+
+    @property
+    def records(self) -> list[dict]:
+        return self.result.records if self.result else []
+
+
+_history: deque[CompiledGraph] = deque(maxlen=64)
+_captures: list[list[CompiledGraph]] = []
+_lock = threading.Lock()
+
+
+def _publish(cg: CompiledGraph) -> None:
+    with _lock:
+        _history.append(cg)
+        for c in _captures:
+            c.append(cg)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[CompiledGraph]]:
+    """Collect the `CompiledGraph` of every graph the fqt backend compiles inside the ``with`` block."""
+    bucket: list[CompiledGraph] = []
+    with _lock:
+        _captures.append(bucket)
+    try:
+        yield bucket
+    finally:
+        with _lock:
+            _captures.remove(bucket)
+
+
+def compiled_graphs() -> list[CompiledGraph]:
+    """The most recent graphs compiled by the fqt backend (bounded history, newest last)."""
+    return list(_history)
+
+
+def _param_name(placeholder: fx.Node) -> str:
+    # Dynamo spells parameters "l_self_modules_fc1_parameters_weight_"; turn that back into "fc1.weight".
+    name = placeholder.name
+    for pre in ("l_self_", "l_fn_", "l_model_", "l_mod_", "l_m_"):
+        if name.startswith(pre):
+            name = name[len(pre):]
+    return name.replace("modules_", "").replace("_parameters_", ".").replace("parameters_", "").strip("_")
+
+
+def _make_compiler(config: FQTConfig) -> Callable:
+    if config.compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        return compile_fx_inner
+
+    def eager(gm: fx.GraphModule, example_inputs: Any) -> Callable:
+        return make_boxed_func(gm)
+
+    return eager
+
+
+def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | None = None,
+                **_: Any) -> Callable:
+    """``torch.compile`` backend entry point. ``options`` is parsed by `FQTConfig.from_options`."""
+    config = FQTConfig.from_options(options)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
+    names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]
+    cg = CompiledGraph(config, names)
+    compiler = _make_compiler(config)
+
+    def weight_nodes_of(graph: fx.Graph) -> set[fx.Node]:
+        phs = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+        return {n for i, n in enumerate(phs) if i < len(is_param) and is_param[i]}
+
+    def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+        cg.result = run_passes(joint, config, weight_nodes_of(joint.graph))
+        cg.joint = joint
+        part = min_cut_rematerialization_partition if config.partitioner == "min_cut" else default_partition
+        fw, bw = part(joint, joint_inputs, **kwargs)
+        cg.forward, cg.backward = fw, bw
+        _publish(cg)
+        return fw, bw
+
+    def inference_compiler(fw: fx.GraphModule, inputs: Any) -> Callable:
+        cg.result = run_passes(fw, config, weight_nodes_of(fw.graph))
+        cg.inference = fw
+        _publish(cg)
+        return compiler(fw, inputs)
+
+    kwargs: dict[str, Any] = {}
+    if config.compiler == "inductor":
+        from torch._inductor.decomposition import select_decomp_table
+
+        kwargs["decompositions"] = select_decomp_table()
+    aot = aot_autograd(fw_compiler=compiler, bw_compiler=compiler, inference_compiler=inference_compiler,
+                       partition_fn=partition_fn, keep_inference_input_mutations=True, **kwargs)
+    # Trace attention in its math form so Q.K^T and P.V (and their backward products) are visible bmm's.
+    with sdpa_kernel(SDPBackend.MATH):
+        return aot(gm, example_inputs)

@@ -1,0 +1,92 @@
+"""fqt custom ops: the only door from compiled graphs into fqtc's numerics and kernels.
+
+Every op is a ``torch.library`` custom op with a fake (meta) implementation so it composes with Dynamo,
+AOTAutograd, the partitioners, Inductor (as an extern call) and export. The default implementation calls the pure
+reference functions in `fqtc.quant`; `fqtc.codegen` registers fused Triton kernels for CUDA tensors.
+
+Graphs must use the OpOverloads (``torch.ops.fqt.quantize.default``), not the Python functions below.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from fqtc.quant import gemm as _gemm
+from fqtc.quant import uniform as _uniform
+
+# -- step counter ------------------------------------------------------------------------------------------------
+# Each call of a compiled forward graph draws a new step number: stochastic rounding keys on it, so draws differ
+# from step to step (a repeating stream would bias training) and a run with the same seed replays them.
+_step_lock = threading.Lock()
+_step_value = [0]
+
+
+def get_step() -> int:
+    """The step number the next compiled forward call will use."""
+    return _step_value[0]
+
+
+def set_step(step: int) -> None:
+    """Set the next step number (resume a run so its stochastic-rounding stream continues where it stopped)."""
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"set_step: step must be a non-negative int, got {step!r}")
+    with _step_lock:
+        _step_value[0] = step
+
+
+@torch.library.custom_op("fqt::step", mutates_args=())
+def step(device: torch.device) -> Tensor:
+    """Return the current step number (0-d int64) and advance the counter. Saved for backward, never recomputed."""
+    with _step_lock:
+        value = _step_value[0]
+        _step_value[0] += 1
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+@step.register_fake
+def _(device: torch.device) -> Tensor:
+    return torch.empty((), dtype=torch.int64, device=device)
+
+
+# -- quantize ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fqt::quantize", mutates_args=())
+def quantize(
+    x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Symmetric uniform quantization: int8 codes and an fp32 keepdim scale shared over ``reduce_dims``."""
+    return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream)
+
+
+@quantize.register_fake
+def _(x, bits, reduce_dims, rounding, seed, stream, step):
+    dims = {d % x.dim() for d in reduce_dims}
+    sshape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(sshape, dtype=torch.float32)
+
+
+# -- integer GEMM ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fqt::qgemm", mutates_args=())
+def qgemm(
+    a: Tensor, a_scale: Tensor | None, b: Tensor, b_scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``(a_scale*a) @ (b_scale*b) + bias``: exact int8 GEMM with the scales in the epilogue (2-D or batched).
+
+    A ``None`` scale marks a full-precision operand (a partially quantized GEMM, e.g. weight-only).
+    """
+    return _gemm.scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
+
+
+@qgemm.register_fake
+def _(a, a_scale, b, b_scale, bias, out_dtype):
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    shape = (*batch, a.shape[-2], b.shape[-1])
+    if bias is not None:
+        shape = torch.broadcast_shapes(shape, bias.shape)
+    return a.new_empty(shape, dtype=out_dtype)
+
+
+def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
+    return _uniform.dequantize(codes, scale)

@@ -1,0 +1,143 @@
+"""Pass 2: choose a QuantSpec for every operand of every GEMM and record it in ``node.meta["fqt"]``.
+
+Preconditions: `fqtc.passes.sites.find_sites` linked the GEMMs. The spec of each (site, role, operand) comes from
+`FQTConfig.resolve`: ``keep_fp`` first, then the bit string's default, then the rules in order (later wins).
+
+The granularity is turned into the dims of the operand's *base* tensor (the node after stripping transposes) over
+which one scale is shared: ``tensor`` -> all dims; ``token``/``sample`` (activations, gradients) and ``channel``
+(weights: output channels = rows of W) -> the last dim; ``channel`` (activations, gradients: feature columns) ->
+every dim but the last. The scales then follow the codes through the replayed transposes; a scale that varies
+along the GEMM's reduction axis cannot sit in the epilogue, so that GEMM multiplies dequantized operands (same
+product of the quantized values, no integer GEMM) and the record says so.
+
+Before::  addmm.meta["fqt"] = {"site": "fc1", "role": "output"}
+After::   addmm.meta["fqt"] = {..., "status": "quantized", "operands": {"input": {"bits": 8, "granularity":
+          "tensor", "rounding": "nearest", "reason": "default W8A8G8"}, "weight": {...}}, "integer_gemm": True}
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fqtc.config import FQTConfig, QuantSpec
+from fqtc.passes.common import strip_operand, tensor_shape
+from fqtc.passes.sites import GemmSite, gemm_operands
+
+
+@dataclass
+class OperandPlan:
+    key: str  # "a" | "b" | "g"
+    arg_index: int  # position among the GEMM's (a, b) operands
+    spec: QuantSpec | None
+    reason: str
+    reduce_dims: list[int]
+
+
+@dataclass
+class GemmPlan:
+    site: GemmSite
+    role: str
+    node: fx.Node
+    operands: list[OperandPlan]
+    integer_gemm: bool
+
+    @property
+    def status(self) -> str:
+        n = sum(op.spec is not None for op in self.operands)
+        return "quantized" if n == len(self.operands) else ("full_precision" if n == 0 else "partial")
+
+
+def reduce_dims_for(spec: QuantSpec, operand: str, ndim: int, where: str) -> list[int]:
+    if spec.granularity == "tensor":
+        return list(range(ndim))
+    if operand == "weight":
+        if spec.granularity != "channel":
+            raise ValueError(
+                f"fqt: granularity {spec.granularity!r} does not apply to the weight operand ({where}); "
+                "weights allow 'tensor' or 'channel' (per output channel); target activations with operand='input'"
+            )
+        return [ndim - 1]
+    if spec.granularity in ("token", "sample"):
+        return [ndim - 1]
+    return list(range(ndim - 1))  # channel of an activation/gradient: one scale per feature column
+
+
+def _scale_ok(base: fx.Node, chain: list[fx.Node], reduce_dims: list[int], arg_index: int) -> bool:
+    """Does the scale, after replaying the transposes, stay constant along the GEMM's reduction axis?"""
+    shape = list(base.meta["val"].shape)
+    dims = {d % len(shape) for d in reduce_dims}
+    s = torch.empty([1 if i in dims else 2 for i in range(len(shape))], device="meta")
+    for t in chain:
+        s = t.target(s, *t.args[1:], **t.kwargs)
+    return s.shape[-1] == 1 if arg_index == 0 else s.shape[-2] == 1
+
+
+def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
+    """Resolve specs for every GEMM of every site; warn about rules that matched nothing."""
+    plans: list[GemmPlan] = []
+    rule_hits = [0] * len(config.rules)
+    for site in sites:
+        for role, node in site.gemms.items():
+            args = gemm_operands(node)
+            ops: list[OperandPlan] = []
+            integer = True
+            for key, idx in sorted(site.operand_pos[role].items(), key=lambda kv: kv[1]):
+                operand = site.operand_name(key)
+                for i, rule in enumerate(config.rules):
+                    if rule.matches(site.module or site.name, role, operand):
+                        rule_hits[i] += 1
+                spec, reason = config.resolve(site.module or site.name, role, operand)
+                base, chain = strip_operand(args[idx])
+                dims: list[int] = []
+                if spec is not None:
+                    where = f"site {site.name!r}, role {role!r}"
+                    dims = reduce_dims_for(spec, operand, base.meta["val"].dim(), where)
+                    if not _scale_ok(base, chain, dims, idx):
+                        integer = False
+                else:
+                    integer = False
+                ops.append(OperandPlan(key, idx, spec, reason, dims))
+            plan = GemmPlan(site, role, node, ops, integer)
+            node.meta["fqt"] = record(plan)
+            plans.append(plan)
+    for i, hits in enumerate(rule_hits):
+        if hits == 0:
+            warnings.warn(
+                f"fqt: {config.rules[i].describe()} matched no GEMM operand; check the module glob against the "
+                "module paths shown by fqtc.explain()",
+                stacklevel=2,
+            )
+    return plans
+
+
+def record(plan: GemmPlan) -> dict:
+    """The ``node.meta["fqt"]`` record of one GEMM: the single source of truth read by inspect and export."""
+    site, node = plan.site, plan.node
+    a, b = gemm_operands(node)
+    operands = {}
+    for op in plan.operands:
+        name = site.report_name(op.key)
+        entry = {"bits": None, "reason": op.reason}
+        if op.spec is not None:
+            entry = {**op.spec.to_dict(), "reason": op.reason, "reduce_dims": op.reduce_dims}
+        operands[name] = entry
+    status = plan.status
+    reason = {
+        "quantized": "; ".join(sorted({op.reason for op in plan.operands})),
+        "partial": "some operands kept in full precision: "
+        + ", ".join(f"{site.report_name(o.key)} ({o.reason})" for o in plan.operands if o.spec is None),
+        "full_precision": "; ".join(sorted({op.reason for op in plan.operands})),
+    }[status]
+    notes = []
+    if status == "quantized" and not plan.integer_gemm:
+        notes.append("a scale varies along the reduction axis: dequantized product, not an integer GEMM")
+    return {
+        "site": site.name, "module": site.module, "module_type": site.module_type, "role": plan.role,
+        "op": str(node.target).replace("aten.", "").replace(".default", ""), "node": node.name,
+        "status": status, "reason": reason, "operands": operands, "integer_gemm": plan.integer_gemm,
+        "shapes": {"a": tensor_shape(a), "b": tensor_shape(b), "out": tensor_shape(node)}, "notes": notes,
+    }

@@ -1,0 +1,115 @@
+"""Helpers shared by the passes: operand stripping, fake values, meta copying, module paths."""
+
+from __future__ import annotations
+
+import operator
+import re
+import zlib
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_map_only
+
+aten = torch.ops.aten
+fqt = torch.ops.fqt
+
+GEMM_TARGETS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
+# Transpose-like views are replayed on the int8 codes and on the keepdim scales. detach/alias carry no data
+# change and are dropped. Reshaping views are *not* stripped: a view of a strided base may not be expressible on
+# the codes' layout (CPU flash-attention outputs, docs/architecture.md), so the view node itself is quantized.
+TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+IDENTITIES = (aten.detach.default, aten.alias.default)
+# GEMM-like ops the linear rewrite does not handle: left in full precision and reported, never silently.
+UNSUPPORTED_GEMMS = {
+    aten.convolution.default: "convolution is not rewritten yet (kept in full precision)",
+    aten.convolution_backward.default: "convolution_backward is not rewritten yet (kept in full precision)",
+    aten.baddbmm.default: "baddbmm is not rewritten yet (kept in full precision)",
+    aten._scaled_dot_product_flash_attention_for_cpu.default: "fused attention is not rewritten yet",
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: "fused attention is not rewritten yet",
+}
+
+# Meta keys copied onto nodes a pass creates, so partitioners and tracebacks see them as part of the same op.
+_COPY_META = ("partitioner_tag", "seq_nr", "nn_module_stack", "fwd_nn_module_stack", "source_fn_stack",
+              "fwd_source_fn_stack", "stack_trace", "autograd_backward", "original_aten")
+
+
+def strip_operand(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk through transposes/identities to the base node. Returns (base, transposes to replay, base-first)."""
+    chain: list[fx.Node] = []
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in TRANSPOSES + IDENTITIES:
+        if node.target in TRANSPOSES:
+            chain.append(node)
+        node = node.args[0]
+    chain.reverse()
+    return node, chain
+
+
+def copy_meta(dst: fx.Node, src: fx.Node) -> None:
+    for k in _COPY_META:
+        if k in src.meta:
+            dst.meta[k] = src.meta[k]
+
+
+def graph_fake_mode(graph: fx.Graph):
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def set_fake_val(node: fx.Node, fake_mode) -> None:
+    """Compute ``node.meta['val']`` from its inputs' fake values (keeps the passes' invariant)."""
+    args, kwargs = tree_map_only(fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs))
+    if node.target is operator.getitem:
+        node.meta["val"] = args[0][args[1]]
+        return
+    if fake_mode is None:
+        raise RuntimeError("fqt: no fake mode found on the graph's placeholders; cannot keep node.meta['val'] valid")
+    with fake_mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+_L_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+_GETATTR = re.compile(r"getattr\(([^,]+),\s*'([^']+)'\)")
+
+
+def clean_module_path(path: str) -> str:
+    """``"L['self'].layers[0].fc1"`` -> ``"layers.0.fc1"`` (Dynamo's nn_module_stack spelling to an FQN)."""
+    prev = None
+    while prev != path:
+        prev = path
+        path = _GETATTR.sub(r"\1.\2", path)
+    path = _L_PREFIX.sub("", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def module_of(node: fx.Node) -> tuple[str, str]:
+    """(module path, module class name) of the innermost module a node came from; ("", "") if none."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return clean_module_path(str(path)), name.rsplit(".", 1)[-1]
+
+
+def stable_stream(*parts: Any) -> int:
+    """A stable 32-bit stream id for the random stream of one quantizer (crc32: identical in every process)."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0xFFFFFFFF
+
+
+def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def tensor_shape(node: Any) -> list[int] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return [int(s) if not isinstance(s, torch.SymInt) else str(s) for s in val.shape] if isinstance(
+        val, torch.Tensor) else None
+
+
+def find_gemms(graph: fx.Graph) -> Iterable[fx.Node]:
+    for target in GEMM_TARGETS:
+        yield from graph.find_nodes(op="call_function", target=target)

@@ -1,0 +1,149 @@
+"""Pass 3: rewrite planned GEMMs into ``fqt::quantize`` + ``fqt::qgemm``.
+
+Preconditions: `assign` planned every GEMM (``node.meta["fqt"]``). Each operand's base tensor is quantized once per
+distinct (base, spec) — the forward activation's codes are shared by the ``output`` and ``grad_weight`` GEMMs, the
+gradient is quantized once per spec — right before its first consumer (inserting backward quantizers earlier
+would pull them into the forward partition). Transposes between base and GEMM are replayed on codes and scales.
+The stochastic-rounding key is (seed, step, stream): the step comes from one ``fqt::step`` node per graph, the
+stream is a stable hash of (site, role, operand, spec).
+
+Before::
+
+    t     = aten.t(W)
+    addmm = aten.addmm(b, x, t)
+
+After::
+
+    step   = fqt.step(cpu)
+    qx     = fqt.quantize(x, 8, [0, 1], "nearest", seed, stream_x, step);  x8, sx = qx[0], qx[1]
+    qw     = fqt.quantize(W, 8, [1], "nearest", seed, stream_w, step);     w8, sw = qw[0], qw[1]
+    qgemm  = fqt.qgemm(x8, sx, aten.t(w8), aten.t(sw), b, float32)
+
+Guarantees: ``node.meta["val"]`` is set on every new node; the graph stays functional; a GEMM that cannot be
+rewritten keeps its op and its record says why (status ``full_precision``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from fqtc.config import FQTConfig
+from fqtc.passes.assign import GemmPlan, OperandPlan
+from fqtc.passes.common import copy_meta, graph_fake_mode, node_order, set_fake_val, stable_stream, strip_operand
+from fqtc.passes.sites import gemm_operands
+
+aten = torch.ops.aten
+
+
+def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dict[str, int]:
+    """Rewrite GEMMs in place. Returns counters (``gemms_rewritten``, ``quantize_nodes``)."""
+    graph = gm.graph
+    fake_mode = graph_fake_mode(graph)
+    order = node_order(graph)
+    todo = []
+    for plan in plans:
+        if plan.status == "full_precision":
+            continue
+        node = plan.node
+        if node.target == aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+            node.meta["fqt"].update(status="full_precision", reason="addmm with beta/alpha != 1 is not rewritten")
+            continue
+        todo.append(plan)
+    if not todo:
+        return {"gemms_rewritten": 0, "quantize_nodes": 0}
+
+    # phase 1: group operand requests by (base, spec, dims) so each base is quantized once per spec
+    requests: dict[tuple, list[tuple[GemmPlan, OperandPlan]]] = defaultdict(list)
+    for plan in todo:
+        args = gemm_operands(plan.node)
+        for op in plan.operands:
+            if op.spec is None:
+                continue
+            base, _ = strip_operand(args[op.arg_index])
+            requests[(base, op.spec, tuple(op.reduce_dims))].append((plan, op))
+
+    # one step node per graph, right after the placeholders
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    device = todo[0].node.meta["val"].device
+    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
+    with graph.inserting_after(anchor):
+        step = graph.call_function(torch.ops.fqt.step.default, (device,))
+    step.meta["partitioner_tag"] = "is_forward"
+    step.meta["fqt"] = {"kind": "step"}
+    set_fake_val(step, fake_mode)
+
+    quantized: dict[tuple, tuple[fx.Node, fx.Node]] = {}
+    for (base, spec, dims), users in requests.items():
+        first_plan, first_op = min(users, key=lambda u: order[u[0].node])
+        q = _insert_quantize(graph, fake_mode, base, spec, list(dims), first_plan, first_op, config, step)
+        quantized[(base, spec, dims)] = q
+
+    # phase 2: replace each GEMM by qgemm on (replayed) codes and scales
+    for plan in todo:
+        node = plan.node
+        args = list(gemm_operands(node))
+        new_args: list[fx.Node | None] = [None, None, None, None]  # a, sa, b, sb
+        for idx in (0, 1):
+            new_args[2 * idx] = args[idx]
+        with graph.inserting_before(node):
+            for op in plan.operands:
+                if op.spec is None:
+                    continue
+                base, chain = strip_operand(args[op.arg_index])
+                codes, scale = quantized[(base, op.spec, tuple(op.reduce_dims))]
+                for t in chain:
+                    codes = _replay(graph, fake_mode, t, codes, node)
+                    scale = _replay(graph, fake_mode, t, scale, node)
+                new_args[2 * op.arg_index] = codes
+                new_args[2 * op.arg_index + 1] = scale
+            for idx in (0, 1):
+                if new_args[2 * idx + 1] is None:  # full-precision operand: replay-free, the original arg
+                    new_args[2 * idx] = args[idx]
+            bias = node.args[0] if node.target == aten.addmm.default else None
+            out_dtype = node.meta["val"].dtype
+            q = graph.call_function(torch.ops.fqt.qgemm.default, (*new_args, bias, out_dtype))
+        copy_meta(q, node)
+        set_fake_val(q, fake_mode)
+        rec = dict(node.meta["fqt"])
+        rec["node"] = q.name
+        rec["original_node"] = node.name
+        q.meta["fqt"] = rec
+        node.replace_all_uses_with(q)
+        graph.erase_node(node)
+
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return {"gemms_rewritten": len(todo), "quantize_nodes": len(quantized)}
+
+
+def _insert_quantize(graph, fake_mode, base, spec, dims, plan, op: OperandPlan, config, step):
+    site = plan.site
+    operand = site.operand_name(op.key)
+    stream = stable_stream(site.name, plan.role, site.report_name(op.key), spec.short_str())
+    with graph.inserting_before(plan.node):
+        qn = graph.call_function(
+            torch.ops.fqt.quantize.default,
+            (base, spec.bits, dims, spec.rounding, config.seed, stream, step),
+        )
+        codes = graph.call_function(operator.getitem, (qn, 0))
+        scale = graph.call_function(operator.getitem, (qn, 1))
+    for n in (qn, codes, scale):
+        copy_meta(n, plan.node)
+        set_fake_val(n, fake_mode)
+    qn.meta["fqt"] = {
+        "kind": "quantize", "site": site.name, "role": plan.role, "operand": operand, "spec": spec.to_dict(),
+        "reduce_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream,
+    }
+    return codes, scale
+
+
+def _replay(graph, fake_mode, t: fx.Node, src: fx.Node, user: fx.Node) -> fx.Node:
+    n = graph.call_function(t.target, (src, *t.args[1:]), dict(t.kwargs))
+    copy_meta(n, user)
+    set_fake_val(n, fake_mode)
+    return n

@@ -1,0 +1,72 @@
+"""Counter-based random numbers for stochastic rounding.
+
+A uniform draw is a pure function of (seed, step, stream, element index): no generator state, so the same seed
+replays the same bits on every run, and a Triton kernel computing the same hash in uint32 arithmetic produces
+identical numbers (design invariant "SR draws from a counter-based generator keyed by (seed, step, node, element)").
+
+The mixing function is the ``lowbias32`` integer hash (two xor-shift-multiply rounds, constants 0x7feb352d and
+0x846ca68b). Torch has no uint32 arithmetic, so the reference computes in int64 and masks to 32 bits; the
+multiplication is split into 16-bit halves so no intermediate exceeds 2^49 (no signed overflow).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+M1 = 0x7FEB352D
+M2 = 0x846CA68B
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) without overflowing int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 hash of int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, M2)
+    return x ^ (x >> 16)
+
+
+def mix32_int(x: int) -> int:
+    """lowbias32 on a Python int (host-side key derivation)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * M1) & MASK32
+    x ^= x >> 15
+    x = (x * M2) & MASK32
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor:
+    """The 32-bit key of one (seed, step, stream) triple, as a 0-d int64 tensor.
+
+    ``step`` may be a tensor (the graph's step counter) so the key is computed on the device without a sync.
+    """
+    k = torch.as_tensor(mix32_int(seed ^ GOLDEN), dtype=torch.int64)
+    step_t = torch.as_tensor(step, dtype=torch.int64)
+    if isinstance(step, torch.Tensor):
+        k = k.to(step.device)
+    k = mix32(k ^ (step_t & MASK32))
+    k = mix32(k ^ ((step_t >> 32) & MASK32))
+    return mix32(k ^ (stream & MASK32))
+
+
+def uniform_from_index(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) float32 draws for int64 element indices under ``key`` (24 random bits: exact in fp32)."""
+    h = mix32((index & MASK32) ^ key)
+    h = mix32(h ^ ((index >> 32) & MASK32) ^ GOLDEN)
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def uniform_like(x: torch.Tensor, seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor:
+    """One U[0, 1) draw per element of ``x`` (row-major element index), keyed by (seed, step, stream)."""
+    key = stream_key(seed, step, stream).to(x.device)
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    return uniform_from_index(idx, key)

@@ -1,0 +1,73 @@
+"""Symmetric uniform quantizers with deterministic and stochastic rounding (pure tensor functions).
+
+A b-bit code lies in [-(2^(b-1)-1), 2^(b-1)-1] and is stored in int8; the scale is ``amax / qmax`` over the
+elements that share it (``reduce_dims``), kept with ``keepdim=True`` so it broadcasts against the codes and can
+follow them through transposes. Stochastic rounding ``floor(x/s + u)``, ``u ~ U[0,1)`` from `fqtc.quant.rng`, is
+unbiased: E[s*q] = x, with per-element variance s^2 f(1-f) <= s^2/4 (f the fractional part of x/s).
+
+Numerics notes (kernels must match them bit for bit): ``x / s`` is a true IEEE division (not a multiply by the
+reciprocal); nearest rounding is round-half-to-even (``torch.round``); a zero-range group gets scale 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fqtc.quant.rng import uniform_like
+
+
+def qmax_for(bits: int) -> int:
+    if not (1 <= bits <= 8):
+        raise ValueError(f"bits must be 1..8 for int8 storage, got {bits}")
+    return (1 << (bits - 1)) - 1 if bits > 1 else 1
+
+
+def absmax_scale(x: torch.Tensor, bits: int, reduce_dims: Sequence[int]) -> torch.Tensor:
+    """fp32 scale ``amax/qmax`` over ``reduce_dims`` (keepdim); groups whose amax is 0 get scale 1."""
+    xf = x.float()
+    dims = _norm_dims(reduce_dims, x.dim())
+    amax = xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()
+    scale = amax / qmax_for(bits)
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+def round_codes(
+    y: torch.Tensor, qmax: int, rounding: str, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0
+) -> torch.Tensor:
+    """Round real-valued codes ``y`` to integers in [-qmax, qmax] (still float32)."""
+    if rounding == "nearest":
+        q = torch.round(y)
+    elif rounding == "stochastic":
+        q = torch.floor(y + uniform_like(y, seed, step, stream))
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}; allowed: nearest, stochastic")
+    return q.clamp_(-qmax, qmax)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    reduce_dims: Sequence[int],
+    rounding: str = "nearest",
+    seed: int = 0,
+    step: torch.Tensor | int = 0,
+    stream: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to int8 codes and an fp32 keepdim scale shared over ``reduce_dims``.
+
+    ``reduce_dims`` = all dims gives a per-tensor scale; ``[-1]`` one scale per row (token/sample); ``[0]`` on a
+    2-D tensor one scale per column (channel).
+    """
+    scale = absmax_scale(x, bits, reduce_dims)
+    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed, step, stream)
+    return q.to(torch.int8), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale
+
+
+def _norm_dims(dims: Sequence[int], ndim: int) -> list[int]:
+    return sorted({d % ndim for d in dims}) if ndim else []

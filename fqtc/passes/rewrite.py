@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -121,9 +122,24 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     return {"gemms_rewritten": len(todo), "quantize_nodes": len(quantized)}
 
 
+# Extension points (one entry per feature, registered by the module that owns it):
+# QUANTIZE_LOWERINGS[spec.quantizer](graph, fake_mode, base, spec, dims, plan, op, config, step) -> (codes, scale)
+#   lowers a non-uniform quantizer (e.g. gradient quantizers) to its fqt op(s); "uniform" is built in.
+# A base node whose meta["fqt_int"] = {"codes": Node, "scale": Node, "bits": int, "reduce_dims": [...]} is already
+#   stored in integer form (latent-weight parameters): matching specs reuse its codes instead of re-quantizing.
+QUANTIZE_LOWERINGS: dict[str, Callable] = {}
+
+
 def _insert_quantize(graph, fake_mode, base, spec, dims, plan, op: OperandPlan, config, step):
     site = plan.site
     operand = site.operand_name(op.key)
+    pre = base.meta.get("fqt_int")
+    if pre and pre["bits"] == spec.bits and list(pre["reduce_dims"]) == list(dims):
+        return pre["codes"], pre["scale"]
+    if spec.quantizer != "uniform":
+        if spec.quantizer not in QUANTIZE_LOWERINGS:
+            raise NotImplementedError(f"fqt: no lowering registered for quantizer {spec.quantizer!r}")
+        return QUANTIZE_LOWERINGS[spec.quantizer](graph, fake_mode, base, spec, dims, plan, op, config, step)
     stream = stable_stream(site.name, plan.role, site.report_name(op.key), spec.short_str())
     with graph.inserting_before(plan.node):
         qn = graph.call_function(

@@ -1,4 +1,4 @@
-"""fqt custom ops: the only door from compiled graphs into fqtc's numerics and kernels.
+"""Core fqt ops: the step counter, uniform quantization and the scaled integer GEMM.
 
 Every op is a ``torch.library`` custom op with a fake (meta) implementation so it composes with Dynamo,
 AOTAutograd, the partitioners, Inductor (as an extern call) and export. The default implementation calls the pure

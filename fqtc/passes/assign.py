@@ -92,6 +92,13 @@ def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
                         rule_hits[i] += 1
                 spec, reason = config.resolve(site.module or site.name, role, operand)
                 base, chain = strip_operand(args[idx])
+                dtype = base.meta["val"].dtype
+                if spec is not None and not dtype.is_floating_point:
+                    raise TypeError(
+                        f"fqt: cannot quantize the {operand} operand of GEMM site {site.name!r} ({role}): its dtype "
+                        f"is {dtype}, not floating point. fqt quantizes float GEMMs; cast the tensor to float32/"
+                        f"bfloat16, or keep the site in full precision with options={{'keep_fp': [{site.name!r}]}}"
+                    )
                 dims: list[int] = []
                 if spec is not None:
                     where = f"site {site.name!r}, role {role!r}"

@@ -58,14 +58,19 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
         return {"gemms_rewritten": 0, "quantize_nodes": 0}
 
     # phase 1: group operand requests by (base, spec, dims) so each base is quantized once per spec
+    # Keys and transpose chains are resolved before any GEMM is replaced: replacing a GEMM whose output feeds
+    # another GEMM (Linear -> Linear) changes that consumer's base node.
     requests: dict[tuple, list[tuple[GemmPlan, OperandPlan]]] = defaultdict(list)
+    resolved: dict[tuple[fx.Node, int], tuple[tuple, list[fx.Node]]] = {}
     for plan in todo:
         args = gemm_operands(plan.node)
         for op in plan.operands:
             if op.spec is None:
                 continue
-            base, _ = strip_operand(args[op.arg_index])
-            requests[(base, op.spec, tuple(op.reduce_dims))].append((plan, op))
+            base, chain = strip_operand(args[op.arg_index])
+            key = (base, op.spec, tuple(op.reduce_dims))
+            requests[key].append((plan, op))
+            resolved[(plan.node, op.arg_index)] = (key, chain)
 
     # one step node per graph, right after the placeholders
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -81,6 +86,8 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     for (base, spec, dims), users in requests.items():
         first_plan, first_op = min(users, key=lambda u: order[u[0].node])
         q = _insert_quantize(graph, fake_mode, base, spec, list(dims), first_plan, first_op, config, step)
+        if config.log_sqnr and any(config.logs_sqnr(p.site.name, p.site.module, p.role) for p, _ in users):
+            q = _insert_observer(graph, fake_mode, base, q, first_plan, first_op, step)
         quantized[(base, spec, dims)] = q
 
     # phase 2: replace each GEMM by qgemm on (replayed) codes and scales
@@ -94,8 +101,8 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
             for op in plan.operands:
                 if op.spec is None:
                     continue
-                base, chain = strip_operand(args[op.arg_index])
-                codes, scale = quantized[(base, op.spec, tuple(op.reduce_dims))]
+                key, chain = resolved[(node, op.arg_index)]
+                codes, scale = quantized[key]
                 for t in chain:
                     codes = _replay(graph, fake_mode, t, codes, node)
                     scale = _replay(graph, fake_mode, t, scale, node)
@@ -163,3 +170,19 @@ def _replay(graph, fake_mode, t: fx.Node, src: fx.Node, user: fx.Node) -> fx.Nod
     copy_meta(n, user)
     set_fake_val(n, fake_mode)
     return n
+
+
+def _insert_observer(graph, fake_mode, base, q, plan, op: OperandPlan, step):
+    """Option ``log_sqnr`` (issue 7): route the scale through ``fqt::observe``, which logs the operand's SQNR and
+    range each step. The GEMMs read the observer's copy of the scale, so the node survives dead-code elimination
+    and partitioning; it sits before the first consumer GEMM, in the same partition as that GEMM."""
+    import fqtc.inspect  # noqa: F401  (registers fqt::observe)
+
+    codes, scale = q
+    tag = f"{plan.site.name}/{plan.role}/{plan.site.report_name(op.key)}"
+    with graph.inserting_before(plan.node):
+        obs = graph.call_function(torch.ops.fqt.observe.default, (base, codes, scale, step, tag))
+    copy_meta(obs, plan.node)
+    set_fake_val(obs, fake_mode)
+    obs.meta["fqt"] = {"kind": "observe", "tag": tag}
+    return codes, obs

@@ -1,0 +1,99 @@
+"""End-to-end numerics of compiled models: the exact FP path, SQNR at 8 and 4 bits, SR determinism."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+import fqtc
+from tests.helpers import compile_fqt, sqnr
+
+
+def mlp(act=nn.GELU, d=64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d, d), act(), nn.Linear(d, d, bias=False), act(), nn.Linear(d, 10))
+
+
+def grads_of(model, x, target, fn):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    ((out - target) ** 2).sum().backward()
+    return out.detach(), [x.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("options", [{"bits": "fp"}, {"rules": {"*": "fp"}}, {"keep_fp": ["output", "grad_input",
+                                                                                             "grad_weight"]}])
+@pytest.mark.parametrize("shape", [(32, 64), (4, 8, 64)])
+def test_fp_path_equals_eager(options, shape):
+    model = mlp()
+    x, t = torch.randn(*shape), torch.randn(*shape[:-1], 10)
+    ref_out, ref_g = grads_of(model, x, t, model)
+    out, g = grads_of(model, x, t, compile_fqt(model, options))
+    assert_close(out, ref_out)
+    for a, b in zip(g, ref_g):
+        assert_close(a, b)
+
+
+def _sqnrs(options, act=nn.GELU):
+    model = mlp(act)
+    torch.manual_seed(1)
+    x, t = torch.randn(32, 64), torch.randn(32, 10)
+    ref_out, ref_g = grads_of(model, x, t, model)
+    out, g = grads_of(model, x, t, compile_fqt(model, options))
+    return sqnr(ref_out, out), [sqnr(a, b) for a, b in zip(ref_g, g)]
+
+
+def test_sqnr_w8a8g8():
+    # Measured (torch 2.13 CPU, seed 0): output 36.7 dB; grads x/W1/b1/W2/W3/b3: 34.7/34.3/38.4/34.1/32.4/55.1 dB.
+    out, grads = _sqnrs({"bits": "W8A8G8"})
+    assert out >= 25 and min(grads) >= 25, (out, grads)
+
+
+def test_sqnr_relu_mlp_is_limited_by_mask_flips():
+    # With ReLU the comparison against FP32 is dominated by activations whose sign flips under forward quantization
+    # (a flipped unit contributes its whole gradient): measured output 38.1 dB but grads only 17.7-23 dB, and the
+    # same grads with gradients in full precision (QAT) are equally low. The quantizer is not the limit here.
+    out, grads = _sqnrs({"bits": "W8A8G8"}, nn.ReLU)
+    _, qat = _sqnrs({"bits": "W8A8G8", "rules": [{"operand": "grad_output", "bits": "fp"}]}, nn.ReLU)
+    assert out >= 25
+    assert all(abs(a - b) < 3 for a, b in zip(grads, qat)), (grads, qat)
+
+
+def test_sqnr_4bit_activations_lower_and_stated():
+    # Measured: W4A4G8 output 10.9 dB, grads 7.1-30.2 dB; W8A4G8 output 11.5 dB, grads 7.5-35.0 dB (per-tensor 4-bit
+    # activations on Gaussian data). Lower bounds a few dB under the measured values.
+    out, grads = _sqnrs({"bits": "W4A4G8"})
+    assert 8 <= out < 25 and min(grads) >= 5, (out, grads)
+    out8, _ = _sqnrs({"bits": "W8A8G8"})
+    assert out < out8 - 15
+
+
+def test_stochastic_rounding_replays_with_same_seed_and_step():
+    model = mlp()
+    x, t = torch.randn(16, 64), torch.randn(16, 10)
+
+    def run(seed, step):
+        torch._dynamo.reset()
+        fqtc.set_step(step)
+        return grads_of(model, x, t, compile_fqt(model, {"bits": "W8A8G4", "seed": seed}))[1]
+
+    a, b = run(0, 0), run(0, 0)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    c = run(0, 1)  # next step: new draws
+    assert any(not torch.equal(u, v) for u, v in zip(a, c))
+    d = run(1, 0)  # other seed
+    assert any(not torch.equal(u, v) for u, v in zip(a, d))
+
+
+def test_each_call_is_a_new_step():
+    model = mlp()
+    x, t = torch.randn(16, 64), torch.randn(16, 10)
+    fn = compile_fqt(model, {"bits": "W8A8G4"})
+    g1 = grads_of(model, x, t, fn)[1]
+    g2 = grads_of(model, x, t, fn)[1]
+    # same inputs, same weights: only the SR stream differs between the two steps
+    assert not torch.equal(g1[1], g2[1])
+    # two draws of the same 4-bit estimator: close, not equal (measured 8.7 dB between them)
+    assert sqnr(g1[1], g2[1]) > 5

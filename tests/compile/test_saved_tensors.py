@@ -1,0 +1,81 @@
+"""Memory: backward reads int8 forward codes (+ fp32 scales), never fp32 activations or a saved int8 weight copy."""
+
+import operator
+
+import torch
+import torch.nn as nn
+
+from tests.helpers import run_and_capture
+
+fqt = torch.ops.fqt
+STRIP = (torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default)
+
+
+def _source(n):
+    while n.op == "call_function" and n.target in STRIP:
+        n = n.args[0]
+    return n
+
+
+def _saved(cg):
+    """Backward-graph placeholders that the forward saved (not tangents), name -> fake value."""
+    return {n.name: n for n in cg.backward.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")}
+
+
+def _param_placeholders(cg):
+    return {n for n in cg.backward.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")}
+
+
+def test_backward_gemms_read_int8_saved_activations_and_recompute_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    x = torch.randn(16, 3, 32)  # no grad: first site has no grad_input
+    _, (cg,) = run_and_capture(model, (x,))
+    saved = _saved(cg)
+    qgemms = cg.backward.graph.find_nodes(op="call_function", target=fqt.qgemm.default)
+    assert len(qgemms) == 5  # 3 grad_weight + 2 grad_input
+    for q in qgemms:
+        rec = q.meta["fqt"]
+        a, sa, b, sb = (_source(x) for x in q.args[:4])
+        for codes, scale, name in ((a, sa, "a"), (b, sb, "b")):
+            if codes.op == "placeholder":  # saved by forward: must be int8 codes + a small fp32 scale
+                assert codes.meta["val"].dtype == torch.int8, (rec["site"], rec["role"], codes.name)
+                assert scale.op == "placeholder" and scale.meta["val"].dtype == torch.float32
+                assert scale.meta["val"].numel() <= max(codes.meta["val"].shape)
+            else:  # produced in backward: a getitem of a quantize of a gradient or of a *parameter*
+                assert codes.target is operator.getitem
+                qn = codes.args[0]
+                assert qn.target == fqt.quantize.default
+                src = qn.args[0]
+                if rec["role"] == "grad_input" and qn.meta["fqt"]["operand"] == "weight":
+                    assert src.op == "placeholder" and src.name.startswith("primals"), "weights re-quantized"
+    # no int8 saved tensor has a weight's shape: weight codes are recomputed, not saved twice
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    for n in saved.values():
+        v = n.meta["val"]
+        if v.dtype == torch.int8:
+            assert tuple(v.shape) not in weight_shapes, f"{n.name}: an int8 weight copy is saved"
+    # every saved activation is int8; fp32 saved tensors are parameters, scales (tiny) and the GELU input
+    fp32_big = [n.name for n in saved.values() if n.meta["val"].dtype == torch.float32 and n.meta["val"].numel() > 64
+                and n not in _param_placeholders(cg)]
+    assert len(fp32_big) == 1, fp32_big  # GELU's backward needs its fp32 input (not a GEMM operand)
+
+
+def test_saved_activation_bytes_shrink_4x():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    x = torch.randn(128, 64)
+
+    def saved_bytes(options):
+        torch._dynamo.reset()
+        _, (cg,) = run_and_capture(model, (x,), options)
+        # parameters stay alive anyway; everything else the forward hands to backward counts (x included)
+        pshapes = {tuple(p.shape) for p in model.parameters()}
+        return sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in _saved(cg).values()
+                   if tuple(n.meta["val"].shape) not in pshapes)
+
+    fp, q8 = saved_bytes({"bits": "fp"}), saved_bytes({"bits": "W8A8G8"})
+    # three 128x64 activations (x and two layer outputs): fp32 98,304 bytes; int8 24,576 bytes + per-tensor scales
+    # (4 B each) + the step counter (8 B)
+    assert fp == 3 * 128 * 64 * 4
+    assert q8 <= 3 * 128 * 64 + 64, q8

@@ -1,0 +1,125 @@
+"""Numerics of the uniform quantizer, the counter-based RNG and the integer GEMM reference."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fqtc.quant import int_gemm, quantize, scaled_gemm
+from fqtc.quant.rng import mix32, mix32_int, stream_key, uniform_like
+
+
+def test_mix32_matches_python_uint32_arithmetic():
+    vals = [0, 1, 2, 0xFFFFFFFF, 0x12345678, 0x9E3779B9, 123456789]
+    got = mix32(torch.tensor(vals, dtype=torch.int64)).tolist()
+    assert got == [mix32_int(v) for v in vals]
+
+
+def test_uniform_draws_are_uniform_and_keyed():
+    x = torch.empty(200_000)
+    u = uniform_like(x, seed=3, step=7, stream=11)
+    assert 0.0 <= u.min() and u.max() < 1.0
+    # mean 1/2 and variance 1/12 of U[0,1): standard errors 6.5e-4 and 1.9e-4 at n=2e5; 5-sigma tolerances
+    assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())
+    assert abs(u.var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / u.numel())
+    assert torch.equal(u, uniform_like(x, 3, 7, 11)), "same key must replay the same draws"
+    for other in [(4, 7, 11), (3, 8, 11), (3, 7, 12)]:
+        assert not torch.equal(u, uniform_like(x, *other)), f"key {other} must give a different stream"
+    # step may be a tensor (the graph's step counter): same key as the int
+    assert torch.equal(stream_key(3, torch.tensor(7), 11), stream_key(3, 7, 11))
+    # neighbouring elements are uncorrelated (lag-1 correlation ~ N(0, 1/n))
+    c = torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()
+    assert abs(c) < 5 / math.sqrt(u.numel())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dims", [[0, 1], [1], [0]])
+def test_nearest_quantizer_bounds_and_scales(bits, dims):
+    torch.manual_seed(0)
+    x = torch.randn(33, 17) * torch.logspace(-2, 2, 17)
+    q, s = quantize(x, bits, dims, "nearest")
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert q.abs().max() <= qmax
+    assert s.shape == tuple(1 if i in dims else n for i, n in enumerate(x.shape))
+    assert ((q.float() * s - x).abs() <= s / 2 * (1 + 1e-6)).all()
+    assert_close(q.float(), torch.round(x / s))  # round-half-to-even of x/s, then clamp (never active here)
+    # the largest element of each group maps to +-qmax exactly
+    assert (q.abs().amax(dim=dims) == qmax).all()
+
+
+def test_zero_group_gets_unit_scale():
+    x = torch.zeros(4, 8)
+    x[1] = torch.randn(8)
+    q, s = quantize(x, 8, [1], "nearest")
+    assert torch.equal(s[0], torch.ones(1)) and torch.equal(q[0], torch.zeros(8, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stochastic_rounding_unbiased_and_variance_bound(bits):
+    """E[s*q] = x and Var[s*q] = s^2 f(1-f) (f = frac(x/s)), over n = 20,000 independent draws per element."""
+    torch.manual_seed(1)
+    n = 20_000
+    x = torch.randn(64)
+    x[0] = 3.0  # pins the per-tensor scale: amax is 3.0 in every row
+    rows = x.repeat(n, 1)  # one scale for all rows; each element of each row draws its own U[0,1)
+    q, s = quantize(rows, bits, [0, 1], "stochastic", seed=5, step=0, stream=1)
+    sv = s.item()
+    deq = q.float() * sv
+    f = x / sv - torch.floor(x / sv)
+    var_theory = sv**2 * f * (1 - f)
+    # mean: standard error sqrt(var/n) <= s/(2 sqrt n); 5 sigma bound per element (64 elements)
+    atol = 5 * sv / (2 * math.sqrt(n))
+    assert ((deq.mean(0) - x).abs() <= atol).all()
+    # variance: empirical within 10% of s^2 f(1-f) (relative std of a sample variance of a Bernoulli ~ 1/sqrt(n)),
+    # and never above the bound s^2/4
+    emp = deq.var(0)
+    big = var_theory > 1e-2 * sv**2
+    assert torch.allclose(emp[big], var_theory[big], rtol=0.1)
+    assert (emp <= sv**2 / 4 * 1.05).all()
+    assert ((deq - x).abs() < sv * (1 + 1e-6)).all()  # one grid step at most
+
+
+def test_stochastic_rounding_deterministic_per_seed_and_step():
+    x = torch.randn(128, 64)
+    a = quantize(x, 4, [1], "stochastic", seed=0, step=3, stream=9)[0]
+    assert torch.equal(a, quantize(x, 4, [1], "stochastic", seed=0, step=3, stream=9)[0])
+    assert not torch.equal(a, quantize(x, 4, [1], "stochastic", seed=0, step=4, stream=9)[0])
+    assert not torch.equal(a, quantize(x, 4, [1], "stochastic", seed=1, step=3, stream=9)[0])
+
+
+@pytest.mark.parametrize("shape", [(7, 13, 5), (64, 1024, 32), (5, 2500, 9), (3, 6, 70, 11)])
+def test_int_gemm_exact_vs_int64(shape):
+    torch.manual_seed(0)
+    if len(shape) == 3:
+        m, k, n = shape
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+    else:
+        bsz, m, k, n = shape
+        a = torch.randint(-127, 128, (bsz, m, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (bsz, k, n), dtype=torch.int8)
+    # worst case too: all +127 products (the chunking bound 1024*127^2 < 2^24)
+    a[..., 0, :] = 127
+    b[..., :, 0] = 127
+    ref = torch.matmul(a.long(), b.long())
+    out = int_gemm(a, b)
+    assert out.dtype == torch.int32
+    assert torch.equal(out.long(), ref)
+
+
+def test_scaled_gemm_matches_dequantized_product():
+    torch.manual_seed(0)
+    x, w = torch.randn(9, 40), torch.randn(40, 6)
+    qa, sa = quantize(x, 8, [1], "nearest")
+    qb, sb = quantize(w, 8, [0], "nearest")
+    bias = torch.randn(6)
+    out = scaled_gemm(qa, sa, qb, sb, bias)
+    ref = (qa.double() * sa.double()) @ (qb.double() * sb.double()) + bias.double()
+    assert_close(out, ref.float())
+    # a scale along K (per-column of the left operand) takes the dequantized path: same product
+    qc, sc = quantize(x, 8, [0], "nearest")
+    assert_close(scaled_gemm(qc, sc, qb, sb), ((qc.double() * sc) @ (qb.double() * sb)).float())
+    # a float operand (scale None)
+    assert_close(scaled_gemm(x, None, qb, sb), (x.double() @ (qb.double() * sb)).float())

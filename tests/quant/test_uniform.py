@@ -7,13 +7,21 @@ import torch
 from torch.testing import assert_close
 
 from fqtc.quant import int_gemm, quantize, scaled_gemm
-from fqtc.quant.rng import mix32, mix32_int, stream_key, uniform_like
+from fqtc.quant.rng import mix32, mix32_int, stream_key, uniform_from_index, uniform_like
 
 
 def test_mix32_matches_python_uint32_arithmetic():
     vals = [0, 1, 2, 0xFFFFFFFF, 0x12345678, 0x9E3779B9, 123456789]
     got = mix32(torch.tensor(vals, dtype=torch.int64)).tolist()
     assert got == [mix32_int(v) for v in vals]
+
+
+def test_int32_fast_path_matches_int64_reference():
+    x = torch.empty(3, 70_001)
+    for seed, step, stream in [(0, 0, 0), (7, 123456789012, 0xFFFFFFFF), (2**31 + 5, 3, 17)]:
+        key = stream_key(seed, step, stream)
+        idx = torch.arange(x.numel(), dtype=torch.int64).view(x.shape)
+        assert torch.equal(uniform_like(x, seed, step, stream), uniform_from_index(idx, key))
 
 
 def test_uniform_draws_are_uniform_and_keyed():

@@ -79,3 +79,24 @@ def test_saved_activation_bytes_shrink_4x():
     # (4 B each) + the step counter (8 B)
     assert fp == 3 * 128 * 64 * 4
     assert q8 <= 3 * 128 * 64 + 64, q8
+
+
+def test_relu_backward_saves_a_bool_mask_not_fp32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(24, 32, requires_grad=True)
+    out, (cg,) = run_and_capture(model, (x,))
+    pshapes = {tuple(p.shape) for p in model.parameters()}
+    saved = [n.meta["val"] for n in _saved(cg).values() if tuple(n.meta["val"].shape) not in pshapes]
+    dtypes = sorted(str(v.dtype) for v in saved if v.numel() > 64)
+    # x codes + two ReLU-output codes (int8) and two ReLU masks (bool); no fp32 activation
+    assert dtypes == ["torch.bool", "torch.bool", "torch.int8", "torch.int8", "torch.int8"], dtypes
+    assert cg.result.counters["relu_masks"] == 2
+    # exact: the FP path with the mask rewrite equals eager
+    model.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    _, (cg_fp,) = run_and_capture(model, (x2,), {"bits": "fp"})
+    ref = x.detach().clone().requires_grad_(True)
+    model.zero_grad()
+    model(ref).backward(torch.ones(24, 8))
+    torch.testing.assert_close(x2.grad, ref.grad)

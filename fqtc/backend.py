@@ -26,8 +26,11 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fqtc.ops  # noqa: F401  (registers the fqt:: ops)
+from fqtc.codegen.lower import wrap_compiler
 from fqtc.config import FQTConfig
 from fqtc.passes import PassResult, run_passes
+from fqtc.passes.lwq import flat_param_mask
+from fqtc.passes.optim_step import mark_optimizer_updates
 
 
 @dataclass
@@ -86,31 +89,63 @@ def _param_name(placeholder: fx.Node) -> str:
     return name.replace("modules_", "").replace("_parameters_", ".").replace("parameters_", "").strip("_")
 
 
-def _make_compiler(config: FQTConfig) -> Callable:
+GemmObserver = Callable[[fx.Node, tuple, Any], None]
+
+
+class _ObservingInterpreter(fx.Interpreter):
+    """Runs a forward/backward graph node by node and hands every GEMM node that carries a record to an observer.
+
+    Calibration hook (issue 5, `fqtc.calibrate`): the observer gets ``(node, args, out)``, the node (its
+    ``meta["fqt"]`` record, its symbolic ``meta["val"]``) with the real argument values and result of this step.
+    """
+
+    def __init__(self, gm: fx.GraphModule, observer: GemmObserver) -> None:
+        super().__init__(gm)
+        self.observer = observer
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "call_function" and "role" in n.meta.get("fqt", {}):
+            args, _ = self.fetch_args_kwargs_from_env(n)  # still in env: freed only after run_node returns
+            self.observer(n, args, out)
+        return out
+
+
+def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None) -> Callable:
     if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
         return compile_fx_inner
 
     def eager(gm: fx.GraphModule, example_inputs: Any) -> Callable:
+        if observer is not None:
+            interp = _ObservingInterpreter(gm, observer)
+            return make_boxed_func(lambda *args: interp.run(*args))
         return make_boxed_func(gm)
 
     return eager
 
 
 def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | None = None,
-                **_: Any) -> Callable:
-    """``torch.compile`` backend entry point. ``options`` is parsed by `FQTConfig.from_options`."""
+                observer: GemmObserver | None = None, **_: Any) -> Callable:
+    """``torch.compile`` backend entry point. ``options`` is parsed by `FQTConfig.from_options`.
+
+    ``observer`` (calibration, `fqtc.calibrate`): called with every recorded GEMM node and its real values at run time;
+    needs ``compiler="eager"``.
+    """
     config = FQTConfig.from_options(options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
     names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]
     cg = CompiledGraph(config, names)
-    compiler = _make_compiler(config)
+    # CUDA graphs: fuse quantize->qgemm chains into the Triton kernels first (issue 6, fqtc/codegen/lower.py)
+    compiler = wrap_compiler(_make_compiler(config, observer))
 
     def weight_nodes_of(graph: fx.Graph) -> set[fx.Node]:
         phs = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-        return {n for i, n in enumerate(phs) if i < len(is_param) and is_param[i]}
+        # LatentWeight parameters arrive flattened into their inner tensors (issue 8, fqtc/passes/lwq.py)
+        flat = flat_param_mask(example_inputs, is_param)
+        return {n for i, n in enumerate(phs) if i < len(flat) and flat[i]}
 
     def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
         cg.result = run_passes(joint, config, weight_nodes_of(joint.graph))
@@ -123,6 +158,8 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
 
     def inference_compiler(fw: fx.GraphModule, inputs: Any) -> Callable:
         cg.result = run_passes(fw, config, weight_nodes_of(fw.graph))
+        # a compiled fqtc.optim step: record its fused latent-weight updates (issue 8, passes/optim_step.py)
+        cg.result.counters.update(mark_optimizer_updates(fw))
         cg.inference = fw
         _publish(cg)
         return compiler(fw, inputs)

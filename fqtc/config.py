@@ -22,14 +22,24 @@ GRANULARITIES: tuple[str, ...] = ("tensor", "token", "sample", "channel")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 # Quantizers for the grad_output operand come from the statistical-framework and 1-bit FQT papers
 # (../docs/numerics.md). "uniform" is the plain symmetric quantizer at the spec's granularity.
-QUANTIZERS: tuple[str, ...] = ("uniform",)
+# ptq/psq/scq/bhq/aq/aq_topk (issue 3, docs/gradient_quantizers.md) apply to grad_output only and choose their own
+# grouping per role (`GRAD_QUANTIZER_GRANULARITY`); aq/aq_topk take an *average* of bits, down to 1 (``G1``).
+QUANTIZERS: tuple[str, ...] = ("uniform", "ptq", "psq", "scq", "bhq", "aq", "aq_topk")
+AVERAGE_BIT_QUANTIZERS: tuple[str, ...] = ("aq", "aq_topk")
 MIN_BITS, MAX_BITS = 2, 8
 
-_BITS_RE = re.compile(r"^W(\d+)A(\d+)G(\d+)(?:L(\d+))?$")
+_BITS_RE = re.compile(r"^W(\d+)A(\d+)G(\d+|AUTO)(?:L(\d+))?$")
+# Rule presets (issue 5): each expands, once the GEMM sites are known, into ordinary rules on the sites it names.
+PRESETS: tuple[str, ...] = ("first_last", "first", "last")
 
 
 def _bad(option: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"fqt option {option!r}: got {value!r}; allowed: {allowed}")
+
+
+def _glob_escape(text: str) -> str:
+    """A glob matching exactly ``text`` under fnmatch (``*``, ``?``, ``[`` wrapped in brackets)."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,9 @@ class QuantSpec:
     quantizer: str = "uniform"
 
     def __post_init__(self) -> None:
-        validate_bits("bits", self.bits)
+        if self.quantizer not in QUANTIZERS:
+            raise _bad("quantizer", self.quantizer, ", ".join(QUANTIZERS))
+        validate_bits("bits", self.bits, quantizer=self.quantizer)
         if self.granularity not in GRANULARITIES:
             raise _bad("granularity", self.granularity, ", ".join(GRANULARITIES))
         if self.rounding not in ROUNDINGS:
@@ -67,9 +79,15 @@ class QuantSpec:
         return dataclasses.asdict(self)
 
 
-def validate_bits(option: str, bits: Any) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS):
-        raise _bad(option, bits, f"an integer from {MIN_BITS} to {MAX_BITS}")
+def validate_bits(option: str, bits: Any, quantizer: str | None = None) -> int:
+    """Bits 2..8; 1 (an average of one bit) only for the AQ quantizers (``quantizer=None``: not known yet)."""
+    low = 1 if quantizer is None or quantizer in AVERAGE_BIT_QUANTIZERS else MIN_BITS
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (low <= bits <= MAX_BITS):
+        if bits == 1:
+            raise ValueError(f"fqt option {option!r}: 1 bit (an average of one bit per gradient element) needs "
+                             f"quantizer 'aq' (grad_quantizer='aq'); quantizer {quantizer!r} takes {MIN_BITS} to "
+                             f"{MAX_BITS} bits")
+        raise _bad(option, bits, f"an integer from {MIN_BITS} to {MAX_BITS} (1 only with quantizer 'aq')")
     return bits
 
 
@@ -78,34 +96,44 @@ class BitConfig:
     """Bits of weights, activations, gradients and (optionally) latent weights: ``W8A8G8`` or ``W4A8G8L4``.
 
     ``None`` means that operand stays in full precision (the bit string ``"fp"``).
+
+    ``auto`` (bit strings ``"auto"`` = ``"W8A8Gauto"``, or ``"W4A8Gauto"``): the bits of every ``grad_output``
+    quantizer are chosen per GEMM by the solver of `fqtc.passes.autobits` under ``FQTConfig.budget``; ``gradient``
+    then holds the fallback shown before the solve (8) and is not used for quantized gradients.
     """
 
     weight: int | None = 8
     activation: int | None = 8
     gradient: int | None = 8
     latent: int | None = None
+    auto: bool = False
 
     @staticmethod
     def parse(text: str) -> "BitConfig":
+        allowed = "a string such as 'W8A8G8', 'W4A8G8L4', 'fp', 'auto' or 'W8A8Gauto'"
         if not isinstance(text, str):
-            raise _bad("bits", text, "a string such as 'W8A8G8', 'W4A8G8L4' or 'fp'")
+            raise _bad("bits", text, allowed)
         if text.strip().lower() in ("fp", "fp32", "none"):
             return BitConfig(None, None, None, None)
+        if text.strip().lower() == "auto":
+            return BitConfig(8, 8, 8, None, auto=True)
         m = _BITS_RE.match(text.strip().upper())
         if not m:
-            raise _bad("bits", text, "a string such as 'W8A8G8', 'W4A8G8L4' or 'fp'")
+            raise _bad("bits", text, allowed)
         w, a, g, lat = m.groups()
-        for name, v in (("W", w), ("A", a), ("G", g)):
-            if not (MIN_BITS <= int(v) <= MAX_BITS):
+        auto = g == "AUTO"
+        for name, v in (("W", w), ("A", a), ("G", "8" if auto else g)):
+            if not ((1 if name == "G" else MIN_BITS) <= int(v) <= MAX_BITS):  # G1: AQ only, checked by FQTConfig
                 raise _bad("bits", text, f"{name} bits from {MIN_BITS} to {MAX_BITS} (e.g. 'W8A8G8')")
         if lat is not None and not (2 <= int(lat) <= 8):
             raise _bad("bits", text, "L (latent residual) bits from 2 to 8")
-        return BitConfig(int(w), int(a), int(g), int(lat) if lat is not None else None)
+        return BitConfig(int(w), int(a), 8 if auto else int(g), int(lat) if lat is not None else None, auto=auto)
 
     def __str__(self) -> str:
         if self.weight is None and self.activation is None and self.gradient is None:
             return "fp"
-        s = f"W{self.weight or 'fp'}A{self.activation or 'fp'}G{self.gradient or 'fp'}"
+        g = "auto" if self.auto else (self.gradient or "fp")
+        s = f"W{self.weight or 'fp'}A{self.activation or 'fp'}G{g}"
         return s + (f"L{self.latent}" if self.latent else "")
 
 
@@ -116,12 +144,22 @@ _UNSET = object()
 class Rule:
     """Overrides the spec of matching (site, role, operand) triples. Later rules win over earlier ones.
 
+    Precedence (docs/bit_assignment.md): ``keep_fp`` > rules, in order, the last matching rule wins > the automatic
+    policy (``bits="auto"``, gradient bits only, for operands whose bits no rule set) > the bit-string default.
+    All conditions of a rule must hold for it to match (module glob AND module type AND role AND operand).
+
     Args:
         module: glob over the module path of the site (``"encoder.*.fc1"``); ``"*"`` matches all.
         role: ``output``/``grad_input``/``grad_weight`` or None for all three GEMMs.
         operand: ``input``/``weight``/``grad_output`` or None for all operands.
         bits: new bits, or None to keep the matched operands in full precision (the string ``"fp"`` in options).
         granularity, rounding, quantizer: override those fields (None keeps the default's).
+        module_type: glob over the class name of the site's module (``"Linear"``, ``"Conv*"``); None matches all.
+        preset: a named preset (`PRESETS`), written ``{"first_last": 8}`` in options: ``first_last`` keeps the
+            first and last GEMM sites in graph order at ``bits``, ``first``/``last`` one of them. A preset matches
+            nothing itself; `FQTConfig.expand_presets` turns it into one rule per named site once sites are known.
+        label: the reason recorded for operands this rule decides (default: `describe`); set by presets and by
+            the automatic policy.
     """
 
     module: str = "*"
@@ -131,27 +169,46 @@ class Rule:
     granularity: str | None = None
     rounding: str | None = None
     quantizer: str | None = None
+    module_type: str | None = None
+    preset: str | None = None
+    label: str | None = None
 
     def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise _bad("rules[].preset", self.preset, ", ".join(PRESETS))
+        if self.module_type is not None and not isinstance(self.module_type, str):
+            raise _bad("rules[].module_type", self.module_type, "a class-name glob such as 'Linear' or 'Conv*'")
         if self.role is not None and self.role not in ROLES:
             raise _bad("rules[].role", self.role, ", ".join(ROLES))
         if self.operand is not None and self.operand not in OPERANDS:
             raise _bad("rules[].operand", self.operand, ", ".join(OPERANDS))
         if self.bits is not _UNSET and self.bits is not None:
-            validate_bits("rules[].bits", self.bits)
+            validate_bits("rules[].bits", self.bits, quantizer=self.quantizer)
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise _bad("rules[].granularity", self.granularity, ", ".join(GRANULARITIES))
         if self.rounding is not None and self.rounding not in ROUNDINGS:
             raise _bad("rules[].rounding", self.rounding, ", ".join(ROUNDINGS))
         if self.quantizer is not None and self.quantizer not in QUANTIZERS:
             raise _bad("rules[].quantizer", self.quantizer, ", ".join(QUANTIZERS))
+        if self.quantizer not in (None, "uniform") and self.operand != "grad_output":
+            raise _bad("rules[].operand", self.operand, f"'grad_output' with quantizer {self.quantizer!r} (gradient "
+                       "quantizers apply to grad_output only), e.g. {'operand': 'grad_output', 'quantizer': "
+                       f"'{self.quantizer}'}}")
 
-    def matches(self, module: str, role: str, operand: str) -> bool:
+    def matches(self, module: str, role: str, operand: str, module_type: str = "") -> bool:
+        """Does the rule apply to this operand? A preset never matches before `FQTConfig.expand_presets`."""
         return (
-            fnmatch.fnmatchcase(module, self.module)
+            self.preset is None
+            and fnmatch.fnmatchcase(module, self.module)
+            and (self.module_type is None or fnmatch.fnmatchcase(module_type, self.module_type))
             and (self.role is None or self.role == role)
             and (self.operand is None or self.operand == operand)
         )
+
+    @property
+    def sets_bits(self) -> bool:
+        """Does the rule set bits (or full precision)? Rules that only change rounding etc. do not."""
+        return self.bits is not _UNSET
 
     def apply(self, spec: QuantSpec | None, default: QuantSpec) -> QuantSpec | None:
         if self.bits is None:
@@ -166,7 +223,11 @@ class Rule:
         return dataclasses.replace(base, **changes)
 
     def describe(self) -> str:
-        parts = [f"module={self.module}"]
+        if self.label:
+            return self.label
+        parts = [f"preset={self.preset}"] if self.preset else [f"module={self.module}"]
+        if self.module_type:
+            parts.append(f"module_type={self.module_type}")
         if self.role:
             parts.append(f"role={self.role}")
         if self.operand:
@@ -176,20 +237,36 @@ class Rule:
 
     @staticmethod
     def from_option(item: Any, index: int) -> "Rule":
+        """One rule from its options form: ``{"module": "fc1", "role": "grad_weight", "bits": 4}``,
+        ``{"module_type": "Linear", "bits": 6}``, or a preset ``{"first_last": 8}`` (``{"first_last": 8, "role":
+        "grad_weight"}`` narrows it)."""
         if isinstance(item, Rule):
             return item
         if not isinstance(item, Mapping):
             raise _bad(f"rules[{index}]", item, "a dict such as {'module': 'fc1', 'role': 'grad_weight', 'bits': 4}")
-        allowed = {"module", "role", "operand", "bits", "granularity", "rounding", "quantizer"}
+        allowed = {"module", "role", "operand", "bits", "granularity", "rounding", "quantizer", "module_type",
+                   "preset", *PRESETS}
         unknown = set(item) - allowed
         if unknown:
             raise _bad(f"rules[{index}]", sorted(unknown), "keys " + ", ".join(sorted(allowed)))
         kw = dict(item)
+        presets = [p for p in PRESETS if p in kw]
+        if len(presets) + ("preset" in kw) > 1:
+            raise _bad(f"rules[{index}]", dict(item), "one preset per rule, e.g. {'first_last': 8}")
+        if presets:
+            if "bits" in kw:
+                raise _bad(f"rules[{index}]", dict(item), f"the preset's value is its bits: {{'{presets[0]}': 8}}")
+            kw["preset"], kw["bits"] = presets[0], kw.pop(presets[0])
+        if kw.get("preset") is not None and "module" in kw:
+            raise _bad(f"rules[{index}].module", kw["module"], "no module glob in a preset rule (it names its sites)")
         if "bits" in kw and isinstance(kw["bits"], str):
             if kw["bits"].lower() not in ("fp", "fp32", "none"):
                 raise _bad(f"rules[{index}].bits", kw["bits"], f"an integer {MIN_BITS}..{MAX_BITS} or 'fp'")
             kw["bits"] = None
-        return Rule(**kw)
+        try:
+            return Rule(**kw)
+        except ValueError as e:  # name the offending rule by its index in the options list
+            raise ValueError(str(e).replace("'rules[].", f"'rules[{index}].")) from None
 
 
 # Default granularity per (role, operand). Scales must not vary along a GEMM's reduction axis for the product to
@@ -207,7 +284,7 @@ DEFAULT_GRANULARITY: dict[tuple[str, str], str] = {
 
 _OPTION_KEYS = (
     "bits", "seed", "rounding", "forward_rounding", "grad_rounding", "rules", "keep_fp",
-    "partitioner", "compiler", "grad_quantizer", "log_sqnr",
+    "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration",
 )
 
 
@@ -224,8 +301,13 @@ class FQTConfig:
         grad_quantizer: the quantizer applied to ``grad_output``.
         rules: overrides, applied in order (later wins), see `Rule`.
         keep_fp: module-path globs or roles whose GEMMs stay in full precision (debug switch).
+        log_sqnr: site/module-path globs or roles whose quantizers log their SQNR and range on every step
+            (debug switch, issue 7): to the ``fqtc.debug`` logger and to `fqtc.inspect.sqnr_log`. ``True`` = all.
         partitioner: ``min_cut`` (default) or ``default``, the AOTAutograd partitioner run after the rewrite.
         compiler: ``eager`` (run fw/bw graphs as FX modules) or ``inductor`` (compile them with Inductor).
+        budget: with ``bits="auto"``: the average bits per quantized gradient element (``grad_output`` operands,
+            weighted by element count), a number from 2 to 8, e.g. 4.5 (docs/bit_assignment.md).
+        calibration: with ``bits="auto"``: the `fqtc.calibrate.Calibration` returned by ``fqtc.calibrate``.
     """
 
     bits: BitConfig = field(default_factory=BitConfig)
@@ -235,10 +317,25 @@ class FQTConfig:
     grad_quantizer: str = "uniform"
     rules: tuple[Rule, ...] = ()
     keep_fp: tuple[str, ...] = ()
+    log_sqnr: tuple[str, ...] = ()
     partitioner: str = "min_cut"
     compiler: str = "eager"
+    budget: float | None = None
+    calibration: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.budget is not None:
+            b = self.budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not (MIN_BITS <= b <= MAX_BITS):
+                raise _bad("budget", b, f"a number from {MIN_BITS} to {MAX_BITS} (average gradient bits, e.g. 4.5)")
+        if self.bits.auto:
+            if self.budget is None:
+                raise _bad("budget", None, "a number from 2 to 8 when bits='auto', e.g. options={'bits': 'auto', "
+                           "'budget': 4.5, 'calibration': fqtc.calibrate(model, batches, loss_fn)}")
+            if self.calibration is None or not hasattr(self.calibration, "units"):
+                raise _bad("calibration", self.calibration,
+                           "the result of fqtc.calibrate(model, batches, loss_fn) when bits='auto' (the solver "
+                           "needs per-GEMM gradient statistics)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", self.seed, "a non-negative integer")
         for name in ("forward_rounding", "grad_rounding"):
@@ -246,6 +343,9 @@ class FQTConfig:
                 raise _bad(name, getattr(self, name), ", ".join(ROUNDINGS))
         if self.grad_quantizer not in QUANTIZERS:
             raise _bad("grad_quantizer", self.grad_quantizer, ", ".join(QUANTIZERS))
+        if self.bits.gradient == 1 and not self.bits.auto and self.grad_quantizer not in AVERAGE_BIT_QUANTIZERS:
+            raise ValueError(f"fqt option 'bits': G1 (an average of one bit per gradient element) needs "
+                             f"grad_quantizer='aq' (got {self.grad_quantizer!r}); other quantizers take G2..G8")
         if self.partitioner not in ("min_cut", "default"):
             raise _bad("partitioner", self.partitioner, "min_cut, default")
         if self.compiler not in ("eager", "inductor"):
@@ -275,9 +375,14 @@ class FQTConfig:
             if r not in ROUNDINGS:
                 raise _bad("rounding", r, ", ".join(ROUNDINGS))
             kw["forward_rounding"] = kw["grad_rounding"] = r
-        for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler"):
+        for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler", "budget",
+                  "calibration"):
             if k in options:
                 kw[k] = options[k]
+        if "budget" in options and not kw.get("bits", BitConfig()).auto:
+            # user-facing check only: configs derived with dataclasses.replace (e.g. an FP reference) keep the field
+            raise _bad("budget", options["budget"], "only together with bits='auto' (or 'W8A8Gauto'); the bit "
+                       "string sets the bits otherwise")
         if "rules" in options:
             kw["rules"] = _parse_rules(options["rules"])
         if "keep_fp" in options:
@@ -287,6 +392,12 @@ class FQTConfig:
             if not isinstance(kf, Sequence) or not all(isinstance(x, str) for x in kf):
                 raise _bad("keep_fp", kf, "a module-path glob, a role, or a list of them")
             kw["keep_fp"] = tuple(kf)
+        if "log_sqnr" in options:
+            ls = options["log_sqnr"]
+            ls = ("*",) if ls is True else (() if ls in (False, None) else ((ls,) if isinstance(ls, str) else ls))
+            if not isinstance(ls, Sequence) or not all(isinstance(x, str) for x in ls):
+                raise _bad("log_sqnr", options["log_sqnr"], "True, a site/module-path glob, a role, or a list of them")
+            kw["log_sqnr"] = tuple(ls)
         return FQTConfig(**kw)
 
     # -- spec resolution ------------------------------------------------------------------------------------
@@ -300,8 +411,15 @@ class FQTConfig:
             return QuantSpec(bits, gran, self.grad_rounding, self.grad_quantizer)
         return QuantSpec(bits, gran, self.forward_rounding, "uniform")
 
-    def resolve(self, module: str, role: str, operand: str) -> tuple[QuantSpec | None, str]:
-        """The spec of one operand of one GEMM and the reason for it (``"default W8A8G8"``, ``"rule(...)"``)."""
+    def resolve(self, module: str, role: str, operand: str, module_type: str = "") -> tuple[QuantSpec | None, str]:
+        """The spec of one operand of one GEMM and the reason for it (``"default W8A8G8"``, ``"rule(...)"``).
+
+        Precedence, highest first: ``keep_fp`` (module glob or role) > ``rules`` in order, the last matching rule
+        wins (a rule that sets no bits keeps the bits below it and changes only its other fields) > the automatic
+        policy (``bits="auto"``: its decisions are rules placed before the user's, see
+        `fqtc.passes.autobits.expand_config`) > the bit-string default. Presets must be expanded first
+        (`expand_presets`).
+        """
         for pat in self.keep_fp:
             if pat == role or fnmatch.fnmatchcase(module, pat):
                 return None, f"keep_fp {pat!r}"
@@ -310,12 +428,77 @@ class FQTConfig:
         fallback = default or QuantSpec(8, DEFAULT_GRANULARITY.get((role, operand), "tensor"),
                                         self.grad_rounding if operand == "grad_output" else self.forward_rounding)
         for rule in self.rules:
-            if rule.matches(module, role, operand):
-                spec, reason = rule.apply(spec, fallback), rule.describe()
+            if rule.matches(module, role, operand, module_type):
+                # a rule that changes only rounding etc. keeps an automatic decision's reason next to its own
+                keep = reason.startswith("auto:") and not rule.sets_bits
+                spec = rule.apply(spec, fallback)
+                reason = f"{reason}; {rule.describe()}" if keep else rule.describe()
+        if spec is not None and spec.quantizer != "uniform":
+            spec = _grad_quantizer_layout(spec, role, operand, module)
         return spec, reason
+
+    def bits_set_by_user(self, module: str, role: str, operand: str, module_type: str = "") -> bool:
+        """Are this operand's bits fixed by ``keep_fp`` or a rule (so the automatic policy must not choose them)?"""
+        if any(pat == role or fnmatch.fnmatchcase(module, pat) for pat in self.keep_fp):
+            return True
+        return any(r.sets_bits and r.matches(module, role, operand, module_type) for r in self.rules)
+
+    def expand_presets(self, site_keys: Sequence[str]) -> "FQTConfig":
+        """Replace preset rules by one ordinary rule per site they name, in place in the rule order.
+
+        ``site_keys`` are the sites' module paths (or site names when a GEMM has no module), in graph order. The
+        expanded rules match the module path exactly and carry the label ``preset first_last: first site 'fc1'``,
+        which becomes the recorded reason. A module whose GEMM is both first and last gets one rule.
+        """
+        if not any(r.preset for r in self.rules):
+            return self
+        out: list[Rule] = []
+        for rule in self.rules:
+            if rule.preset is None:
+                out.append(rule)
+                continue
+            picks: list[tuple[str, str]] = []
+            if site_keys and rule.preset in ("first_last", "first"):
+                picks.append(("first", site_keys[0]))
+            if site_keys and rule.preset in ("first_last", "last") and site_keys[-1] not in [k for _, k in picks]:
+                picks.append(("last", site_keys[-1]))
+            if not picks:  # no sites: keep the unexpanded preset so assign warns that it matched nothing
+                out.append(rule)
+            for which, key in picks:
+                label = f"preset {rule.preset}: {which} site {key!r}" + (
+                    "" if rule.bits is _UNSET else f" bits={'fp' if rule.bits is None else rule.bits}")
+                out.append(dataclasses.replace(rule, preset=None, module=_glob_escape(key), label=label))
+        return dataclasses.replace(self, rules=tuple(out))
+
+    def logs_sqnr(self, site: str, module: str, role: str) -> bool:
+        """Does option ``log_sqnr`` select this GEMM (a glob over the site name or module path, or a role)?"""
+        return any(pat == role or fnmatch.fnmatchcase(site, pat) or fnmatch.fnmatchcase(module, pat)
+                   for pat in self.log_sqnr)
 
     def short_str(self) -> str:
         return f"{self.bits} seed={self.seed} fwd={self.forward_rounding} grad={self.grad_rounding}/{self.grad_quantizer}"
+
+
+# Grouping of each gradient quantizer per backward GEMM (issue 3, docs/gradient_quantizers.md): it replaces the
+# spec's granularity, so assign's scale-vs-reduction-axis check and the records describe what really runs. PTQ: one
+# scale; PSQ/BHQ: per sample in both GEMMs (for grad_weight the sample scales lie along the reduction axis: a
+# dequantized product); SCQ/AQ: samples for grad_input, output channels for grad_weight (integer GEMMs).
+GRAD_QUANTIZER_GRANULARITY: dict[str, dict[str, str]] = {
+    "ptq": {"grad_input": "tensor", "grad_weight": "tensor"},
+    "psq": {"grad_input": "sample", "grad_weight": "sample"},
+    "bhq": {"grad_input": "sample", "grad_weight": "sample"},
+    "scq": {"grad_input": "sample", "grad_weight": "channel"},
+    "aq": {"grad_input": "sample", "grad_weight": "channel"},
+    "aq_topk": {"grad_input": "sample", "grad_weight": "channel"},
+}
+
+
+def _grad_quantizer_layout(spec: QuantSpec, role: str, operand: str, module: str) -> QuantSpec:
+    if operand != "grad_output":
+        raise ValueError(
+            f"fqt: quantizer {spec.quantizer!r} applies to the grad_output operand only, but a rule gives it to "
+            f"{operand!r} of {role!r} in module {module!r}; add \"operand\": \"grad_output\" to that rule")
+    return dataclasses.replace(spec, granularity=GRAD_QUANTIZER_GRANULARITY[spec.quantizer][role])
 
 
 def _parse_rules(rules: Any) -> tuple[Rule, ...]:

@@ -5,8 +5,17 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
 (``torch.ops.fqt.<name>.default``).
 
 - `fqtc.ops.core`: ``fqt::step``, ``fqt::quantize``, ``fqt::qgemm``
+- `fqtc.ops.conv`: ``fqt::qconv2d``, ``fqt::qconv2d_input``, ``fqt::qconv2d_weight`` (convolution sites, issue 4)
+- `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq`` (gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ, issue 3)
+- `fqtc.ops.lwq`: ``fqt::lwq_dequantize``, ``fqt::lwq_unpack``, ``fqt::lwq_update`` (latent weights, issue 8)
+- `fqtc.ops.fused`: ``fqt::qgemm_fused_quant``, ``fqt::qgemm_fused_grad_quant`` (quantization fused into the
+  GEMM prologue, issue 6)
 """
 
 from fqtc.ops.core import dequantize, get_step, qgemm, quantize, set_step, step
+from fqtc.ops import lwq  # noqa: F401  (registers the fqt::lwq_* ops)
+from fqtc.ops import conv  # noqa: F401  (registers fqt::qconv2d, fqt::qconv2d_input, fqt::qconv2d_weight)
+from fqtc.ops import grad  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers, issue 3)
+from fqtc.ops import fused  # noqa: F401  (registers fqt::qgemm_fused_quant: codegen fusion, issue 6)
 
 __all__ = ["dequantize", "get_step", "qgemm", "quantize", "set_step", "step"]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
 from fqtc.config import FQTConfig
 from fqtc.passes.assign import GemmPlan, assign
+from fqtc.passes.autobits import apply_auto
+from fqtc.passes.conv import rewrite_convs, site_keys_in_order
+from fqtc.passes import gradquant  # noqa: F401  (registers the gradient-quantizer lowerings, issue 3)
+from fqtc.passes.lwq import mark_latent_weights
 from fqtc.passes.rewrite import rewrite
 from fqtc.passes.save import tag_saves
 from fqtc.passes.sites import GemmSite, find_sites
@@ -22,15 +27,29 @@ class PassResult:
 
 
 def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]) -> PassResult:
-    """sites -> assign -> rewrite -> save, in place on ``gm``. Returns what was decided."""
+    """lwq -> sites -> assign -> rewrite -> conv -> save, in place on ``gm``. Returns what was decided."""
+    latent = mark_latent_weights(gm)  # LatentWeight parameters: their dequantized nodes are weights (issue 8)
+    weight_nodes = set(weight_nodes) | latent
     sites, unlinked = find_sites(gm, weight_nodes)
-    plans = assign(sites, config)
+    # presets such as first_last count conv sites too (a CNN's first site is its stem conv): expand them over all
+    # sites in graph order before assign and the conv pass read the rules (issue 4)
+    config = config.expand_presets(site_keys_in_order(gm, sites))
+    config = apply_auto(gm, config, sites)  # bits="auto": the solver's decisions become rules (issue 5)
+    with warnings.catch_warnings(record=True) as assign_warnings:
+        warnings.simplefilter("always")
+        plans = assign(sites, config)
     counters = rewrite(gm, plans, config)
+    conv_records, conv_counters, conv_rules = rewrite_convs(gm, config)  # 2-D convolution sites (issue 4)
+    counters.update(conv_counters)
+    for w in assign_warnings:  # assign warns about rules matching no GEMM; one matching a conv operand did match
+        if not any(f"fqt: {d} matched no GEMM operand" in str(w.message) for d in conv_rules):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     counters.update(tag_saves(gm))
     records = [p.node.meta["fqt"] for p in plans]
     # the rewritten GEMM's record lives on the qgemm node now; re-read it from there
     by_orig = {n.meta["fqt"].get("original_node"): n.meta["fqt"] for n in gm.graph.nodes
                if n.meta.get("fqt", {}).get("original_node")}
-    records = [by_orig.get(r["node"], r) for r in records] + unlinked
+    records = [by_orig.get(r["node"], r) for r in records] + unlinked + conv_records
     counters["sites"] = len(sites)
+    counters["latent_weights"] = len(latent)
     return PassResult(sites, plans, records, counters)

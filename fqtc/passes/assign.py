@@ -77,8 +77,14 @@ def _scale_ok(base: fx.Node, chain: list[fx.Node], reduce_dims: list[int], arg_i
 
 
 def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
-    """Resolve specs for every GEMM of every site; warn about rules that matched nothing."""
+    """Resolve specs for every GEMM of every site; warn about rules that matched nothing.
+
+    ``run_passes`` hands in a config whose presets are expanded over all sites and whose ``bits="auto"``
+    decisions are rules (`fqtc.passes.autobits.apply_auto`, issue 5); presets left unexpanded (assign called on
+    its own) are expanded here over the linear sites.
+    """
     plans: list[GemmPlan] = []
+    config = config.expand_presets([s.module or s.name for s in sites])
     rule_hits = [0] * len(config.rules)
     for site in sites:
         for role, node in site.gemms.items():
@@ -88,9 +94,9 @@ def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
             for key, idx in sorted(site.operand_pos[role].items(), key=lambda kv: kv[1]):
                 operand = site.operand_name(key)
                 for i, rule in enumerate(config.rules):
-                    if rule.matches(site.module or site.name, role, operand):
+                    if rule.matches(site.module or site.name, role, operand, site.module_type):
                         rule_hits[i] += 1
-                spec, reason = config.resolve(site.module or site.name, role, operand)
+                spec, reason = config.resolve(site.module or site.name, role, operand, site.module_type)
                 base, chain = strip_operand(args[idx])
                 dtype = base.meta["val"].dtype
                 if spec is not None and not dtype.is_floating_point:
@@ -114,8 +120,8 @@ def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
     for i, hits in enumerate(rule_hits):
         if hits == 0:
             warnings.warn(
-                f"fqt: {config.rules[i].describe()} matched no GEMM operand; check the module glob against the "
-                "module paths shown by fqtc.explain()",
+                f"fqt: {config.rules[i].describe()} matched no GEMM operand; check the module glob and "
+                "module_type against the module paths and types shown by fqtc.explain()",
                 stacklevel=2,
             )
     return plans

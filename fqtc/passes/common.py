@@ -22,9 +22,8 @@ GEMM_TARGETS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
 IDENTITIES = (aten.detach.default, aten.alias.default)
 # GEMM-like ops the linear rewrite does not handle: left in full precision and reported, never silently.
+# (2-D convolutions are rewritten by passes/conv.py, which records the convolutions it keeps in FP itself.)
 UNSUPPORTED_GEMMS = {
-    aten.convolution.default: "convolution is not rewritten yet (kept in full precision)",
-    aten.convolution_backward.default: "convolution_backward is not rewritten yet (kept in full precision)",
     aten.baddbmm.default: "baddbmm is not rewritten yet (kept in full precision)",
     aten._scaled_dot_product_flash_attention_for_cpu.default: "fused attention is not rewritten yet",
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: "fused attention is not rewritten yet",
@@ -113,3 +112,57 @@ def tensor_shape(node: Any) -> list[int] | None:
 def find_gemms(graph: fx.Graph) -> Iterable[fx.Node]:
     for target in GEMM_TARGETS:
         yield from graph.find_nodes(op="call_function", target=target)
+
+
+# Non-GEMM ops stay in full precision by design (docs/supported.md): they do no multiply-accumulate over a
+# reduction axis, or need FP range (exp, rsqrt). Matched on the aten op name, first match wins.
+FP_OP_CATEGORIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("gemm", ("mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward", "linear",
+              "_scaled_dot_product"),
+     "GEMM-like op left in full precision: see its node.meta['fqt'] record for the reason"),
+    ("normalization", ("native_batch_norm", "_native_batch_norm_legit", "native_layer_norm", "native_group_norm",
+                       "_batch_norm", "batch_norm"),
+     "normalization: per-channel/per-token statistics and rsqrt need FP range (not a GEMM)"),
+    ("softmax", ("_softmax", "_safe_softmax", "_log_softmax", "softmax", "log_softmax"),
+     "softmax: exponentials and a normalizing sum in FP (not a GEMM)"),
+    ("embedding", ("embedding",), "embedding: a row gather / scatter-add, no multiply-accumulate"),
+    ("pooling", ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"),
+     "pooling: max or mean over a window, no weights"),
+    ("loss", ("nll_loss", "mse_loss", "cross_entropy", "binary_cross_entropy"), "loss: FP reduction"),
+    ("reduction", ("sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "cumsum", "prod"),
+     "reduction (bias gradients, global pooling, statistics) in FP"),
+    ("layout", ("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "clone", "contiguous",
+                "squeeze", "unsqueeze", "slice", "select", "split", "split_with_sizes", "cat", "stack", "alias",
+                "detach", "as_strided", "unbind", "index", "_to_copy", "copy", "copy_", "new_zeros", "zeros",
+                "ones", "full", "empty", "arange", "scalar_tensor", "zeros_like", "ones_like", "full_like",
+                "empty_like", "lift_fresh_copy", "sym_size", "sym_numel", "sym_stride", "constant_pad_nd",
+                "slice_scatter", "select_scatter", "gather", "scatter", "index_put", "masked_fill", "where",
+                "tril", "triu", "fill", "repeat", "flip", "roll"),
+     "data movement / layout, no arithmetic on values"),
+)
+
+
+def fp_ops(graph: fx.Graph) -> list[dict[str, str]]:
+    """Every compute node left in full precision with its category and reason (``elementwise`` by default).
+
+    fqt ops, getitems and the graph's placeholders/outputs are not listed. A node in category ``gemm`` is a GEMM
+    the passes did not rewrite: its ``node.meta["fqt"]`` record says why.
+    """
+    out = []
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is operator.getitem:
+            continue
+        ns = getattr(n.target, "namespace", None)
+        if ns == "fqt":
+            continue
+        name = getattr(getattr(n.target, "_schema", None), "name", str(n.target)).split("::")[-1]
+        category, reason = "elementwise", "elementwise: per-element arithmetic in FP (not a GEMM)"
+        for cat, prefixes, why in FP_OP_CATEGORIES:
+            by_prefix = cat not in ("layout", "gemm", "reduction") and any(name.startswith(p) for p in prefixes)
+            if name in prefixes or by_prefix:
+                category, reason = cat, why
+                break
+        if category == "gemm" and n.meta.get("fqt", {}).get("reason"):
+            reason = n.meta["fqt"]["reason"]
+        out.append({"node": n.name, "op": name, "category": category, "reason": reason})
+    return out

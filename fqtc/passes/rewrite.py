@@ -86,7 +86,8 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     for (base, spec, dims), users in requests.items():
         first_plan, first_op = min(users, key=lambda u: order[u[0].node])
         q = _insert_quantize(graph, fake_mode, base, spec, list(dims), first_plan, first_op, config, step)
-        if config.log_sqnr and any(config.logs_sqnr(p.site.name, p.site.module, p.role) for p, _ in users):
+        if config.log_sqnr and q[1] is not None and any(
+                config.logs_sqnr(p.site.name, p.site.module, p.role) for p, _ in users):
             q = _insert_observer(graph, fake_mode, base, q, first_plan, first_op, step)
         quantized[(base, spec, dims)] = q
 
@@ -97,6 +98,7 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
         new_args: list[fx.Node | None] = [None, None, None, None]  # a, sa, b, sb
         for idx in (0, 1):
             new_args[2 * idx] = args[idx]
+        lowered: set[int] = set()
         with graph.inserting_before(node):
             for op in plan.operands:
                 if op.spec is None:
@@ -105,11 +107,13 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
                 codes, scale = quantized[key]
                 for t in chain:
                     codes = _replay(graph, fake_mode, t, codes, node)
-                    scale = _replay(graph, fake_mode, t, scale, node)
+                    # scale None: a lowering returned a dequantized float operand (e.g. BHQ, issue 3)
+                    scale = scale if scale is None else _replay(graph, fake_mode, t, scale, node)
                 new_args[2 * op.arg_index] = codes
                 new_args[2 * op.arg_index + 1] = scale
+                lowered.add(op.arg_index)
             for idx in (0, 1):
-                if new_args[2 * idx + 1] is None:  # full-precision operand: replay-free, the original arg
+                if idx not in lowered:  # full-precision operand: replay-free, the original arg
                     new_args[2 * idx] = args[idx]
             bias = node.args[0] if node.target == aten.addmm.default else None
             out_dtype = node.meta["val"].dtype
@@ -131,7 +135,8 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
 
 # Extension points (one entry per feature, registered by the module that owns it):
 # QUANTIZE_LOWERINGS[spec.quantizer](graph, fake_mode, base, spec, dims, plan, op, config, step) -> (codes, scale)
-#   lowers a non-uniform quantizer (e.g. gradient quantizers) to its fqt op(s); "uniform" is built in.
+#   lowers a non-uniform quantizer (e.g. gradient quantizers) to its fqt op(s); "uniform" is built in. scale None:
+#   ``codes`` is a dequantized float operand (qgemm multiplies it in float; fqtc.passes.gradquant's BHQ).
 # A base node whose meta["fqt_int"] = {"codes": Node, "scale": Node, "bits": int, "reduce_dims": [...]} is already
 #   stored in integer form (latent-weight parameters): matching specs reuse its codes instead of re-quantizing.
 QUANTIZE_LOWERINGS: dict[str, Callable] = {}

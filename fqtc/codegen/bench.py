@@ -1,0 +1,241 @@
+"""``fqtc bench kernels``: analytic memory traffic and FLOPs of each Triton kernel vs the minimum, and on CUDA the
+measured time and TFLOP/s (``triton.testing.do_bench``).
+
+The traffic model counts DRAM bytes. The minimum reads every input once and writes every output once. The design
+figure follows the kernel's code: the read-once paths hold a whole row (column) in one tile, the two-sweep paths
+read the input twice, a per-tensor scale costs a partial-amax pass over the input, and a GEMM reads each operand
+once from DRAM with tile re-reads served by L2 under grouped ordering (``GROUP_M`` row slabs of A and the matching B
+panels in flight must fit in L2; when they do not, the model charges the prologue's amax sweep a second read of A).
+docs/kernels.md explains each line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+L2_BYTES = 50 * 2**20  # H100 SXM L2 (50 MiB): the budget the grouped-ordering working set must fit
+SMS = 132  # H100 SXM streaming multiprocessors: programs in flight per wave
+FUSED_RATIO_LIMIT = 1.1  # acceptance bound of issue 6 for every fused kernel
+
+_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+
+
+@dataclass
+class KernelModel:
+    """One kernel at one shape: design and minimum DRAM bytes, FLOPs (integer MACs count 2), and what it fuses."""
+
+    kernel: str
+    shape: str
+    bytes: float
+    min_bytes: float
+    flops: float
+    fused: bool
+    note: str = ""
+    run: Callable[[], object] | None = None  # CUDA only: launches the kernel (timed by do_bench)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes / self.min_bytes
+
+
+def _quantize_models(R: int, C: int, dt: str, max_block: int, tile: int) -> list[KernelModel]:
+    e = _SIZE[dt]
+    shape = f"{R}x{C} {dt}"
+    out = []
+    # per row: read x once when the row fits one tile, write codes + one fp32 scale per row
+    reads = 1 if C <= max_block else 2
+    out.append(KernelModel("quantize/row", shape, reads * e * R * C + R * C + 4 * R, e * R * C + R * C + 4 * R,
+                           0, False, "read-once" if reads == 1 else "row > MAX_BLOCK: amax sweep re-reads x"))
+    out.append(KernelModel("quantize/row/int4", shape, reads * e * R * C + R * C / 2 + 4 * R,
+                           e * R * C + R * C / 2 + 4 * R, 0, False, "packed 2 codes/byte"))
+    block_r = max(2, tile // min(128, max_block))
+    reads = 1 if R <= block_r else 2
+    out.append(KernelModel("quantize/col", shape, reads * e * R * C + R * C + 4 * C, e * R * C + R * C + 4 * C,
+                           0, False, "read-once" if reads == 1 else "column > one tile: amax sweep re-reads x"))
+    out.append(KernelModel("quantize/tensor", shape, 2 * e * R * C + R * C + 4, e * R * C + R * C + 4, 0, False,
+                           "partial-amax pass + quantize pass: x read twice"))
+    return out
+
+
+def _gemm_models(M: int, N: int, K: int, a_dt: str, out_dt: str, bm: int, bn: int, group: int) -> list[KernelModel]:
+    ea, eo = _SIZE[a_dt], _SIZE[out_dt]
+    flops = 2.0 * M * N * K
+    shape = f"{M}x{N}x{K} a:{a_dt} out:{out_dt}"
+    b_bytes = K * N + 4 * N  # int8 weight codes + per-column scale
+    bias = eo * N
+    out_bytes = eo * M * N
+    res = []
+    # plain int8 GEMM: every operand once
+    a_codes = M * K + 4 * M
+    g = a_codes + b_bytes + bias + out_bytes
+    res.append(KernelModel("gemm/int8", shape, g, g, flops, False, "scales, bias, cast in the epilogue"))
+    # working set of one wave under grouped ordering: GROUP_M slabs of A (float) + the B panels of the wave
+    n_panels = max(1, min(SMS // max(1, min(group, -(-M // bm))), -(-N // bn)))
+    ws = min(group, -(-M // bm)) * bm * K * ea + n_panels * bn * K
+    l2_ok = ws <= L2_BYTES
+    fused_min = ea * M * K + b_bytes + bias + out_bytes + M * K + 4 * M  # + the activation codes/scales written
+    sweep_extra = 0 if l2_ok else ea * M * K
+    res.append(KernelModel("gemm/fused_quant/row", shape, fused_min + sweep_extra, fused_min, flops, True,
+                           f"amax sweep in L2 (wave working set {ws / 2**20:.1f} MiB "
+                           f"{'<=' if l2_ok else '>'} L2 {L2_BYTES / 2**20:.0f} MiB)"))
+    res.append(KernelModel("gemm/fused_quant/tensor", shape, fused_min + ea * M * K, fused_min, flops, True,
+                           "per-tensor amax needs a full pass over A before any tile is quantized"))
+    unfused = (ea * M * K + M * K + 4 * M) + (M * K + 4 * M + b_bytes + bias + out_bytes)
+    res.append(KernelModel("chain quantize/row + gemm", shape, unfused, fused_min, flops, False,
+                           "unfused reference of the line above: codes written then re-read"))
+    rq_min = ea * M * K + b_bytes + bias + M * N + 4 * M + M * K + 4 * M
+    res.append(KernelModel("gemm/fused_quant/row+requant", shape, rq_min + sweep_extra, rq_min, flops, True,
+                           "output kept only as int8 codes + row scales (N <= MAX_REQUANT_N)"))
+    return res
+
+
+def _grad_lwq_models(M: int, N: int, K: int, g_dt: str) -> list[KernelModel]:
+    """Gradient quantizers on the M x K grad_output, and the LWQ update of the N x K weight (W4, L4, SGD)."""
+    eg = _SIZE[g_dt]
+    res = []
+    shape = f"{M}x{K} {g_dt}"
+    psq = eg * M * K + M * K + 4 * M
+    res.append(KernelModel("gradq/psq", shape, psq, psq, 0, True, "per-row quantize kernel, gradient NaN policy"))
+    # BHQ: the fused kernel reads g once (its 3 passes re-read one group's rows from L1/L2) and writes fp32 once;
+    # the transform's construction needs the row ranges first: one more read of g (torch amax over rows)
+    bhq_min = eg * M * K + 4 * M * K
+    res.append(KernelModel("gradq/bhq", shape, bhq_min + eg * M * K, bhq_min, 0, True,
+                           "transform needs the row ranges before the fused pass: g read twice"))
+    wshape = f"{N}x{K} W4L4 grad:{g_dt}"
+    lwq = N * K / 2 + N * K / 2 + 4 * N + eg * N * K  # packed q, packed r, scales, gradient
+    lwq_out = N * K / 2 + N * K / 2 + 4 * N
+    res.append(KernelModel("lwq_update/sgd", wshape, lwq + lwq_out, lwq + lwq_out, 0, True,
+                           "decode, step, refresh, re-encode: each byte once"))
+    mom = lwq + lwq_out + 8 * N * K  # + fp32 momentum read and written
+    res.append(KernelModel("lwq_update/sgd+momentum", wshape, mom, mom, 0, True, "fp32 momentum buffer in place"))
+    return res
+
+
+def _conv_models(n: int, c: int, h: int, w: int, co: int, k: int, out_dt: str) -> list[KernelModel]:
+    """conv2d (stride 1, 'same' padding) on int8 codes via the GEMM kernel: every pass of `fqtc.codegen.conv`
+    counted (casts, unfold/fold, the GEMM, the layout copy, the elementwise scale tail)."""
+    eo = _SIZE[out_dt]
+    shape = f"{n}x{c}x{h}x{w}->{co} k{k}"
+    x, wc, hw = n * c * h * w, co * c * k * k, h * w
+    cols = n * c * k * k * hw  # im2col elements
+    y = n * co * hw  # output elements
+    flops = 2.0 * y * c * k * k
+    # output: x.to(fp16) (r1 w2) -> unfold (r2 w2*cols) -> .to(int8) (r2 w1 per col) -> GEMM (r cols, w codes,
+    # scales; w eo*y) -> NCHW copy (r eo*y, w eo*y)
+    des = (x + 2 * x) + (2 * x + 2 * cols) + (2 * cols + cols) + (cols + wc + 4 * n + 4 * co + eo * y) + 2 * eo * y
+    mn = x + wc + 4 * n + 4 * co + eo * y
+    res = [KernelModel("conv/output (im2col+gemm)", shape, des, mn, flops, False,
+                       f"im2col materialises {k * k}x the codes; an implicit GEMM would read them once")]
+    # grad_input: GEMM (r g codes + w, w fp32 taps) -> .double() (r4 w8) -> fold (r8, w8 per input element)
+    # -> .to(int32) (r8 w4) -> .float() (r4 w4) -> * g_scale (r4 w4) -> * w_scale (r4 w4) -> .to(out) (r4 w eo)
+    taps = cols  # one fp32 partial per (sample, input channel, tap, position)
+    gi = ((y + wc + 4 * taps) + 12 * taps + (8 * taps + 8 * x) + 12 * x + 8 * x + 8 * x + 8 * x + (4 + eo) * x)
+    gi_min = y + wc + 4 * n + 4 * c + eo * x
+    res.append(KernelModel("conv/grad_input (gemm+col2im)", shape, gi, gi_min, flops, False,
+                           "fp32 per-tap partials, float64 col2im, elementwise scale tail"))
+    return res
+
+
+CONV_SHAPES = [(32, 64, 56, 56, 64, 3), (32, 256, 14, 14, 256, 3)]  # ResNet-50 stage-1/3 3x3 convs
+
+
+def models(shapes: list[tuple[int, int, int]], a_dtype: str = "bf16", out_dtype: str = "bf16") -> list[KernelModel]:
+    """Analytic models of every kernel at the given (M, N, K) shapes (H100 tile configs)."""
+    from fqtc.codegen.gemm import CONFIGS, GROUP_M, MAX_REQUANT_N
+    from fqtc.codegen.quantize import MAX_BLOCK, TILE_ELEMS
+
+    res: list[KernelModel] = []
+    for M, N, K in shapes:
+        res += _quantize_models(M, K, a_dtype, MAX_BLOCK, TILE_ELEMS)
+        bm, bn = CONFIGS["small_m" if M <= 64 else "large"][:2]
+        res += [m for m in _gemm_models(M, N, K, a_dtype, out_dtype, bm, bn, GROUP_M)
+                if "requant" not in m.kernel or N <= MAX_REQUANT_N]
+        res += _grad_lwq_models(M, N, K, a_dtype)
+    for cs in CONV_SHAPES:
+        res += _conv_models(*cs, out_dtype)
+    return res
+
+
+def _attach_runs(ms: list[KernelModel], shapes, a_dtype: str, out_dtype: str, device: str = "cuda") -> None:
+    """Give each model a closure that launches its kernel on ``device`` (tests use the interpreter on CPU)."""
+    import torch
+
+    from fqtc.codegen import gemm as kg
+    from fqtc.codegen import gradq as kgq
+    from fqtc.codegen import quantize as kq
+
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for M, N, K in shapes:
+        x = torch.randn(M, K, device=device, dtype=tdt[a_dtype])
+        w8, sw = kq.quantize(torch.randn(K, N, device=device), 8, [0])
+        x8, sx = kq.quantize(x, 8, [1])
+        step = torch.zeros((), dtype=torch.int64, device=device)
+        runs = {
+            "quantize/row": lambda x=x: kq.quantize(x, 8, [1], "stochastic", 0, 0, 0),
+            "quantize/row/int4": lambda x=x: kq.quantize(x, 4, [1], "stochastic", 0, 0, 0, pack_int4=True),
+            "quantize/col": lambda x=x: kq.quantize(x, 8, [0], "stochastic", 0, 0, 0),
+            "quantize/tensor": lambda x=x: kq.quantize(x, 8, [0, 1], "stochastic", 0, 0, 0),
+            "gemm/int8": lambda: kg.scaled_gemm(x8, sx, w8, sw, None, tdt[out_dtype]),
+            "gemm/fused_quant/row": lambda: kg.qgemm_fused_quant(x, 8, [1], "stochastic", 0, 0, step, w8, sw, None,
+                                                                 tdt[out_dtype]),
+            "gemm/fused_quant/tensor": lambda: kg.qgemm_fused_quant(x, 8, [0, 1], "stochastic", 0, 0, step, w8, sw,
+                                                                    None, tdt[out_dtype]),
+            "gemm/fused_quant/row+requant": lambda: kg.qgemm_fused_quant(
+                x, 8, [1], "stochastic", 0, 0, step, w8, sw, None, tdt[out_dtype], requant=kg.Requant(8)),
+            "gradq/psq": lambda x=x: kgq.grad_quantize(x, "psq", 4, [-1], "stochastic", 0, step, 0),
+            "gradq/bhq": lambda x=x: kgq.bhq(x, 4, [-1], "stochastic", 0, step, 0),
+        }
+        for m in ms:
+            if m.shape.startswith(f"{M}x") and m.kernel in runs:
+                m.run = runs[m.kernel]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fqtc bench kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", action="append", default=None, metavar="MxNxK",
+                   help="GEMM shape (repeatable); quantize kernels run on the MxK activation. "
+                        "Default: 4096x4096x4096, 8192x11008x4096, 16x4096x4096, 4096x256x4096")
+    p.add_argument("--a-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--out-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    args = p.parse_args(argv)
+    shapes_txt = args.shape or ["4096x4096x4096", "8192x11008x4096", "16x4096x4096", "4096x256x4096"]
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in shapes_txt]
+        assert all(len(s) == 3 and min(s) > 0 for s in shapes)
+    except (ValueError, AssertionError):
+        p.error(f"--shape takes MxNxK with positive integers, got {shapes_txt}")
+    ms = models(shapes, args.a_dtype, args.out_dtype)
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        _attach_runs(ms, shapes, args.a_dtype, args.out_dtype)
+    hdr = f"{'kernel':30} {'shape':30} {'MB moved':>10} {'MB min':>10} {'ratio':>6} {'GFLOP':>8}"
+    hdr += f" {'ms':>8} {'TFLOP/s':>8} {'TB/s':>6}" if cuda else ""
+    print(hdr)
+    print("-" * len(hdr))
+    bad = []
+    for m in ms:
+        line = (f"{m.kernel:30} {m.shape:30} {m.bytes / 1e6:10.2f} {m.min_bytes / 1e6:10.2f} {m.ratio:6.2f} "
+                f"{m.flops / 1e9:8.1f}")
+        if cuda and m.run is not None:
+            import triton.testing
+
+            t = triton.testing.do_bench(m.run)
+            line += f" {t:8.3f} {m.flops / t / 1e9:8.1f} {m.bytes / t / 1e9:6.2f}"
+        print(line + f"  {m.note}")
+        if m.fused and m.ratio > FUSED_RATIO_LIMIT:
+            bad.append(m)
+    print()
+    print(f"fused kernels over {FUSED_RATIO_LIMIT}x the minimum: "
+          + (", ".join(f"{m.kernel} {m.shape} ({m.ratio:.2f}x)" for m in bad) if bad else "none"))
+    if not cuda:
+        print("no CUDA device: measured time and TFLOP/s are skipped (analytic model only)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

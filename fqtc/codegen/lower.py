@@ -1,0 +1,175 @@
+"""Codegen pass: on CUDA graphs, fuse ``fqt::quantize -> fqt::qgemm`` chains into ``fqt::qgemm_fused_quant``
+(and ``fqt::grad_quantize`` PTQ/PSQ/SCQ -> ``fqt::qgemm`` into ``fqt::qgemm_fused_grad_quant``).
+
+Runs on the partitioned forward and backward graphs (the backend's fw/bw compilers call `wrap_compiler`), after
+the fqtc passes. A chain is fused when the GEMM's left operand ``a`` and its scale are the two outputs of one
+``fqt::quantize`` node (no transpose in between) whose scale is per-tensor or per-row, and ``b`` is int8 codes
+with a scale. The fused op also returns the codes and scale, so other readers of the activation codes (the
+backward ``grad_weight`` GEMM, the saved-tensor output) read those; a chain whose codes are read *before* the GEMM
+is left alone. Every GEMM's record ``node.meta["fqt"]["codegen"]`` says which kernel runs it and, when not fused,
+why.
+
+Before::
+
+    q      = fqt.quantize(x, 8, [1], "stochastic", seed, stream, step);  x8, sx = q[0], q[1]
+    out    = fqt.qgemm(x8, sx, w8t, swt, bias, float32)
+
+After::
+
+    f      = fqt.qgemm_fused_quant(x, 8, [1], "stochastic", seed, stream, step, w8t, swt, bias, float32)
+    out, x8, sx = f[0], f[1], f[2]
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from fqtc.ops.fused import FUSABLE_GRAD_QUANTIZERS
+from fqtc.passes.common import copy_meta, graph_fake_mode, node_order, set_fake_val
+from fqtc.quant.gemm import scale_along_k
+
+fqt = torch.ops.fqt
+# fqt::grad_quantize exists when the gradient quantizers (issue 3) are installed
+_GRAD_QUANTIZE = getattr(getattr(fqt, "grad_quantize", None), "default", None)
+
+
+def graph_device(gm: fx.GraphModule) -> torch.device | None:
+    """The device of the graph's GEMMs (from their fake values); None when the graph has no fqt GEMM."""
+    for n in gm.graph.find_nodes(op="call_function", target=fqt.qgemm.default):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return None
+
+
+def _val(n: Any) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _reference_reason(q: fx.Node) -> str | None:
+    """Why ``q`` runs the reference implementation even on CUDA (not an integer GEMM), else None; the same test as
+    `fqtc.codegen.impls.qgemm_cuda`, on fake values."""
+    a, sa, b, sb = (_val(x) for x in q.args[:4])
+    if a is None or b is None or a.dtype != torch.int8 or b.dtype != torch.int8:
+        return "an operand is not int8 codes (a partially quantized GEMM): reference float product"
+    if sa is None or sb is None:
+        return "an operand has no scale: reference float product"
+    if scale_along_k(sa, sb):
+        return "a scale varies along the reduction axis: reference float product, not an integer GEMM"
+    return None
+
+
+def _fusable(q: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node | None, str]:
+    """The quantize node feeding ``q``'s left operand when the chain can be fused, else (None, reason)."""
+    a, sa, b, sb = q.args[:4]
+    if not (isinstance(a, fx.Node) and isinstance(sa, fx.Node) and a.target is operator.getitem
+            and sa.target is operator.getitem and a.args[1] == 0 and sa.args[1] == 1 and a.args[0] is sa.args[0]):
+        return None, "left operand is not the direct output of one fqt::quantize (transposed or precomputed codes)"
+    qn = a.args[0]
+    if qn.target == fqt.quantize.default:
+        x, _bits, dims = qn.args[:3]
+    elif qn.target == _GRAD_QUANTIZE:
+        x, quantizer, _bits, dims = qn.args[:4]
+        if quantizer not in FUSABLE_GRAD_QUANTIZERS:
+            return None, f"gradient quantizer {quantizer!r} is not a per-row/per-tensor codes x scale quantizer"
+        if quantizer == "ptq":
+            dims = list(range(_val(x).dim())) if _val(x) is not None else dims
+    else:
+        return None, f"left operand comes from {qn.target}, not fqt::quantize / fqt::grad_quantize"
+    xv, bv = _val(x), _val(b)
+    if xv is None or bv is None:
+        return None, "operands have no fake values"
+    n = xv.dim()
+    dims = sorted({d % n for d in dims})
+    if dims not in (list(range(n)), [n - 1]):
+        return None, f"activation scale over dims {dims} is neither per-tensor nor per-row"
+    if bv.dtype != torch.int8 or sb is None:
+        return None, "right operand is not int8 codes with a scale"
+    if tuple(xv.shape[:-2]) != tuple(torch.broadcast_shapes(xv.shape[:-2], bv.shape[:-2])):
+        return None, "left operand is broadcast over the batch"
+    for out in (a, sa):
+        early = [u for u in out.users if u is not q and order.get(u, 0) < order[q]]
+        if early:
+            return None, f"codes/scale are read before the GEMM by {early[0].name}"
+    if any(u.target is not operator.getitem for u in qn.users):
+        return None, "fqt::quantize has a non-getitem user"
+    return qn, ""
+
+
+def lower_graph(gm: fx.GraphModule, device: str | torch.device | None = None) -> dict[str, int]:
+    """Fuse quantize->qgemm chains when the graph runs on CUDA (``device`` overrides the graph's own device, which
+    lets tests lower CPU-traced graphs). Returns counters ``fused`` and ``unfused``. Non-CUDA graphs are left
+    untouched (the reference path)."""
+    dev = torch.device(device) if device is not None else graph_device(gm)
+    if dev is None or dev.type != "cuda":
+        return {"fused": 0, "unfused": 0}
+    from fqtc.codegen import register_cuda_kernels
+
+    register_cuda_kernels()  # no-op without CUDA; the fused op's reference impl then runs
+    graph = gm.graph
+    fake_mode = graph_fake_mode(graph)
+    order = node_order(graph)
+    fused = unfused = 0
+    for q in list(graph.find_nodes(op="call_function", target=fqt.qgemm.default)):
+        rec = q.meta.setdefault("fqt", {})
+        qn, why = _fusable(q, order)
+        if qn is None:
+            ref_why = _reference_reason(q)
+            rec["codegen"] = {"device": "cuda", "kernel": "reference" if ref_why else "triton:qgemm", "fused": False,
+                              "reason": ref_why or why}
+            unfused += 1
+            continue
+        a_codes, a_scale = q.args[0], q.args[1]
+        b, sb, bias, out_dtype = q.args[2:6]
+        if qn.target == fqt.quantize.default:
+            x, bits, dims, rounding, seed, stream, step = qn.args
+            target, fargs = fqt.qgemm_fused_quant.default, (x, bits, dims, rounding, seed, stream, step)
+        else:
+            x, quantizer, bits, dims, rounding, seed, stream, step = qn.args
+            target = fqt.qgemm_fused_grad_quant.default
+            fargs = (x, quantizer, bits, dims, rounding, seed, stream, step)
+            if quantizer == "ptq":
+                dims = list(range(x.meta["val"].dim()))
+        with graph.inserting_before(q):
+            f = graph.call_function(target, (*fargs, b, sb, bias, out_dtype))
+            outs = [graph.call_function(operator.getitem, (f, i)) for i in range(3)]
+        copy_meta(f, q)
+        if fake_mode is None:
+            fake_mode = getattr(_val(q), "fake_mode", None)
+        set_fake_val(f, fake_mode)
+        for o in outs:
+            copy_meta(o, q)
+            set_fake_val(o, fake_mode)
+        q.replace_all_uses_with(outs[0])
+        a_codes.replace_all_uses_with(outs[1])
+        a_scale.replace_all_uses_with(outs[2])
+        rec["codegen"] = {
+            "device": "cuda", "kernel": f"triton:{target._schema.name.split('::')[1]}", "fused": True,
+            "node": f.name,
+            "replaced": [qn.name, q.name], "quantize": dict(qn.meta.get("fqt", {})),
+            "prologue": "per_tensor" if len({d % x.meta["val"].dim() for d in dims}) == x.meta["val"].dim()
+            else "per_row",
+        }
+        f.meta["fqt"] = rec
+        for n in (q, a_codes, a_scale, qn):
+            graph.erase_node(n)
+        order = node_order(graph)
+        fused += 1
+    graph.lint()
+    gm.recompile()
+    return {"fused": fused, "unfused": unfused}
+
+
+def wrap_compiler(compile_fn: Callable) -> Callable:
+    """A fw/bw compiler that first lowers CUDA graphs to the fused kernels, then calls ``compile_fn``."""
+
+    def compile_with_codegen(gm: fx.GraphModule, example_inputs: Any) -> Callable:
+        lower_graph(gm)
+        return compile_fn(gm, example_inputs)
+
+    return compile_with_codegen

@@ -1,0 +1,45 @@
+"""Reference functions for kernel features that `fqtc.quant` does not define yet (pure tensor code, no graph code).
+
+- `pack_int4` / `unpack_int4`: two signed 4-bit codes per byte along the last dim, even index in the low nibble
+  (the layout the int4 GEMM prologue unpacks with ``(p << 4) >> 4`` and ``p >> 4``, docs/kernels.md).
+- `qgemm_requant`: the GEMM-with-requantized-output chain, ``quantize(scaled_gemm(...))``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fqtc.quant.gemm import scaled_gemm
+from fqtc.quant.uniform import quantize
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] two per byte along the last dim (which must be even)."""
+    if codes.dtype != torch.int8:
+        raise TypeError(f"pack_int4 expects int8 codes, got {codes.dtype}")
+    if codes.dim() == 0 or codes.shape[-1] % 2:
+        raise ValueError(f"pack_int4 packs pairs along the last dim; shape {list(codes.shape)} has an odd last dim")
+    c = codes.to(torch.int32)
+    return ((c[..., 0::2] & 0xF) | (c[..., 1::2] << 4)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: sign-extend each nibble back to int8."""
+    p = packed.to(torch.int32)
+    lo = ((p & 0xF) ^ 8) - 8
+    hi = packed.to(torch.int32) >> 4  # arithmetic shift of the sign-extended byte
+    return torch.stack([lo, hi], dim=-1).flatten(-2).to(torch.int8)
+
+
+def qgemm_requant(
+    a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scale: torch.Tensor | None,
+    bias: torch.Tensor | None, out_dtype: torch.dtype, bits: int, reduce_dims: Sequence[int], rounding: str,
+    seed: int, step: torch.Tensor | int, stream: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``out = scaled_gemm(...)`` and its codes/scale ``quantize(out, bits, reduce_dims, ...)``: the chain the GEMM
+    kernel's requantizing epilogue computes in one pass."""
+    out = scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
+    codes, scale = quantize(out, bits, reduce_dims, rounding, seed, step, stream)
+    return out, codes, scale

@@ -1,0 +1,51 @@
+"""Gradient-quantizer ops (issue 3): ``fqt::grad_quantize`` and ``fqt::bhq``.
+
+- ``fqt::grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step) -> (codes, scale)`` for the
+  quantizers whose result factors as int8 codes x a keepdim fp32 scale (PTQ, PSQ, SCQ, AQ, AQ top-k): the scale is
+  constant along the non-reduced axis, so ``fqt::qgemm`` stays an integer GEMM whenever the scale is constant
+  along the GEMM's reduction axis (AQ's 1/p reweighting is folded into the scale, dropped groups have zero codes).
+- ``fqt::bhq(x, bits, reduce_dims, rounding, seed, stream, step) -> xhat``: BHQ's ``T^-1 Q(T x)`` as a dequantized
+  fp32 tensor. T^-1 mixes the rows of the quantized gradient, so it does not factor into per-row scales;
+  ``fqt::qgemm`` consumes it as a float operand (scale None) and the GEMM record says so.
+
+Reference implementations call `fqtc.quant.gradq`; fake implementations give shapes and dtypes only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fqtc.quant import gradq as _gradq
+
+
+@torch.library.custom_op("fqt::grad_quantize", mutates_args=())
+def grad_quantize(
+    x: Tensor, quantizer: str, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A gradient quantizer with a codes x scale result: int8 codes (x's shape) and a keepdim fp32 scale."""
+    if quantizer == "bhq":
+        raise ValueError("fqt::grad_quantize: BHQ does not factor as codes x scale; use fqt::bhq")
+    q = _gradq.grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, step, stream)
+    return q.codes, q.scale.contiguous()
+
+
+@grad_quantize.register_fake
+def _(x, quantizer, bits, reduce_dims, rounding, seed, stream, step):
+    dims = {d % x.dim() for d in reduce_dims} if x.dim() else set()
+    if quantizer == "ptq":
+        dims = set(range(x.dim()))
+    sshape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(sshape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fqt::bhq", mutates_args=())
+def bhq(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor) -> Tensor:
+    """Block Householder quantization, dequantized: ``T^-1 Q(T x)`` in fp32 (an unbiased estimate of ``x``)."""
+    q = _gradq.bhq(x, bits, reduce_dims, rounding, seed, step, stream)
+    return _gradq.bhq_dequantize(q, reduce_dims).contiguous()
+
+
+@bhq.register_fake
+def _(x, bits, reduce_dims, rounding, seed, stream, step):
+    return x.new_empty(x.shape, dtype=torch.float32)

@@ -1,0 +1,454 @@
+"""Automatic per-GEMM gradient bits (issue 5): spend bits where the gradient variance is.
+
+With ``options={"bits": "auto", "budget": 4.5, "calibration": fqtc.calibrate(...)}`` the bits of every
+``grad_output`` quantizer (one per backward GEMM: ``grad_input`` and ``grad_weight`` of each site) are chosen to
+
+    minimize   sum_u V_u(b_u)                       (estimated variance the quantizers add to the gradient)
+    subject to sum_u b_u n_u <= budget * sum_u n_u  (average bits per quantized gradient element)
+               b_u in {2..8}, b_u fixed where a rule or keep_fp set it
+
+This is the variance decomposition of the statistical framework (Chen et al., NeurIPS 2020, Sec. 3): with unbiased
+(stochastic-rounding) gradient quantizers the FQT gradient is the QAT gradient plus one independent zero-mean term
+per quantizer, so variances add. ``V_u(b)`` comes from `fqtc.calibrate`: the quantizer's per-element variance at
+``b`` bits on the calibrated ``grad_output`` (exact s^2 f(1-f) for SR, s^2/12 for nearest), pushed through the GEMM
+(a noise of variance v on element (m, k) of ``A`` in ``A @ B`` adds v * ||B[k, :]||^2 to the product), and, for
+GEMMs whose product is an activation gradient (``grad_input``; ``grad_weight`` of a bmm), carried to the parameter
+gradients of the sites upstream (`propagation_weights`, networkx over the forward graph).
+
+Costs ``n_u`` are element counts of the quantized ``grad_output``, kept symbolic in the batch/sequence sizes
+(sympy): when every ``n_u`` is the same symbolic size times a constant (all Linear sites of an MLP/CNN head, all
+projections of a transformer), the constraint divides out and **one solution holds for every shape**; when they
+scale differently (attention's ``B*T*T`` against ``B*T*C``) the solution is exact at the calibration shapes and
+`Solution.shape_independent` is False.
+
+The solver is exact: a multiple-choice knapsack solved by dynamic programming over the integer cost
+(`solve_exact`), with a greedy fallback for very large capacities whose optimality gap is bounded and reported
+(`solve_greedy`). Pure solver functions come first (no graph code); the graph side (`plan_auto`) builds the
+problem from the GEMM sites and the calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+
+from fqtc.config import MAX_BITS, MIN_BITS
+
+CHOICES: tuple[int, ...] = tuple(range(MIN_BITS, MAX_BITS + 1))
+# DP cells (units x capacity) above which `solve` switches to the greedy solver; 2e7 float64 cells ~ 0.2 s, 160 MB
+# worst case for the back-pointers stored as int8.
+MAX_DP_CELLS = 20_000_000
+
+
+# -- pure solver ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """One decision: the bits of one quantizer.
+
+    Args:
+        key: identifies the quantizer (``(site, role)`` in fqtc).
+        weight: its cost per bit, a positive integer (element count, normalized).
+        variance: bits -> estimated added variance, for every bit choice the unit may take.
+        fixed: bits fixed by the user (a rule); the unit still spends budget but is not chosen.
+    """
+
+    key: Hashable
+    weight: int
+    variance: Mapping[int, float]
+    fixed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight <= 0:
+            raise ValueError(f"autobits: unit {self.key!r} weight must be a positive int, got {self.weight!r}")
+        if self.fixed is None and not self.variance:
+            raise ValueError(f"autobits: unit {self.key!r} has no bit choices")
+
+
+@dataclass
+class Solution:
+    """The solver's answer. ``gap`` bounds ``total_variance - optimum`` (0 when ``exact``)."""
+
+    bits: dict[Hashable, int]
+    total_variance: float
+    average_bits: float
+    budget: float
+    exact: bool
+    gap: float = 0.0
+    shape_independent: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def share(self, key: Hashable, units: Sequence[Unit]) -> float:
+        """Fraction of the total estimated variance contributed by ``key`` at its chosen bits."""
+        u = next(u for u in units if u.key == key)
+        v = u.variance.get(self.bits[key], 0.0)
+        return v / self.total_variance if self.total_variance > 0 else 0.0
+
+
+def _capacity(units: Sequence[Unit], budget: float) -> tuple[int, int]:
+    """(total weight, floor(budget * total weight)) in exact rational arithmetic (4.5 * 7 is 31, never 31.4999)."""
+    total = sum(u.weight for u in units)
+    b = Fraction(budget).limit_denominator(10**6)
+    return total, math.floor(b * total)
+
+
+def _evaluate(units: Sequence[Unit], bits: Mapping[Hashable, int], budget: float, exact: bool, gap: float = 0.0
+              ) -> Solution:
+    total_w = sum(u.weight for u in units)
+    var = sum(u.variance.get(bits[u.key], 0.0) for u in units)
+    avg = sum(bits[u.key] * u.weight for u in units) / total_w if total_w else 0.0
+    return Solution(dict(bits), var, avg, budget, exact, gap)
+
+
+def _free_and_capacity(units: Sequence[Unit], budget: float) -> tuple[list[Unit], list[list[int]], int]:
+    """Free units, their sorted choices, and the capacity left for bits above each free unit's minimum."""
+    _, cap = _capacity(units, budget)
+    free = [u for u in units if u.fixed is None]
+    choices = [sorted(u.variance) for u in free]
+    used = sum(u.fixed * u.weight for u in units if u.fixed is not None)
+    used += sum(c[0] * u.weight for u, c in zip(free, choices))
+    left = cap - used
+    if left < 0:
+        fixed = [(u.key, u.fixed) for u in units if u.fixed is not None]
+        raise ValueError(
+            f"fqt option 'budget': {budget} average bits cannot be met: the fixed units {fixed} plus every other "
+            f"gradient quantizer at its minimum bits already average {used / sum(u.weight for u in units):.3f}; "
+            "raise the budget or lower the bits the rules fix")
+    return free, choices, left
+
+
+def solve_exact(units: Sequence[Unit], budget: float) -> Solution:
+    """Exact minimum of sum V_u(b_u) s.t. sum b_u w_u <= budget * sum w_u: multiple-choice knapsack DP.
+
+    Costs are the bits above each unit's minimum times its weight, divided by the gcd of the weights; the DP table
+    holds, for every spent capacity, the least total variance (numpy over the capacity axis, one pass per unit and
+    choice). Ties go to fewer bits.
+    """
+    free, choices, left = _free_and_capacity(units, budget)
+    bits = {u.key: u.fixed for u in units if u.fixed is not None}
+    if not free:
+        return _evaluate(units, bits, budget, True)
+    g = math.gcd(*[u.weight for u in free])
+    costs = [[(b - c[0]) * u.weight // g for b in c] for u, c in zip(free, choices)]
+    cap = min(left // g, sum(max(c) for c in costs))  # never more than every unit at its maximum
+    dp = np.zeros(cap + 1)  # dp[c]: least variance of the units so far with extra cost <= c
+    back = np.zeros((len(free), cap + 1), dtype=np.int8)
+    for i, (u, c, cost) in enumerate(zip(free, choices, costs)):
+        new = np.full(cap + 1, np.inf)
+        for j, (b, k) in enumerate(zip(c, cost)):
+            if k > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[k:] = dp[: cap + 1 - k] + float(u.variance[b])
+            better = cand < new
+            new[better], back[i, better] = cand[better], j
+        dp = new
+    c_left = cap
+    for i in range(len(free) - 1, -1, -1):
+        j = int(back[i, c_left])
+        bits[free[i].key] = choices[i][j]
+        c_left -= costs[i][j]
+    return _evaluate(units, bits, budget, True)
+
+
+def solve_greedy(units: Sequence[Unit], budget: float) -> Solution:
+    """Greedy by variance saved per budget spent, with an optimality gap.
+
+    Start every free unit at its minimum bits; repeatedly take the one-bit upgrade with the largest
+    ``(V(b) - V(b+1)) / weight`` that still fits. When each unit's V is convex in b (true for the uniform
+    quantizers: V ~ 1/(2^(b-1)-1)^2), the upgrades taken before the first one that does not fit are the LP
+    relaxation's, so ``total - optimum <= `` the variance the first non-fitting upgrade would have saved, which is
+    reported as ``gap`` (0 when nothing was left out).
+    """
+    free, choices, left = _free_and_capacity(units, budget)
+    bits = {u.key: u.fixed for u in units if u.fixed is not None}
+    level = [0] * len(free)
+    gap = 0.0
+    blocked: set[int] = set()
+    while True:
+        best, best_ratio = -1, -1.0
+        for i, (u, c) in enumerate(zip(free, choices)):
+            if i in blocked or level[i] + 1 >= len(c):
+                continue
+            dv = u.variance[c[level[i]]] - u.variance[c[level[i] + 1]]
+            ratio = dv / ((c[level[i] + 1] - c[level[i]]) * u.weight)
+            if ratio > best_ratio:
+                best, best_ratio = i, ratio
+        if best < 0:
+            break
+        u, c = free[best], choices[best]
+        step_cost = (c[level[best] + 1] - c[level[best]]) * u.weight
+        if step_cost <= left:
+            left -= step_cost
+            level[best] += 1
+        else:
+            if not blocked:
+                gap = u.variance[c[level[best]]] - u.variance[c[level[best] + 1]]
+            blocked.add(best)
+    for u, c, lv in zip(free, choices, level):
+        bits[u.key] = c[lv]
+    return _evaluate(units, bits, budget, gap == 0.0, gap)
+
+
+def solve(units: Sequence[Unit], budget: float, max_cells: int = MAX_DP_CELLS) -> Solution:
+    """`solve_exact` when its table fits ``max_cells``, else `solve_greedy` (its gap is in the solution)."""
+    free, _, left = _free_and_capacity(units, budget)
+    if not free:
+        return solve_exact(units, budget)
+    g = math.gcd(*[u.weight for u in free])
+    if len(free) * (left // g + 1) <= max_cells:
+        return solve_exact(units, budget)
+    return solve_greedy(units, budget)
+
+
+def uniform_solution(units: Sequence[Unit], bits: int) -> Solution:
+    """Every free unit at ``bits`` (the baseline the automatic policy is compared against)."""
+    chosen = {u.key: (u.fixed if u.fixed is not None else bits) for u in units}
+    avg = sum(chosen[u.key] * u.weight for u in units) / sum(u.weight for u in units)
+    return _evaluate(units, chosen, avg, True)
+
+
+def integer_weights(sizes: Sequence[Any], at: Mapping[Any, int] | None = None) -> tuple[list[int], bool]:
+    """Integer cost weights proportional to symbolic element counts.
+
+    ``sizes`` are sympy expressions (or ints, or strings sympy parses: ``"8*s0*s1"``). If every size is a
+    constant multiple of the first, the weights are those constants over a common denominator and hold for every
+    value of the symbols (returns ``(weights, True)``); otherwise the sizes are evaluated with ``at`` (symbol ->
+    value) and the weights hold at that shape only (``(weights, False)``).
+    """
+    import sympy
+
+    exprs = [sympy.sympify(s) for s in sizes]
+    if not exprs:
+        return [], True
+    ratios = [sympy.nsimplify(sympy.simplify(e / exprs[0])) for e in exprs]
+    if all(r.is_Rational for r in ratios):
+        den = math.lcm(*[int(sympy.Rational(r).q) for r in ratios])
+        w = [int(sympy.Rational(r) * den) for r in ratios]
+        g = math.gcd(*w)
+        return [x // g for x in w], True
+    if at is None:
+        raise ValueError(f"autobits: sizes {sizes} scale differently and no symbol values were given")
+    subs = {sympy.Symbol(str(k)): v for k, v in at.items()}
+    vals = [int(e.subs(subs)) for e in exprs]
+    if any(not isinstance(v, int) or v <= 0 for v in vals):
+        raise ValueError(f"autobits: could not evaluate sizes {sizes} at {dict(at)}")
+    g = math.gcd(*vals)
+    return [v // g for v in vals], False
+
+
+# -- graph side ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SiteView:
+    """What the policy needs of one GEMM site, linear (`fqtc.passes.sites.GemmSite`) or convolution
+    (`fqtc.passes.conv.ConvSite`).
+
+    Args:
+        name: site name (unique in the graph); key: the module path rules match (site name when no module).
+        module_type: class name of the module. forward: the forward product node.
+        grads_into: backward role with a quantized ``grad_output`` -> the forward tensor (fx node) whose gradient
+            that GEMM produces. param_role: the role whose product is a parameter gradient (None for bmm).
+    """
+
+    name: str
+    key: str
+    module_type: str
+    forward: Any
+    grads_into: dict[str, Any]
+    param_role: str | None
+
+
+def site_views(linear_sites: Sequence[Any], conv_sites: Sequence[Any] = ()) -> list[SiteView]:
+    """`SiteView`s of linear and convolution sites, in graph order."""
+    views = []
+    for s in linear_sites:
+        into = {}
+        if "grad_input" in s.gemms and "g" in s.operand_pos.get("grad_input", {}):
+            into["grad_input"] = s.a_base
+        if "grad_weight" in s.gemms and "g" in s.operand_pos.get("grad_weight", {}):
+            into["grad_weight"] = s.b_base
+        views.append(SiteView(s.name, s.module or s.name, s.module_type, s.forward, into,
+                              "grad_weight" if s.b_is_weight else None))
+    for c in conv_sites:
+        into = {}
+        if c.backward is not None and 0 in c.getitems:
+            into["grad_input"] = c.forward.args[0]
+        if c.backward is not None and 1 in c.getitems:
+            into["grad_weight"] = c.forward.args[1]
+        views.append(SiteView(c.name, c.module or c.name, c.module_type, c.forward, into, "grad_weight"))
+    if views:
+        order = {n: i for i, n in enumerate(views[0].forward.graph.nodes)}
+        views.sort(key=lambda v: order[v.forward])
+    return views
+
+
+def forward_dataflow(fx_graph: Any) -> "Any":
+    """networkx DiGraph of the forward part of a joint graph: an edge from each input node to its user."""
+    import networkx as nx
+
+    from fqtc.passes.sites import is_backward
+
+    data = nx.DiGraph()
+    for n in fx_graph.nodes:
+        if is_backward(n):
+            continue
+        data.add_node(n)
+        for inp in n.all_input_nodes:
+            if not is_backward(inp):
+                data.add_edge(inp, n)
+    return data
+
+
+def site_feeds(sites: Sequence[Any], data: Any = None) -> "Any":
+    """networkx DiGraph over site names: an edge i -> j when site i's forward product reaches site j's forward
+    product through the forward part of the joint graph (backward nodes are left out)."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    g.add_nodes_from(s.name for s in sites)
+    if not sites:
+        return g
+    data = forward_dataflow(sites[0].forward.graph) if data is None else data
+    fwd_of = {s.forward: s.name for s in sites}
+    for s in sites:
+        for anc in nx.ancestors(data, s.forward):
+            if anc in fwd_of:
+                g.add_edge(fwd_of[anc], s.name)
+    return g
+
+
+def upstream_param_sites(tensor: Any, views: Sequence[SiteView], data: Any) -> list[str]:
+    """Sites with a parameter gradient that the gradient of ``tensor`` flows into: the sites whose forward product
+    is ``tensor`` or one of its ancestors in ``data``."""
+    import networkx as nx
+
+    anc = (nx.ancestors(data, tensor) if tensor in data else set()) | {tensor}
+    return [v.name for v in views if v.param_role and v.forward in anc]
+
+
+def propagation_weights(views: Sequence[SiteView], out_sq: Mapping[tuple[str, str], float]
+                        ) -> dict[tuple[str, str], float]:
+    """Factor carrying a GEMM's added variance to the parameter gradients, per (site, role).
+
+    A parameter gradient (``grad_weight`` of a Linear/conv) gets 1. A product that is an activation gradient
+    (``grad_input``, and ``grad_weight`` of an activation-activation bmm) is summed with the other gradients of the
+    same tensor into that tensor's gradient, which flows back to the parameter sites upstream. We carry the noise
+    there at the *relative* level it has in that summed gradient (first order: the backward maps scale the noise
+    like the signal they carry), so its variance is multiplied by sum_i ||dW_i||^2 / sum_j ||product_j||^2, i over
+    the parameter sites upstream, j over the products that are gradients of the same tensor (their squared norms
+    added, i.e. taken as uncorrelated; calibrated ``out_sq``). With no parameter site upstream (e.g. the gradient
+    flows into an embedding) the factor is 1: the variance is counted in the gradient it lands in.
+    """
+    w: dict[tuple[str, str], float] = {}
+    if not views:
+        return w
+    data = forward_dataflow(views[0].forward.graph)
+    grads_of: dict[Any, list[tuple[str, str]]] = {}  # tensor (fx node) -> products that are its gradient
+    for v in views:
+        for role, tensor in v.grads_into.items():
+            if role != v.param_role:
+                grads_of.setdefault(tensor, []).append((v.name, role))
+    for v in views:
+        for role, tensor in v.grads_into.items():
+            if role == v.param_role:
+                w[(v.name, role)] = 1.0
+                continue
+            ups = upstream_param_sites(tensor, views, data)
+            num = sum(out_sq.get((u, "grad_weight"), 0.0) for u in ups)
+            den = sum(out_sq.get(k, 0.0) for k in grads_of.get(tensor, []))
+            w[(v.name, role)] = num / den if ups and den > 0 and num > 0 else 1.0
+    return w
+
+
+@dataclass
+class AutoPlan:
+    """What the automatic policy decided for one graph: bits and reason per (module key, role), the units it
+    solved over and the solution."""
+
+    decisions: dict[tuple[str, str], tuple[int, str]]
+    solution: Solution | None
+    units: list[Unit]
+
+
+def plan_auto(views: Sequence[SiteView], config: Any) -> AutoPlan:
+    """Build the knapsack over this graph's ``grad_output`` quantizers from ``config.calibration`` and solve it.
+
+    One unit per (module path, role): sites of one module called several times (shared weights) are one unit, as
+    rules address modules (their variances and element counts add). Units whose bits a rule or ``keep_fp`` fixed
+    spend budget at their fixed bits (full precision: outside the budget). Raises when a backward GEMM has no
+    calibration statistics or was calibrated for another quantizer spec.
+    """
+    import sympy
+
+    cal = config.calibration
+    out_sq = {k: st.out_sq for k, st in cal.units.items()}
+    prop = propagation_weights(views, out_sq)
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    at: dict[str, int] = {}
+    for v in views:
+        for role in v.grads_into:
+            spec, _ = config.resolve(v.key, role, "grad_output", v.module_type)
+            if spec is None:
+                continue  # full precision: outside the budget
+            st = cal.units.get((v.name, role))
+            if st is None:
+                raise ValueError(
+                    f"fqt: bits='auto' has no calibration for GEMM site {v.name!r} ({role}); calibrated: "
+                    f"{sorted(cal.units)[:6]}... Run fqtc.calibrate on the same model and options, or fix its bits "
+                    f"with a rule, e.g. {{'module': {v.key!r}, 'role': {role!r}, 'operand': 'grad_output', "
+                    "'bits': 8}")
+            want = (spec.quantizer, spec.rounding, "tensor" if spec.granularity == "tensor" else "group")
+            if tuple(st.spec) != want:
+                raise ValueError(
+                    f"fqt: the calibration of site {v.name!r} ({role}) was computed for quantizer/rounding/"
+                    f"grouping {tuple(st.spec)}, but this compile uses {want}; calibrate with the same options")
+            fixed = spec.bits if config.bits_set_by_user(v.key, role, "grad_output", v.module_type) else None
+            m = merged.setdefault((v.key, role), {"var": dict.fromkeys(st.variance, 0.0), "size": 0, "fixed": fixed})
+            factor = st.propagation if getattr(st, "propagation", None) is not None else prop.get((v.name, role), 1.0)
+            for b, x in st.variance.items():
+                m["var"][b] += x * factor
+            m["size"] = m["size"] + sympy.sympify(st.numel_expr)
+            at.update(st.symbols)
+    if not merged:
+        return AutoPlan({}, None, [])
+    keys = list(merged)
+    weights, independent = integer_weights([merged[k]["size"] for k in keys], at)
+    units = [Unit(k, w, merged[k]["var"], merged[k]["fixed"]) for k, w in zip(keys, weights)]
+    sol = solve(units, config.budget)
+    sol.shape_independent = independent
+    if not independent:
+        sol.notes.append(f"element counts scale differently with the shape: budget exact at {at}")
+    how = "exact" if sol.exact else f"greedy, gap <= {sol.gap:.3g}"
+    decisions = {}
+    for u in units:
+        if u.fixed is None:
+            b = sol.bits[u.key]
+            decisions[u.key] = (b, f"auto: G{b}, variance share {100 * sol.share(u.key, units):.1f}% "
+                                   f"(budget {config.budget} avg bits, {how})")
+    return AutoPlan(decisions, sol, units)
+
+
+def apply_auto(gm: Any, config: Any, linear_sites: Sequence[Any]) -> Any:
+    """``bits="auto"``: solve for this graph and return the config with the decisions as rules (issue 5).
+
+    Runs after preset expansion, before assign and the conv pass read the rules. The decisions become rules *in
+    front of* the user's rules (``Rule(module=<path>, role=..., operand="grad_output", bits=b, label="auto:
+    ...")``), so user rules still win and the label is the recorded reason. The `AutoPlan` is kept in
+    ``gm.meta["fqt_auto"]``. Other configs pass through.
+    """
+    if not config.bits.auto:
+        return config
+    import dataclasses
+
+    from fqtc.config import Rule, _glob_escape
+    from fqtc.passes.conv import find_conv_sites
+
+    conv_sites, _ = find_conv_sites(gm)
+    plan = plan_auto(site_views(linear_sites, conv_sites), config)
+    gm.meta["fqt_auto"] = plan  # inspection: the units, the solution and its gap (CompiledGraph.joint.meta)
+    auto_rules = tuple(Rule(module=_glob_escape(key), role=role, operand="grad_output", bits=b, label=why)
+                       for (key, role), (b, why) in plan.decisions.items())
+    return dataclasses.replace(config, rules=auto_rules + config.rules)

@@ -1,0 +1,404 @@
+"""Pass: rewrite 2-D convolution sites into fqt conv ops (``output``, ``grad_input``, ``grad_weight``).
+
+A convolution site is one forward ``aten.convolution`` and the ``aten.convolution_backward`` with the same
+``seq_nr`` that reads the same input and weight nodes. The backward node computes up to three gradients at once
+(``output_mask``) and is consumed by getitems 0 (``grad_input``), 1 (``grad_weight``) and 2 (``grad_bias``). Each
+getitem becomes its own op, so the partitioner sees exactly what each gradient reads:
+
+Before::
+
+    conv = aten.convolution(x, W, b, stride, padding, dilation, False, [0, 0], groups)       # seq_nr=24, fwd
+    cb   = aten.convolution_backward(g, x, W, [C], stride, ..., groups, [True, True, True])  # seq_nr=24, bwd
+    dx, dW, db = cb[0], cb[1], cb[2]
+
+After::
+
+    x8, sx = fqt.quantize(x, 8, [0,1,2,3], ...)        # per tensor: shared by output and grad_weight, saved int8
+    w8, sw = fqt.quantize(W, 8, [1,2,3], ...)          # per output channel (MUST_RECOMPUTE, see save.py)
+    conv   = fqt.qconv2d(x8, sx, w8, sw, b, stride, padding, dilation, groups, float32)
+    g8, sg = fqt.quantize(g, 8, [1,2,3], "stochastic", ...)      # per sample, for grad_input
+    w8t, swt = fqt.quantize(W, 8, [0,1,2,3], ...)                 # per tensor, for grad_input
+    dx     = fqt.qconv2d_input(g8, sg, w8t, swt, [N, C, H, W], ...)
+    g8c, sgc = fqt.quantize(g, 8, [0,2,3], "stochastic", ...)    # per output channel, for grad_weight
+    dW     = fqt.qconv2d_weight(x8, sx, g8c, sgc, W.shape, ...)
+    db     = aten.sum(g, [0, 2, 3])                               # not a GEMM: full precision
+
+Specs come from `FQTConfig.resolve` with the same (role, operand) vocabulary as linear sites; granularities map to
+4-D tensors as: ``tensor`` -> one scale; weight ``channel`` -> per output channel; activation/gradient ``token`` or
+``sample`` -> per sample; activation/gradient ``channel`` -> per channel. A scale varying along a GEMM's reduction
+axes (`fqtc.quant.conv.SCALE_FREE_DIM`) gives a dequantized product and the record says so.
+
+Every convolution node gets a ``node.meta["fqt"]`` record with the schema of `fqtc.passes.assign.record`. Sites
+whose operands are all in full precision keep their aten nodes (the FP path stays bit-identical to eager);
+transposed convolutions and 1-D/3-D convolutions are kept in full precision and recorded with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fqtc.config import FQTConfig, QuantSpec
+from fqtc.passes.common import (
+    copy_meta,
+    graph_fake_mode,
+    module_of,
+    node_order,
+    set_fake_val,
+    stable_stream,
+    tensor_shape,
+)
+from fqtc.passes.sites import is_backward
+from fqtc.quant.conv import scale_ok
+
+aten = torch.ops.aten
+fqt = torch.ops.fqt
+
+CONV_ROLES: dict[str, tuple[str, str]] = {
+    "output": ("input", "weight"),
+    "grad_input": ("grad_output", "weight"),
+    "grad_weight": ("input", "grad_output"),
+}
+
+
+@dataclass
+class ConvSite:
+    name: str
+    module: str
+    module_type: str
+    forward: fx.Node
+    backward: fx.Node | None = None
+    getitems: dict[int, fx.Node] = field(default_factory=dict)  # index of convolution_backward output -> getitem
+    specs: dict[tuple[str, str], tuple[QuantSpec | None, str]] = field(default_factory=dict)  # (role, operand)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def roles(self) -> list[str]:
+        roles = ["output"]
+        if 0 in self.getitems:
+            roles.append("grad_input")
+        if 1 in self.getitems:
+            roles.append("grad_weight")
+        return roles
+
+
+def conv_reduce_dims(spec: QuantSpec, operand: str, where: str) -> list[int]:
+    """Dims of a 4-D conv operand sharing one scale (see the module docstring for the mapping)."""
+    if spec.granularity == "tensor":
+        return [0, 1, 2, 3]
+    if operand == "weight":
+        if spec.granularity != "channel":
+            raise ValueError(f"fqt: granularity {spec.granularity!r} does not apply to the weight operand ({where}); "
+                             "weights allow 'tensor' or 'channel' (per output channel)")
+        return [1, 2, 3]
+    if spec.granularity in ("token", "sample"):
+        return [1, 2, 3]
+    return [0, 2, 3]  # channel of an activation/gradient
+
+
+def _scale_shape(dims: list[int]) -> list[int]:
+    return [1 if d in dims else 2 for d in range(4)]
+
+
+def _unsupported_reason(n: fx.Node) -> str | None:
+    transposed = n.args[6]
+    if transposed:
+        return "transposed convolution is not rewritten (kept in full precision)"
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return "only 2-D convolution is rewritten; this 1-D/3-D convolution is kept in full precision"
+    if any(p != 0 for p in n.args[7]):
+        return "convolution with output_padding is not rewritten (kept in full precision)"
+    return None
+
+
+def find_conv_sites(gm: fx.GraphModule) -> tuple[list[ConvSite], list[dict]]:
+    """Link each forward convolution to its convolution_backward; record the ones that stay in FP."""
+    graph = gm.graph
+    order = node_order(graph)
+    convs = sorted(graph.find_nodes(op="call_function", target=aten.convolution.default), key=order.__getitem__)
+    bwds = graph.find_nodes(op="call_function", target=aten.convolution_backward.default)
+    by_seq: dict[int, list[fx.Node]] = defaultdict(list)
+    for b in bwds:
+        by_seq[b.meta.get("seq_nr", -1)].append(b)
+    sites: list[ConvSite] = []
+    fp_records: list[dict] = []
+    claimed: set[fx.Node] = set()
+    names: dict[str, int] = defaultdict(int)
+    for f in convs:
+        if is_backward(f):
+            fp_records.append(_fp_record(f, "output", "convolution inside the backward graph (double backward) is "
+                                                      "not rewritten"))
+            continue
+        module, mtype = module_of(f)
+        base = module or f.name
+        k = names[base]
+        names[base] += 1
+        site = ConvSite(base if k == 0 else f"{base}#{k}", module, mtype, f)
+        reason = _unsupported_reason(f)
+        for b in by_seq.get(f.meta.get("seq_nr", -2), []):
+            if b not in claimed and b.args[1] is f.args[0] and b.args[2] is f.args[1]:
+                site.backward = b
+                claimed.add(b)
+                for u in b.users:
+                    if u.target is operator.getitem:
+                        site.getitems[u.args[1]] = u
+                break
+        if reason is not None:
+            fp_records.append(_fp_record(f, "output", reason))
+            if site.backward is not None:
+                fp_records.append(_fp_record(site.backward, "grad_input/grad_weight", reason))
+            continue
+        sites.append(site)
+    for b in bwds:
+        if b not in claimed:
+            fp_records.append(_fp_record(b, "grad_input/grad_weight",
+                                         "convolution_backward not linked to a forward convolution"))
+    return sites, fp_records
+
+
+def _fp_record(n: fx.Node, role: str, reason: str) -> dict:
+    module, mtype = module_of(n)
+    rec = {
+        "site": module or n.name, "module": module, "module_type": mtype, "role": role,
+        "op": str(n.target).replace("aten.", "").replace(".default", ""), "node": n.name,
+        "status": "full_precision", "reason": reason, "operands": {}, "integer_gemm": False,
+        "shapes": {"out": tensor_shape(n) if isinstance(n.meta.get("val"), torch.Tensor) else None}, "notes": [],
+    }
+    n.meta["fqt"] = rec
+    return rec
+
+
+def site_keys_in_order(gm: fx.GraphModule, gemm_sites: list) -> list[str]:
+    """Module paths (or names) of all GEMM and conv sites in forward graph order: what rule presets such as
+    ``first_last`` count (a CNN's first site is its stem convolution)."""
+    order = node_order(gm.graph)
+    keyed = [(order[s.forward], s.module or s.name) for s in gemm_sites]
+    for f in gm.graph.find_nodes(op="call_function", target=aten.convolution.default):
+        if not is_backward(f) and _unsupported_reason(f) is None:
+            keyed.append((order[f], module_of(f)[0] or f.name))
+    return [k for _, k in sorted(keyed)]
+
+
+def _resolve(site: ConvSite, config: FQTConfig, role: str, operand: str,
+             matched_rules: set[str]) -> tuple[QuantSpec | None, str]:
+    key = site.module or site.name
+    for rule in config.rules:
+        if rule.matches(key, role, operand, site.module_type):
+            matched_rules.add(rule.describe())
+    spec, reason = config.resolve(key, role, operand, site.module_type)
+    if spec is not None and spec.quantizer != "uniform":
+        # gradient quantizers (issue 3) are lowered for 2-D GEMM operands only; say so instead of hiding it
+        site.notes.append(f"{role}: quantizer {spec.quantizer!r} is not lowered for convolutions; uniform "
+                          f"{spec.granularity} quantizer used")
+        spec = QuantSpec(max(2, min(8, spec.bits)), spec.granularity, spec.rounding, "uniform")
+    return spec, reason
+
+
+def _status(specs: list[QuantSpec | None]) -> str:
+    n = sum(s is not None for s in specs)
+    return "quantized" if n == len(specs) else ("full_precision" if n == 0 else "partial")
+
+
+def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], dict[str, int], set[str]]:
+    """Find, plan and rewrite every 2-D convolution site in place.
+
+    Returns (records, counters, descriptions of the rules that matched a conv operand). Presets must be expanded
+    already (`site_keys_in_order` gives the keys).
+    """
+    graph = gm.graph
+    sites, records = find_conv_sites(gm)
+    counters = {"conv_sites": len(sites), "conv_gemms_rewritten": 0, "conv_quantize_nodes": 0}
+    matched_rules: set[str] = set()
+    if not sites:
+        return records, counters, matched_rules
+    fake_mode = graph_fake_mode(graph)
+    for site in sites:
+        for role in site.roles:
+            for operand in CONV_ROLES[role]:
+                site.specs[(role, operand)] = _resolve(site, config, role, operand, matched_rules)
+    todo = [s for s in sites if any(sp is not None for sp, _ in s.specs.values())]
+    for site in sites:
+        if site not in todo:  # every operand in full precision: keep the aten ops (bit-identical to eager)
+            records.append(_site_fp_record(site, site.forward, "output"))
+            if site.backward is not None:
+                records.append(_site_fp_record(site, site.backward, "grad_input/grad_weight"))
+    if not todo:
+        return records, counters, matched_rules
+
+    step = _step_node(graph, fake_mode, todo[0].forward)
+    quantized: dict[tuple, tuple[fx.Node, fx.Node]] = {}
+
+    def quant(base: fx.Node, spec: QuantSpec, dims: list[int], site: ConvSite, role: str, operand: str,
+              before: fx.Node) -> tuple[fx.Node, fx.Node]:
+        key = (base, spec, tuple(dims))
+        if key in quantized:
+            codes, scale = quantized[key]
+            qn = codes.args[0]
+            if not _precedes(qn, before):
+                # first created for a consumer later in the graph (e.g. one input read by two convs' grad_weight
+                # in backward, visited in forward order): move it before this earlier consumer
+                for n in (qn, codes, scale):
+                    before.prepend(n)
+            return codes, scale
+        stream = stable_stream(site.name, role, operand, spec.short_str())
+        with graph.inserting_before(before):
+            qn = graph.call_function(fqt.quantize.default, (base, spec.bits, dims, spec.rounding, config.seed,
+                                                            stream, step))
+            codes = graph.call_function(operator.getitem, (qn, 0))
+            scale = graph.call_function(operator.getitem, (qn, 1))
+        for n in (qn, codes, scale):
+            copy_meta(n, before)
+            set_fake_val(n, fake_mode)
+        qn.meta["fqt"] = {"kind": "quantize", "site": site.name, "role": role, "operand": operand,
+                          "spec": spec.to_dict(), "reduce_dims": dims, "base": base.name,
+                          "is_weight": operand == "weight", "stream": stream}
+        quantized[key] = (codes, scale)
+        counters["conv_quantize_nodes"] += 1
+        return codes, scale
+
+    for site in todo:
+        f = site.forward
+        x, w, bias = f.args[0], f.args[1], f.args[2]
+        stride, padding, dilation, groups = f.args[3], f.args[4], f.args[5], f.args[8]
+        conv_args = (list(stride), list(padding), list(dilation), groups)
+        nodes = {"input": x, "weight": w}
+        where = f"conv site {site.name!r}"
+
+        def operand_args(role: str, operand: str, before: fx.Node) -> tuple[fx.Node, fx.Node | None, dict, bool]:
+            spec, reason = site.specs[(role, operand)]
+            base = nodes[operand] if operand != "grad_output" else site.backward.args[0]
+            if spec is None:
+                return base, None, {"bits": None, "reason": reason}, False
+            dims = conv_reduce_dims(spec, operand, f"{where}, role {role!r}")
+            codes, scale = quant(base, spec, dims, site, role, operand, before)
+            entry = {**spec.to_dict(), "reason": reason, "reduce_dims": dims}
+            return codes, scale, entry, scale_ok(role, operand, _scale_shape(dims))
+
+        # output
+        xa, xs, xe, xok = operand_args("output", "input", f)
+        wa, ws, we, wok = operand_args("output", "weight", f)
+        with graph.inserting_before(f):
+            q = graph.call_function(fqt.qconv2d.default, (xa, xs, wa, ws, bias, *conv_args, f.meta["val"].dtype))
+        _finish(graph, fake_mode, site, f, q, "output", {"input": xe, "weight": we}, xok and wok,
+                {"a": tensor_shape(x), "b": tensor_shape(w), "out": tensor_shape(f)}, records)
+        f.replace_all_uses_with(q)
+        graph.erase_node(f)
+        counters["conv_gemms_rewritten"] += 1
+
+        if site.backward is None:
+            continue
+        b = site.backward
+        g = b.args[0]
+        for idx, gi in sorted(site.getitems.items()):
+            if idx == 2:  # grad_bias = sum of grad_output over (N, H, W): a reduction, not a GEMM
+                with graph.inserting_before(gi):
+                    new = graph.call_function(aten.sum.dim_IntList, (g, [0, 2, 3]))
+                copy_meta(new, b)
+                set_fake_val(new, fake_mode)
+                gi.replace_all_uses_with(new)
+                graph.erase_node(gi)
+                continue
+            role = "grad_input" if idx == 0 else "grad_weight"
+            if role == "grad_input":
+                ga, gs, ge, gok = operand_args(role, "grad_output", b)
+                wa, ws, we, wok = operand_args(role, "weight", b)
+                size = _size_nodes(graph, fake_mode, x, f_meta=site)
+                args = (ga, gs, wa, ws, size, *conv_args, gi.meta["val"].dtype)
+                target, operands, ok = fqt.qconv2d_input.default, {"grad_output": ge, "weight": we}, gok and wok
+            else:
+                xa, xs, xe, xok = operand_args(role, "input", b)
+                ga, gs, ge, gok = operand_args(role, "grad_output", b)
+                size = _size_nodes(graph, fake_mode, w, f_meta=site)
+                args = (xa, xs, ga, gs, size, *conv_args, gi.meta["val"].dtype)
+                target, operands, ok = fqt.qconv2d_weight.default, {"input": xe, "grad_output": ge}, xok and gok
+            with graph.inserting_before(b):
+                new = graph.call_function(target, args)
+            _finish(graph, fake_mode, site, b, new, role, operands, ok,
+                    {"a": tensor_shape(g), "b": tensor_shape(w if role == "grad_input" else x),
+                     "out": tensor_shape(gi)}, records, original=gi)
+            gi.replace_all_uses_with(new)
+            graph.erase_node(gi)
+            counters["conv_gemms_rewritten"] += 1
+        if not b.users:
+            graph.erase_node(b)
+
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return records, counters, matched_rules
+
+
+def _finish(graph, fake_mode, site: ConvSite, orig: fx.Node, new: fx.Node, role: str, operands: dict, ok: bool,
+            shapes: dict, records: list[dict], original: fx.Node | None = None) -> None:
+    copy_meta(new, orig)
+    set_fake_val(new, fake_mode)
+    status = _status([None if e.get("bits") is None else 1 for e in operands.values()])
+    reasons = sorted({e["reason"] for e in operands.values()})
+    reason = "; ".join(reasons) if status != "partial" else "some operands kept in full precision: " + ", ".join(
+        f"{k} ({e['reason']})" for k, e in operands.items() if e.get("bits") is None)
+    integer = ok and status == "quantized"
+    notes = [n for n in site.notes if n.startswith(role)]
+    if status == "quantized" and not integer:
+        notes.append("a scale varies along the reduction axis: dequantized product, not an integer GEMM")
+    rec = {
+        "site": site.name, "module": site.module, "module_type": site.module_type, "role": role,
+        "op": "convolution" if role == "output" else "convolution_backward", "node": new.name, "status": status,
+        "reason": reason, "operands": operands, "integer_gemm": integer, "shapes": shapes, "notes": notes,
+        "original_node": (original or orig).name,
+    }
+    new.meta["fqt"] = rec
+    records.append(rec)
+
+
+def _site_fp_record(site: ConvSite, n: fx.Node, role: str) -> dict:
+    rec = _fp_record(n, role, "; ".join(sorted({r for _, r in site.specs.values()})))
+    rec["site"] = site.name
+    return rec
+
+
+def _size_nodes(graph: fx.Graph, fake_mode, t: fx.Node, f_meta: ConvSite) -> list:
+    """``t``'s shape as ints, with ``aten.sym_size`` nodes for symbolic dims (dynamic batch or image size).
+
+    The sym_size nodes sit right after ``t`` in the forward region: the partitioner then saves the symbolic
+    size, not the tensor.
+    """
+    out: list = []
+    for d, s in enumerate(t.meta["val"].shape):
+        if isinstance(s, torch.SymInt):
+            with graph.inserting_after(t):
+                n = graph.call_function(aten.sym_size.int, (t, d))
+            copy_meta(n, f_meta.forward)
+            n.meta["val"] = s
+            out.append(n)
+        else:
+            out.append(int(s))
+    return out
+
+
+def _precedes(a: fx.Node, b: fx.Node) -> bool:
+    """Is node ``a`` before node ``b`` in graph order (walks forward from ``a``)?"""
+    n = a.next
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
+
+
+def _step_node(graph: fx.Graph, fake_mode, first: fx.Node) -> fx.Node:
+    existing = graph.find_nodes(op="call_function", target=fqt.step.default)
+    if existing:
+        return existing[0]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
+    with graph.inserting_after(anchor):
+        step = graph.call_function(fqt.step.default, (first.meta["val"].device,))
+    step.meta["partitioner_tag"] = "is_forward"
+    step.meta["fqt"] = {"kind": "step"}
+    set_fake_val(step, fake_mode)
+    return step

@@ -63,7 +63,7 @@ def main() -> None:
     base = rows[0][1]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
           f"; MLP 3x{w}, batch {a.batch}, {a.steps} steps (median)")
-    print(f"| config | step ms | vs fp32 eager | first step s |\n|---|---|---|---|")
+    print("| config | step ms | vs fp32 eager | first step s |\n|---|---|---|---|")
     for name, ms, first in rows:
         print(f"| {name} | {ms:.1f} | {ms / base:.2f}x | {first:.2f} |")
 

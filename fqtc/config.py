@@ -476,7 +476,8 @@ class FQTConfig:
                    for pat in self.log_sqnr)
 
     def short_str(self) -> str:
-        return f"{self.bits} seed={self.seed} fwd={self.forward_rounding} grad={self.grad_rounding}/{self.grad_quantizer}"
+        return (f"{self.bits} seed={self.seed} fwd={self.forward_rounding} "
+                f"grad={self.grad_rounding}/{self.grad_quantizer}")
 
 
 # Grouping of each gradient quantizer per backward GEMM (issue 3, docs/gradient_quantizers.md): it replaces the

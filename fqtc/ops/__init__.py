@@ -12,10 +12,12 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
   GEMM prologue, issue 6)
 """
 
+from fqtc.ops import (
+    conv,  # noqa: F401  (registers fqt::qconv2d, fqt::qconv2d_input, fqt::qconv2d_weight)
+    fused,  # noqa: F401  (registers fqt::qgemm_fused_quant: codegen fusion, issue 6)
+    grad,  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers, issue 3)
+    lwq,  # noqa: F401  (registers the fqt::lwq_* ops)
+)
 from fqtc.ops.core import dequantize, get_step, qgemm, quantize, set_step, step
-from fqtc.ops import lwq  # noqa: F401  (registers the fqt::lwq_* ops)
-from fqtc.ops import conv  # noqa: F401  (registers fqt::qconv2d, fqt::qconv2d_input, fqt::qconv2d_weight)
-from fqtc.ops import grad  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers, issue 3)
-from fqtc.ops import fused  # noqa: F401  (registers fqt::qgemm_fused_quant: codegen fusion, issue 6)
 
 __all__ = ["dequantize", "get_step", "qgemm", "quantize", "set_step", "step"]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fqtc.config import FQTConfig
+from fqtc.passes import gradquant  # noqa: F401  (registers the gradient-quantizer lowerings, issue 3)
 from fqtc.passes.assign import GemmPlan, assign
 from fqtc.passes.autobits import apply_auto
 from fqtc.passes.conv import rewrite_convs, site_keys_in_order
-from fqtc.passes import gradquant  # noqa: F401  (registers the gradient-quantizer lowerings, issue 3)
 from fqtc.passes.lwq import mark_latent_weights
 from fqtc.passes.rewrite import rewrite
 from fqtc.passes.save import tag_saves

@@ -13,6 +13,7 @@ Inference (no-grad) graphs get the same passes on the forward-only graph.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -80,13 +81,19 @@ def compiled_graphs() -> list[CompiledGraph]:
     return list(_history)
 
 
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
+
+
 def _param_name(placeholder: fx.Node) -> str:
-    # Dynamo spells parameters "l_self_modules_fc1_parameters_weight_"; turn that back into "fc1.weight".
-    name = placeholder.name
-    for pre in ("l_self_", "l_fn_", "l_model_", "l_mod_", "l_m_"):
-        if name.startswith(pre):
-            name = name[len(pre):]
-    return name.replace("modules_", "").replace("_parameters_", ".").replace("parameters_", "").strip("_")
+    """The parameter's FQN (``"net.1.weight"``) from Dynamo's source (``L['self']._modules['net']...``)."""
+    ga = placeholder.meta.get("grapharg")
+    src = getattr(getattr(ga, "source", None), "name", None)
+    if isinstance(src, str) and src.startswith("L["):
+        body = src[src.index("]") + 1:]
+        parts = [a or b for a, b in _SOURCE_PART.findall(body)]
+        if parts:
+            return ".".join(parts)
+    return placeholder.name  # unknown spelling: keep Dynamo's placeholder name rather than guess
 
 
 GemmObserver = Callable[[fx.Node, tuple, Any], None]

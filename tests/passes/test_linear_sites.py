@@ -96,3 +96,10 @@ def test_backward_gemms_linked_to_right_site_and_role(site, role):
             assert not torch.allclose(got[name], ref[name]), f"{name} should change when {site}.{role} is 2-bit"
         else:
             assert_close(got[name], ref[name], msg=f"{name} must not change when only {site}.{role} is quantized")
+
+
+def test_parameter_names_are_fqns():
+    model = nn.Sequential(nn.Sequential(MLP3()), nn.Tanh())
+    _, (cg,) = run_and_capture(model, (torch.randn(3, 12),))
+    names = [n for n in cg.param_names if n is not None]
+    assert names == [n for n, _ in model.named_parameters()], names

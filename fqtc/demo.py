@@ -207,6 +207,6 @@ def run_demo(epochs: int | None = None, quick: bool = False, seed: int = 0) -> l
     print()
     print(format_table(rows))
     if first_records:
-        print("\nGEMM sites of the CNN at W8A8G8 (fqt.explain() gives the full report):")
+        print("\nGEMM sites of the CNN at W8A8G8 (fqtc.explain() gives the full report):")
         print(format_sites(first_records))
     return rows

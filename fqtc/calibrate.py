@@ -89,18 +89,15 @@ def element_variance(g: torch.Tensor, bits: int, quantizer: str, rounding: str,
     Pure tensor function. Stochastic rounding: exact ``s^2 f(1-f)`` given the scales; nearest: ``s^2/12``.
     """
     from fqtc.quant import gradq
-    from fqtc.quant.uniform import qmax_for
+    from fqtc.quant.uniform import absmax_scale
 
     g = g.float()
     reduce = list(range(g.dim())) if quantizer == "ptq" else [d % g.dim() for d in reduce_dims]
     if quantizer in ("uniform", "ptq", "psq", "scq"):
-        amax = g.abs().amax(dim=reduce, keepdim=True)
-        s = torch.where(amax > 0, amax / qmax_for(bits), torch.ones_like(amax))
+        s = absmax_scale(g, bits, reduce)  # the scales the uniform quantizer would use
         if rounding == "nearest":
             return (s * s / 12).expand_as(g)
-        y = g / s
-        f = y - torch.floor(y)
-        return s * s * f * (1 - f)
+        return gradq.sr_variance(g, s)
     if quantizer in ("bhq", "aq"):
         q = gradq.grad_quantize(g, quantizer, bits, reduce, "stochastic")
         return gradq.variance_bound(g, q, quantizer, reduce)

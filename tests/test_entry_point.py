@@ -19,4 +19,5 @@ def test_backend_found_by_name_in_fresh_process():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-5:] == ["False", "True", "5", "[4]"] or out.stdout.strip().endswith("False True 5 [4]")
+    # fqtc not imported before compile; backend registered; 5 GEMMs (2 output, 2 grad_weight, 1 grad_input); W4
+    assert out.stdout.split()[-4:] == ["False", "True", "5", "[4]"], out.stdout

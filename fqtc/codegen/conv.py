@@ -36,14 +36,19 @@ def _cols(x: torch.Tensor, kh: int, kw: int, stride, padding, dilation) -> torch
                     padding=padding, stride=stride).to(torch.int8)
 
 
-def conv2d_supported(x, x_scale, w, w_scale, groups: int) -> str | None:
+def _unsupported(role: str, operands: dict[str, tuple[torch.Tensor, torch.Tensor | None]], groups: int) -> str | None:
+    """Why the im2col kernels cannot run one conv GEMM (None if they can): groups, operand types, scale layout."""
     if groups != 1:
         return "grouped convolution has no im2col kernel"
-    if x.dtype != torch.int8 or w.dtype != torch.int8 or x_scale is None or w_scale is None:
+    if any(t.dtype != torch.int8 or s is None for t, s in operands.values()):
         return "an operand is not int8 codes with a scale"
-    if not (scale_ok("output", "input", x_scale.shape) and scale_ok("output", "weight", w_scale.shape)):
+    if not all(scale_ok(role, name, s.shape) for name, (_, s) in operands.items()):
         return "a scale varies along the conv's reduction axes"
     return None
+
+
+def conv2d_supported(x, x_scale, w, w_scale, groups: int) -> str | None:
+    return _unsupported("output", {"input": (x, x_scale), "weight": (w, w_scale)}, groups)
 
 
 def scaled_conv2d(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -65,13 +70,7 @@ def scaled_conv2d(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_sca
 
 
 def conv2d_weight_supported(x, x_scale, g, g_scale, groups: int) -> str | None:
-    if groups != 1:
-        return "grouped convolution has no im2col kernel"
-    if x.dtype != torch.int8 or g.dtype != torch.int8 or x_scale is None or g_scale is None:
-        return "an operand is not int8 codes with a scale"
-    if not (scale_ok("grad_weight", "input", x_scale.shape) and scale_ok("grad_weight", "grad_output", g_scale.shape)):
-        return "a scale varies along the conv's reduction axes"
-    return None
+    return _unsupported("grad_weight", {"input": (x, x_scale), "grad_output": (g, g_scale)}, groups)
 
 
 def scaled_conv2d_weight(x: torch.Tensor, x_scale: torch.Tensor, weight_size: Sequence[int], g: torch.Tensor,
@@ -96,12 +95,9 @@ MAX_INPUT_GRAD_CO = 1040  # Co * 127^2 < 2^24: the GEMM's per-tap partial sums a
 
 
 def conv2d_input_supported(g, g_scale, w, w_scale, groups: int) -> str | None:
-    if groups != 1:
-        return "grouped convolution has no im2col kernel"
-    if g.dtype != torch.int8 or w.dtype != torch.int8 or g_scale is None or w_scale is None:
-        return "an operand is not int8 codes with a scale"
-    if not (scale_ok("grad_input", "grad_output", g_scale.shape) and scale_ok("grad_input", "weight", w_scale.shape)):
-        return "a scale varies along the conv's reduction axes"
+    why = _unsupported("grad_input", {"grad_output": (g, g_scale), "weight": (w, w_scale)}, groups)
+    if why:
+        return why
     if w.shape[0] > MAX_INPUT_GRAD_CO:
         return f"C_out={w.shape[0]} > {MAX_INPUT_GRAD_CO}: per-tap partial sums would not be exact in fp32"
     return None

@@ -60,11 +60,16 @@ def quantize(
     return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream)
 
 
-@quantize.register_fake
-def _(x, bits, reduce_dims, rounding, seed, stream, step):
+def fake_codes_and_scale(x: Tensor, reduce_dims: list[int]) -> tuple[Tensor, Tensor]:
+    """Fake (int8 codes, fp32 keepdim scale over ``reduce_dims``) of a quantizer of ``x`` (shared by fake impls)."""
     dims = {d % x.dim() for d in reduce_dims}
     sshape = [1 if i in dims else s for i, s in enumerate(x.shape)]
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(sshape, dtype=torch.float32)
+
+
+@quantize.register_fake
+def _(x, bits, reduce_dims, rounding, seed, stream, step):
+    return fake_codes_and_scale(x, reduce_dims)
 
 
 # -- integer GEMM ------------------------------------------------------------------------------------------------
@@ -79,13 +84,18 @@ def qgemm(
     return _gemm.scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
 
 
-@qgemm.register_fake
-def _(a, a_scale, b, b_scale, bias, out_dtype):
+def fake_gemm_out(a: Tensor, b: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """Fake output of ``a @ b + bias`` (batch dims broadcast), shared by the GEMM ops' fake impls."""
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     shape = (*batch, a.shape[-2], b.shape[-1])
     if bias is not None:
         shape = torch.broadcast_shapes(shape, bias.shape)
     return a.new_empty(shape, dtype=out_dtype)
+
+
+@qgemm.register_fake
+def _(a, a_scale, b, b_scale, bias, out_dtype):
+    return fake_gemm_out(a, b, bias, out_dtype)
 
 
 def dequantize(codes: Tensor, scale: Tensor) -> Tensor:

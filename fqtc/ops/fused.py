@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fqtc.ops.core import fake_codes_and_scale, fake_gemm_out
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import gradq as _gradq
 from fqtc.quant import uniform as _uniform
@@ -34,14 +35,7 @@ def qgemm_fused_quant(
 
 @qgemm_fused_quant.register_fake
 def _(a, bits, reduce_dims, rounding, seed, stream, step, b, b_scale, bias, out_dtype):
-    dims = {d % a.dim() for d in reduce_dims}
-    sshape = [1 if i in dims else s for i, s in enumerate(a.shape)]
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    shape = (*batch, a.shape[-2], b.shape[-1])
-    if bias is not None:
-        shape = torch.broadcast_shapes(shape, bias.shape)
-    return (a.new_empty(shape, dtype=out_dtype), a.new_empty(a.shape, dtype=torch.int8),
-            a.new_empty(sshape, dtype=torch.float32))
+    return (fake_gemm_out(a, b, bias, out_dtype), *fake_codes_and_scale(a, reduce_dims))
 
 
 FUSABLE_GRAD_QUANTIZERS = ("ptq", "psq", "scq")  # codes x one scale per row / tensor: a GEMM prologue
@@ -64,11 +58,5 @@ def qgemm_fused_grad_quant(
 
 @qgemm_fused_grad_quant.register_fake
 def _(a, quantizer, bits, reduce_dims, rounding, seed, stream, step, b, b_scale, bias, out_dtype):
-    dims = set(range(a.dim())) if quantizer == "ptq" else {d % a.dim() for d in reduce_dims}
-    sshape = [1 if i in dims else s for i, s in enumerate(a.shape)]
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    shape = (*batch, a.shape[-2], b.shape[-1])
-    if bias is not None:
-        shape = torch.broadcast_shapes(shape, bias.shape)
-    return (a.new_empty(shape, dtype=out_dtype), a.new_empty(a.shape, dtype=torch.int8),
-            a.new_empty(sshape, dtype=torch.float32))
+    dims = list(range(a.dim())) if quantizer == "ptq" else reduce_dims
+    return (fake_gemm_out(a, b, bias, out_dtype), *fake_codes_and_scale(a, dims))

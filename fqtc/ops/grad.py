@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fqtc.ops.core import fake_codes_and_scale
 from fqtc.quant import gradq as _gradq
 
 
@@ -32,11 +33,9 @@ def grad_quantize(
 
 @grad_quantize.register_fake
 def _(x, quantizer, bits, reduce_dims, rounding, seed, stream, step):
-    dims = {d % x.dim() for d in reduce_dims} if x.dim() else set()
-    if quantizer == "ptq":
-        dims = set(range(x.dim()))
-    sshape = [1 if i in dims else s for i, s in enumerate(x.shape)]
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(sshape, dtype=torch.float32)
+    if not x.dim():
+        return fake_codes_and_scale(x, [])
+    return fake_codes_and_scale(x, list(range(x.dim())) if quantizer == "ptq" else reduce_dims)
 
 
 @torch.library.custom_op("fqt::bhq", mutates_args=())

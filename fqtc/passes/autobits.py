@@ -289,7 +289,7 @@ def forward_dataflow(fx_graph: Any) -> "Any":
     """networkx DiGraph of the forward part of a joint graph: an edge from each input node to its user."""
     import networkx as nx
 
-    from fqtc.passes.sites import is_backward
+    from fqtc.passes.common import is_backward
 
     data = nx.DiGraph()
     for n in fx_graph.nodes:

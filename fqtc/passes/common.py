@@ -166,3 +166,60 @@ def fp_ops(graph: fx.Graph) -> list[dict[str, str]]:
             reason = n.meta["fqt"]["reason"]
         out.append({"node": n.name, "op": name, "category": category, "reason": reason})
     return out
+
+
+def is_backward(node: fx.Node) -> bool:
+    """Is ``node`` part of the joint graph's backward (AOTAutograd's partitioner tag / autograd flag)?"""
+    return node.meta.get("partitioner_tag") == "is_backward" or bool(node.meta.get("autograd_backward"))
+
+
+def get_or_insert_step(graph: fx.Graph, fake_mode, device: torch.device) -> fx.Node:
+    """The graph's single ``fqt::step`` node (one per graph, right after the placeholders), created on first use.
+
+    Every quantizer of a graph keys its stochastic rounding on this node's output, so the GEMM and conv rewrites
+    must share it (passes/README.md, "Stochastic rounding").
+    """
+    existing = graph.find_nodes(op="call_function", target=fqt.step.default)
+    if existing:
+        return existing[0]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
+    with graph.inserting_after(anchor):
+        step = graph.call_function(fqt.step.default, (device,))
+    step.meta["partitioner_tag"] = "is_forward"
+    step.meta["fqt"] = {"kind": "step"}
+    set_fake_val(step, fake_mode)
+    return step
+
+
+def insert_quantizer(graph: fx.Graph, fake_mode, target: Any, args: tuple, before: fx.Node,
+                     record: dict) -> tuple[fx.Node, fx.Node]:
+    """Insert a (codes, scale) quantizer op ``target(*args)`` and its two getitems right before ``before``.
+
+    The new nodes take ``before``'s partitioner tag / seq_nr (they serve that GEMM) and valid fake values;
+    ``record`` becomes the quantizer node's ``meta["fqt"]``. Returns the (codes, scale) getitem nodes.
+    """
+    with graph.inserting_before(before):
+        qn = graph.call_function(target, args)
+        codes = graph.call_function(operator.getitem, (qn, 0))
+        scale = graph.call_function(operator.getitem, (qn, 1))
+    for n in (qn, codes, scale):
+        copy_meta(n, before)
+        set_fake_val(n, fake_mode)
+    qn.meta["fqt"] = record
+    return codes, scale
+
+
+def fp_record(n: fx.Node, reason: str, role: str | None = None) -> dict:
+    """Record (``n.meta["fqt"]``) of a GEMM-like node left in full precision, with the reason: inspect lists it."""
+    module, mtype = module_of(n)
+    if role is None:
+        role = "grad_input/grad_weight" if is_backward(n) else "output"
+    rec = {
+        "site": module or n.name, "module": module, "module_type": mtype, "role": role,
+        "op": str(n.target).replace("aten.", "").replace(".default", ""), "node": n.name,
+        "status": "full_precision", "reason": reason, "operands": {}, "integer_gemm": False,
+        "shapes": {"out": tensor_shape(n)}, "notes": [],
+    }
+    n.meta["fqt"] = rec
+    return rec

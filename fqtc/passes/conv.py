@@ -45,14 +45,17 @@ import torch.fx as fx
 from fqtc.config import FQTConfig, QuantSpec
 from fqtc.passes.common import (
     copy_meta,
+    fp_record,
+    get_or_insert_step,
     graph_fake_mode,
+    insert_quantizer,
+    is_backward,
     module_of,
     node_order,
     set_fake_val,
     stable_stream,
     tensor_shape,
 )
-from fqtc.passes.sites import is_backward
 from fqtc.quant.conv import scale_ok
 
 aten = torch.ops.aten
@@ -131,8 +134,8 @@ def find_conv_sites(gm: fx.GraphModule) -> tuple[list[ConvSite], list[dict]]:
     names: dict[str, int] = defaultdict(int)
     for f in convs:
         if is_backward(f):
-            fp_records.append(_fp_record(f, "output", "convolution inside the backward graph (double backward) is "
-                                                      "not rewritten"))
+            fp_records.append(fp_record(f, "convolution inside the backward graph (double backward) is not "
+                                           "rewritten", "output"))
             continue
         module, mtype = module_of(f)
         base = module or f.name
@@ -149,28 +152,16 @@ def find_conv_sites(gm: fx.GraphModule) -> tuple[list[ConvSite], list[dict]]:
                         site.getitems[u.args[1]] = u
                 break
         if reason is not None:
-            fp_records.append(_fp_record(f, "output", reason))
+            fp_records.append(fp_record(f, reason, "output"))
             if site.backward is not None:
-                fp_records.append(_fp_record(site.backward, "grad_input/grad_weight", reason))
+                fp_records.append(fp_record(site.backward, reason, "grad_input/grad_weight"))
             continue
         sites.append(site)
     for b in bwds:
         if b not in claimed:
-            fp_records.append(_fp_record(b, "grad_input/grad_weight",
-                                         "convolution_backward not linked to a forward convolution"))
+            fp_records.append(fp_record(b, "convolution_backward not linked to a forward convolution",
+                                        "grad_input/grad_weight"))
     return sites, fp_records
-
-
-def _fp_record(n: fx.Node, role: str, reason: str) -> dict:
-    module, mtype = module_of(n)
-    rec = {
-        "site": module or n.name, "module": module, "module_type": mtype, "role": role,
-        "op": str(n.target).replace("aten.", "").replace(".default", ""), "node": n.name,
-        "status": "full_precision", "reason": reason, "operands": {}, "integer_gemm": False,
-        "shapes": {"out": tensor_shape(n) if isinstance(n.meta.get("val"), torch.Tensor) else None}, "notes": [],
-    }
-    n.meta["fqt"] = rec
-    return rec
 
 
 def site_keys_in_order(gm: fx.GraphModule, gemm_sites: list) -> list[str]:
@@ -230,7 +221,7 @@ def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], di
     if not todo:
         return records, counters, matched_rules
 
-    step = _step_node(graph, fake_mode, todo[0].forward)
+    step = get_or_insert_step(graph, fake_mode, todo[0].forward.meta["val"].device)
     quantized: dict[tuple, tuple[fx.Node, fx.Node]] = {}
 
     def quant(base: fx.Node, spec: QuantSpec, dims: list[int], site: ConvSite, role: str, operand: str,
@@ -246,17 +237,10 @@ def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], di
                     before.prepend(n)
             return codes, scale
         stream = stable_stream(site.name, role, operand, spec.short_str())
-        with graph.inserting_before(before):
-            qn = graph.call_function(fqt.quantize.default, (base, spec.bits, dims, spec.rounding, config.seed,
-                                                            stream, step))
-            codes = graph.call_function(operator.getitem, (qn, 0))
-            scale = graph.call_function(operator.getitem, (qn, 1))
-        for n in (qn, codes, scale):
-            copy_meta(n, before)
-            set_fake_val(n, fake_mode)
-        qn.meta["fqt"] = {"kind": "quantize", "site": site.name, "role": role, "operand": operand,
-                          "spec": spec.to_dict(), "reduce_dims": dims, "base": base.name,
-                          "is_weight": operand == "weight", "stream": stream}
+        codes, scale = insert_quantizer(
+            graph, fake_mode, fqt.quantize.default, (base, spec.bits, dims, spec.rounding, config.seed, stream, step),
+            before, {"kind": "quantize", "site": site.name, "role": role, "operand": operand, "spec": spec.to_dict(),
+                     "reduce_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream})
         quantized[key] = (codes, scale)
         counters["conv_quantize_nodes"] += 1
         return codes, scale
@@ -356,7 +340,7 @@ def _finish(graph, fake_mode, site: ConvSite, orig: fx.Node, new: fx.Node, role:
 
 
 def _site_fp_record(site: ConvSite, n: fx.Node, role: str) -> dict:
-    rec = _fp_record(n, role, "; ".join(sorted({r for _, r in site.specs.values()})))
+    rec = fp_record(n, "; ".join(sorted({r for _, r in site.specs.values()})), role)
     rec["site"] = site.name
     return rec
 
@@ -388,17 +372,3 @@ def _precedes(a: fx.Node, b: fx.Node) -> bool:
             return True
         n = n.next
     return False
-
-
-def _step_node(graph: fx.Graph, fake_mode, first: fx.Node) -> fx.Node:
-    existing = graph.find_nodes(op="call_function", target=fqt.step.default)
-    if existing:
-        return existing[0]
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
-    with graph.inserting_after(anchor):
-        step = graph.call_function(fqt.step.default, (first.meta["val"].device,))
-    step.meta["partitioner_tag"] = "is_forward"
-    step.meta["fqt"] = {"kind": "step"}
-    set_fake_val(step, fake_mode)
-    return step

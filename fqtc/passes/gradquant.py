@@ -25,23 +25,21 @@ Records: the quantize node's ``meta["fqt"]`` has ``kind`` (``grad_quantize``/``b
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
 from fqtc.passes.assign import GemmPlan, OperandPlan
-from fqtc.passes.common import copy_meta, set_fake_val, stable_stream
+from fqtc.passes.common import copy_meta, insert_quantizer, set_fake_val, stable_stream
 from fqtc.passes.rewrite import QUANTIZE_LOWERINGS
 
 BHQ_NOTE = ("grad_output by BHQ: T^-1 mixes rows, so the GEMM reads the dequantized fp32 gradient T^-1 Q(T g) "
             "(fqt::bhq), not int8 codes: a float product")
 
 
-def _meta(node: fx.Node, plan: GemmPlan, op: OperandPlan, base: fx.Node, spec, dims, stream: int, kind: str,
-          output: str) -> None:
+def _record(plan: GemmPlan, op: OperandPlan, base: fx.Node, spec, dims, stream: int, kind: str, output: str) -> dict:
+    """The quantizer node's ``meta["fqt"]`` (same keys as rewrite's uniform quantize records, plus the quantizer)."""
     site = plan.site
-    node.meta["fqt"] = {
+    return {
         "kind": kind, "site": site.name, "role": plan.role, "operand": site.operand_name(op.key),
         "spec": spec.to_dict(), "reduce_dims": list(dims), "base": base.name, "is_weight": False, "stream": stream,
         "quantizer": spec.quantizer, "output": output,
@@ -52,18 +50,11 @@ def lower_codes_scale(graph, fake_mode, base, spec, dims, plan: GemmPlan, op: Op
     """PTQ/PSQ/SCQ/AQ/AQ top-k: ``fqt::grad_quantize`` -> (int8 codes, keepdim scale)."""
     site = plan.site
     stream = stable_stream(site.name, plan.role, site.report_name(op.key), spec.short_str())
-    with graph.inserting_before(plan.node):
-        qn = graph.call_function(
-            torch.ops.fqt.grad_quantize.default,
-            (base, spec.quantizer, spec.bits, list(dims), spec.rounding, config.seed, stream, step),
-        )
-        codes = graph.call_function(operator.getitem, (qn, 0))
-        scale = graph.call_function(operator.getitem, (qn, 1))
-    for n in (qn, codes, scale):
-        copy_meta(n, plan.node)
-        set_fake_val(n, fake_mode)
-    _meta(qn, plan, op, base, spec, dims, stream, "grad_quantize", "codes_scale")
-    return codes, scale
+    return insert_quantizer(
+        graph, fake_mode, torch.ops.fqt.grad_quantize.default,
+        (base, spec.quantizer, spec.bits, list(dims), spec.rounding, config.seed, stream, step), plan.node,
+        _record(plan, op, base, spec, dims, stream, "grad_quantize", "codes_scale"),
+    )
 
 
 def lower_bhq(graph, fake_mode, base, spec, dims, plan: GemmPlan, op: OperandPlan, config, step):
@@ -76,7 +67,7 @@ def lower_bhq(graph, fake_mode, base, spec, dims, plan: GemmPlan, op: OperandPla
         )
     copy_meta(xhat, plan.node)
     set_fake_val(xhat, fake_mode)
-    _meta(xhat, plan, op, base, spec, dims, stream, "bhq", "dequantized")
+    xhat.meta["fqt"] = _record(plan, op, base, spec, dims, stream, "bhq", "dequantized")
     # every backward GEMM of this site that shares this quantization (same spec and grouping) reads a float operand
     for role, gemm in site.gemms.items():
         rec = gemm.meta.get("fqt", {})

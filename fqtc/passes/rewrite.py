@@ -25,7 +25,6 @@ rewritten keeps its op and its record says why (status ``full_precision``).
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from typing import Callable
 
@@ -34,7 +33,16 @@ import torch.fx as fx
 
 from fqtc.config import FQTConfig
 from fqtc.passes.assign import GemmPlan, OperandPlan
-from fqtc.passes.common import copy_meta, graph_fake_mode, node_order, set_fake_val, stable_stream, strip_operand
+from fqtc.passes.common import (
+    copy_meta,
+    get_or_insert_step,
+    graph_fake_mode,
+    insert_quantizer,
+    node_order,
+    set_fake_val,
+    stable_stream,
+    strip_operand,
+)
 from fqtc.passes.sites import gemm_operands
 
 aten = torch.ops.aten
@@ -72,15 +80,7 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
             requests[key].append((plan, op))
             resolved[(plan.node, op.arg_index)] = (key, chain)
 
-    # one step node per graph, right after the placeholders
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    device = todo[0].node.meta["val"].device
-    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
-    with graph.inserting_after(anchor):
-        step = graph.call_function(torch.ops.fqt.step.default, (device,))
-    step.meta["partitioner_tag"] = "is_forward"
-    step.meta["fqt"] = {"kind": "step"}
-    set_fake_val(step, fake_mode)
+    step = get_or_insert_step(graph, fake_mode, todo[0].node.meta["val"].device)
 
     quantized: dict[tuple, tuple[fx.Node, fx.Node]] = {}
     for (base, spec, dims), users in requests.items():
@@ -153,21 +153,12 @@ def _insert_quantize(graph, fake_mode, base, spec, dims, plan, op: OperandPlan, 
             raise NotImplementedError(f"fqt: no lowering registered for quantizer {spec.quantizer!r}")
         return QUANTIZE_LOWERINGS[spec.quantizer](graph, fake_mode, base, spec, dims, plan, op, config, step)
     stream = stable_stream(site.name, plan.role, site.report_name(op.key), spec.short_str())
-    with graph.inserting_before(plan.node):
-        qn = graph.call_function(
-            torch.ops.fqt.quantize.default,
-            (base, spec.bits, dims, spec.rounding, config.seed, stream, step),
-        )
-        codes = graph.call_function(operator.getitem, (qn, 0))
-        scale = graph.call_function(operator.getitem, (qn, 1))
-    for n in (qn, codes, scale):
-        copy_meta(n, plan.node)
-        set_fake_val(n, fake_mode)
-    qn.meta["fqt"] = {
-        "kind": "quantize", "site": site.name, "role": plan.role, "operand": operand, "spec": spec.to_dict(),
-        "reduce_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream,
-    }
-    return codes, scale
+    return insert_quantizer(
+        graph, fake_mode, torch.ops.fqt.quantize.default,
+        (base, spec.bits, dims, spec.rounding, config.seed, stream, step), plan.node,
+        {"kind": "quantize", "site": site.name, "role": plan.role, "operand": operand, "spec": spec.to_dict(),
+         "reduce_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream},
+    )
 
 
 def _replay(graph, fake_mode, t: fx.Node, src: fx.Node, user: fx.Node) -> fx.Node:

@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fqtc.passes.common import UNSUPPORTED_GEMMS, find_gemms, module_of, node_order, strip_operand, tensor_shape
+from fqtc.passes.common import (
+    UNSUPPORTED_GEMMS,
+    find_gemms,
+    fp_record,
+    is_backward,
+    module_of,
+    node_order,
+    strip_operand,
+)
 
 
 @dataclass
@@ -66,10 +74,6 @@ def gemm_operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
     if node.target == torch.ops.aten.addmm.default:
         return node.args[1], node.args[2]
     return node.args[0], node.args[1]
-
-
-def is_backward(node: fx.Node) -> bool:
-    return node.meta.get("partitioner_tag") == "is_backward" or bool(node.meta.get("autograd_backward"))
 
 
 def find_sites(gm: fx.GraphModule, weight_nodes: set[fx.Node]) -> tuple[list[GemmSite], list[dict]]:
@@ -122,21 +126,8 @@ def find_sites(gm: fx.GraphModule, weight_nodes: set[fx.Node]) -> tuple[list[Gem
     unlinked: list[dict] = []
     for n in gemms:
         if n not in claimed:
-            unlinked.append(_fp_record(n, "GEMM not linked to a forward GEMM site (unknown backward structure)"))
+            unlinked.append(fp_record(n, "GEMM not linked to a forward GEMM site (unknown backward structure)"))
     for target, reason in UNSUPPORTED_GEMMS.items():
         for n in graph.find_nodes(op="call_function", target=target):
-            unlinked.append(_fp_record(n, reason))
+            unlinked.append(fp_record(n, reason))
     return sites, unlinked
-
-
-def _fp_record(n: fx.Node, reason: str) -> dict:
-    module, mtype = module_of(n)
-    rec = {
-        "site": module or n.name, "module": module, "module_type": mtype,
-        "role": "grad_input/grad_weight" if is_backward(n) else "output",
-        "op": str(n.target).replace("aten.", "").replace(".default", ""),
-        "node": n.name, "status": "full_precision", "reason": reason, "operands": {},
-        "shapes": {"out": tensor_shape(n)}, "integer_gemm": False,
-    }
-    n.meta["fqt"] = rec
-    return rec

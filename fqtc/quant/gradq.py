@@ -111,7 +111,7 @@ def dequantize(q: GradQuant) -> Tensor:
     return q.codes.float() * q.scale
 
 
-def _sr_variance(x: Tensor, scale: Tensor) -> Tensor:
+def sr_variance(x: Tensor, scale: Tensor) -> Tensor:
     """Exact per-element variance of SR of ``x`` on the grid of ``scale``: s^2 f (1 - f), f = frac(x/s)."""
     y = x.float() / scale
     f = y - torch.floor(y)
@@ -161,7 +161,7 @@ def scq(x: Tensor, bits: int, role: str, rounding: str = "stochastic", seed: int
 def uniform_variance_bound(x: Tensor, q: GradQuant) -> Tensor:
     """Elementwise variance of PTQ/PSQ/SCQ under SR given the scales used: s^2 f(1-f) <= s^2/4 (exact, not a
     worst case; a non-finite group yields NaN)."""
-    return _sr_variance(x, q.scale)
+    return sr_variance(x, q.scale)
 
 
 # -- BHQ -----------------------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def bhq_variance_bound(x: Tensor, q: GradQuant, reduce_dims: Sequence[int] = (-1
     """
     aux = q.aux
     y = bhq_apply(x, aux, reduce_dims)
-    var = to_groups(_sr_variance(y, q.scale), reduce_dims)[aux["order"]]
+    var = to_groups(sr_variance(y, q.scale), reduce_dims)[aux["order"]]
     v, d, group = aux["v"][:, None], aux["d"][:, None], aux["group"]
     acc = torch.zeros(int(group.max()) + 1, var.shape[1], dtype=var.dtype, device=var.device)
     acc.index_add_(0, group, v * v * var)
@@ -398,7 +398,7 @@ def aq_variance_bound(x: Tensor, q: GradQuant, reduce_dims: Sequence[int] = (-1,
     """Elementwise variance of proportional AQ: (1 - p)/p * x^2 + s^2 f(1-f)/p <= (1 - p)/p * x^2 + s^2/(4 p)."""
     k = int(q.aux["keep_bits"])
     p = from_groups(q.aux["p"].float()[:, None], _scale_shape(x.shape, reduce_dims), reduce_dims)
-    sr = _sr_variance(x, group_scale(x, k, reduce_dims))  # exact SR variance of a kept group, <= s^2/4
+    sr = sr_variance(x, group_scale(x, k, reduce_dims))  # exact SR variance of a kept group, <= s^2/4
     xf = x.float()
     safe = torch.where(p > 0, p, torch.ones_like(p))
     return torch.where(p > 0, (1 - p) / safe * xf * xf + sr / safe, torch.zeros_like(xf))

@@ -68,7 +68,8 @@ def uniform_from_index(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 # -- fast path: the same hash in int32 arithmetic ------------------------------------------------------------------
 # The int64 reference above needs ~20 full-tensor int64 passes per hash (the split multiply). In int32, a multiply
 # wraps mod 2^32 exactly as uint32 does (two's complement), and a logical right shift is an arithmetic shift masked
-# to the low bits, so the same lowbias32 costs 9 int32 passes: ~50x faster on CPU. tests/quant/test_uniform.py checks
+# to the low bits, so the same lowbias32 costs 9 int32 passes: 1.8 ms vs 4.6 ms for 256x1024 draws on the
+# 2-core dev machine (2.5x). tests/quant/test_uniform.py checks
 # both paths agree bit for bit.
 def _i32(v: int) -> int:
     v &= MASK32

@@ -1,12 +1,17 @@
 """Shared test set-up.
 
 ``TRITON_INTERPRET=1`` must be set before any Triton kernel is defined (the interpreter is chosen when
-``@triton.jit`` runs), so it is set here, before test modules import fqtc.codegen.
+``@triton.jit`` runs), so it is set here, before test modules import fqtc.codegen. With ``FQTC_TEST_DEVICE=cuda``
+the kernels are compiled for the GPU instead and tests/codegen/conftest.py runs them on CUDA copies of the tests'
+CPU tensors (docs/kernels.md, "Running the kernel tests on a GPU").
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("FQTC_TEST_DEVICE", "cpu") == "cuda":
+    os.environ["TRITON_INTERPRET"] = "0"
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

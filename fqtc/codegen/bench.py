@@ -110,39 +110,69 @@ def _grad_lwq_models(M: int, N: int, K: int, g_dt: str) -> list[KernelModel]:
                            "decode, step, refresh, re-encode: each byte once"))
     mom = lwq + lwq_out + 8 * N * K  # + fp32 momentum read and written
     res.append(KernelModel("lwq_update/sgd+momentum", wshape, mom, mom, 0, True, "fp32 momentum buffer in place"))
+    adamw = lwq + lwq_out + 16 * N * K  # + fp32 m and v, each read and written
+    res.append(KernelModel("lwq_update/adamw", wshape, adamw, adamw, 0, True,
+                           "fp32 m and v in place; sqrt in fp64 as the reference"))
     return res
 
 
 def _conv_models(n: int, c: int, h: int, w: int, co: int, k: int, out_dt: str) -> list[KernelModel]:
-    """conv2d (stride 1, 'same' padding) on int8 codes via the GEMM kernel: every pass of `fqtc.codegen.conv`
-    counted (casts, unfold/fold, the GEMM, the layout copy, the elementwise scale tail)."""
+    """The three implicit-GEMM conv kernels of `fqtc.codegen.conv` on a stride-1 'same' k x k convolution.
+
+    DRAM model: a kernel gathers every (position, tap) pair with its own load, so its A operand is served to the
+    SMs ``k*k`` times per N tile (the virtual im2col matrix); those re-reads come from L2 when the input rows the
+    programs of two consecutive waves touch fit in L2 (a window's other taps are read by the same or a
+    neighbouring row block, a few programs apart). When they do not, the model charges every re-read to DRAM.
+    ``grad_weight`` has few programs (no split-K): those of one wave stream the whole reduction side by side, so
+    each wave reads ``x`` and ``g`` once.
+    """
+    from fqtc.codegen.conv import CONFIGS
+
     eo = _SIZE[out_dt]
     shape = f"{n}x{c}x{h}x{w}->{co} k{k}"
-    x, wc, hw = n * c * h * w, co * c * k * k, h * w
-    cols = n * c * k * k * hw  # im2col elements
-    y = n * co * hw  # output elements
-    flops = 2.0 * y * c * k * k
-    # output: x.to(fp16) (r1 w2) -> unfold (r2 w2*cols) -> .to(int8) (r2 w1 per col) -> GEMM (r cols, w codes,
-    # scales; w eo*y) -> NCHW copy (r eo*y, w eo*y)
-    des = (x + 2 * x) + (2 * x + 2 * cols) + (2 * cols + cols) + (cols + wc + 4 * n + 4 * co + eo * y) + 2 * eo * y
-    mn = x + wc + 4 * n + 4 * co + eo * y
-    res = [KernelModel("conv/output (im2col+gemm)", shape, des, mn, flops, False,
-                       f"im2col materialises {k * k}x the codes; an implicit GEMM would read them once")]
-    # grad_input: GEMM (r g codes + w, w fp32 taps) -> .double() (r4 w8) -> fold (r8, w8 per input element)
-    # -> .to(int32) (r8 w4) -> .float() (r4 w4) -> * g_scale (r4 w4) -> * w_scale (r4 w4) -> .to(out) (r4 w eo)
-    taps = cols  # one fp32 partial per (sample, input channel, tap, position)
-    gi = ((y + wc + 4 * taps) + 12 * taps + (8 * taps + 8 * x) + 12 * x + 8 * x + 8 * x + 8 * x + (4 + eo) * x)
+    x, wc, y = n * c * h * w, co * c * k * k, n * co * h * w  # int8 elements: input, weight, grad_output
+    flops = 2.0 * n * h * w * co * c * k * k
+
+    def cfg(cols: int) -> tuple[int, int]:
+        return CONFIGS["narrow_n" if cols <= 64 else "large"][:2]
+
+    def gather(rows: int, cols: int, chans: int, src: int) -> tuple[float, str, bool]:
+        """DRAM bytes of a gathered operand ``src`` (rows = positions, chans = channels gathered per position)."""
+        bm, bn = cfg(cols)
+        n_tiles = -(-cols // bn)
+        per_wave = min(rows, SMS * bm // n_tiles)  # positions of the row blocks in flight
+        ws = 2 * per_wave * chans + k * k * chans * cols  # two waves' input rows + the weight
+        fits = ws <= L2_BYTES
+        reread = k * k * n_tiles
+        note = (f"gathers {reread}x from L2 ({k * k} taps x {n_tiles} N tile(s)); DRAM once: 2-wave footprint "
+                f"{ws / 2**20:.1f} MiB <= L2" if fits else
+                f"2-wave footprint {ws / 2**20:.1f} MiB > L2: every one of the {reread} gathers from DRAM")
+        return (src if fits else src * reread), note, fits
+
+    res = []
+    a, note, _ = gather(n * h * w, co, c, x)
+    fwd_min = x + wc + 4 * n + 4 * co + eo * co + eo * y  # codes, weight, scales, bias, NCHW output
+    res.append(KernelModel("conv/output (implicit gemm)", shape, fwd_min - x + a, fwd_min, flops, True, note))
+    a, note, _ = gather(n * h * w, c, co, y)
     gi_min = y + wc + 4 * n + 4 * c + eo * x
-    res.append(KernelModel("conv/grad_input (gemm+col2im)", shape, gi, gi_min, flops, False,
-                           "fp32 per-tap partials, float64 col2im, elementwise scale tail"))
+    res.append(KernelModel("conv/grad_input (implicit gemm)", shape, gi_min - y + a, gi_min, flops, True, note))
+    bm, bn = cfg(c * k * k)
+    progs = -(-co // bm) * -(-(c * k * k) // bn)
+    waves = -(-progs // SMS)
+    gw_min = x + y + 4 * c + 4 * co + eo * wc
+    res.append(KernelModel("conv/grad_weight (implicit gemm)", shape, gw_min + (waves - 1) * (x + y), gw_min, flops,
+                           True, f"{progs} programs ({waves} wave{'s' if waves > 1 else ''}) stream N*H*W: "
+                                 f"x, g read once per wave; no split-K"))
     return res
 
 
 CONV_SHAPES = [(32, 64, 56, 56, 64, 3), (32, 256, 14, 14, 256, 3)]  # ResNet-50 stage-1/3 3x3 convs
 
 
-def models(shapes: list[tuple[int, int, int]], a_dtype: str = "bf16", out_dtype: str = "bf16") -> list[KernelModel]:
-    """Analytic models of every kernel at the given (M, N, K) shapes (H100 tile configs)."""
+def models(shapes: list[tuple[int, int, int]], a_dtype: str = "bf16", out_dtype: str = "bf16",
+           conv_shapes: list[tuple[int, int, int, int, int, int]] | None = None) -> list[KernelModel]:
+    """Analytic models of every kernel at the given (M, N, K) shapes and conv shapes ``(N, C, H, W, C_out, k)``
+    (default `CONV_SHAPES`), with H100 tile configs."""
     from fqtc.codegen.gemm import CONFIGS, GROUP_M, MAX_REQUANT_N
     from fqtc.codegen.quantize import MAX_BLOCK, TILE_ELEMS
 
@@ -153,12 +183,13 @@ def models(shapes: list[tuple[int, int, int]], a_dtype: str = "bf16", out_dtype:
         res += [m for m in _gemm_models(M, N, K, a_dtype, out_dtype, bm, bn, GROUP_M)
                 if "requant" not in m.kernel or N <= MAX_REQUANT_N]
         res += _grad_lwq_models(M, N, K, a_dtype)
-    for cs in CONV_SHAPES:
+    for cs in CONV_SHAPES if conv_shapes is None else conv_shapes:
         res += _conv_models(*cs, out_dtype)
     return res
 
 
-def _attach_runs(ms: list[KernelModel], shapes, a_dtype: str, out_dtype: str, device: str = "cuda") -> None:
+def _attach_runs(ms: list[KernelModel], shapes, a_dtype: str, out_dtype: str, device: str = "cuda",
+                 conv_shapes: list[tuple[int, int, int, int, int, int]] | None = None) -> None:
     """Give each model a closure that launches its kernel on ``device`` (tests use the interpreter on CPU)."""
     import torch
 
@@ -167,6 +198,14 @@ def _attach_runs(ms: list[KernelModel], shapes, a_dtype: str, out_dtype: str, de
     from fqtc.codegen import quantize as kq
 
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    exact: dict[tuple[str, str], Callable[[], object]] = {}  # (kernel, shape) for rows not keyed by M
+    for M, N, K in shapes:
+        exact.update(_lwq_runs(N, K, tdt[a_dtype], a_dtype, device))
+    for cs in CONV_SHAPES if conv_shapes is None else conv_shapes:
+        exact.update(_conv_runs(*cs, tdt[out_dtype], device))
+    for m in ms:
+        if (m.kernel, m.shape) in exact:
+            m.run = exact[(m.kernel, m.shape)]
     for M, N, K in shapes:
         x = torch.randn(M, K, device=device, dtype=tdt[a_dtype])
         w8, sw = kq.quantize(torch.randn(K, N, device=device), 8, [0])
@@ -192,6 +231,58 @@ def _attach_runs(ms: list[KernelModel], shapes, a_dtype: str, out_dtype: str, de
                 m.run = runs[m.kernel]
 
 
+def _lwq_runs(N: int, K: int, g_dtype, g_dt: str, device: str) -> dict:
+    """Closures for the LWQ update rows (W4L4 N x K weight, updated in place at every call)."""
+    import torch
+
+    from fqtc.codegen import lwq as klwq
+    from fqtc.optim.latent import LatentWeight
+
+    lw = LatentWeight.from_float(torch.randn(N, K, device=device) * 0.05, wbits=4, lbits=4)
+    grad = torch.randn(N, K, device=device, dtype=g_dtype) * 1e-3
+    step = torch.ones((), dtype=torch.int64, device=device)
+    skip = torch.zeros((), dtype=torch.bool, device=device)
+    buf = [torch.zeros(N, K, device=device)]
+    mv = [torch.zeros(N, K, device=device), torch.zeros(N, K, device=device)]
+    shape = f"{N}x{K} W4L4 grad:{g_dt}"
+
+    def run(kind, hp, states):
+        return lambda: klwq.lwq_update(lw.q, lw.r, lw.s, lw.mu, grad, states, kind, hp, [N, K], 4, 4, 0, 0, step,
+                                       skip, True, 0)
+
+    return {("lwq_update/sgd", shape): run("sgd", [1e-3, 0.0, 0.0, 1e-4, 0.0], []),
+            ("lwq_update/sgd+momentum", shape): run("sgd", [1e-3, 0.9, 0.0, 1e-4, 0.0], buf),
+            ("lwq_update/adamw", shape): run("adamw", [1e-3, 0.9, 0.999, 1e-8, 1e-2], mv)}
+
+
+def _conv_runs(n: int, c: int, h: int, w: int, co: int, k: int, out_dtype, device: str) -> dict:
+    """Closures for the implicit-GEMM conv rows (stride 1, 'same' padding, the default scale layouts)."""
+    import torch
+
+    from fqtc.codegen import conv as kc
+    from fqtc.codegen import quantize as kq
+
+    x8, sx = kq.quantize(torch.randn(n, c * h * w, device=device), 8, [1])  # per sample
+    w8, sw = kq.quantize(torch.randn(co, c * k * k, device=device), 8, [1])  # per output channel
+    g8, sg = kq.quantize(torch.randn(n, co * h * w, device=device), 8, [1])  # per sample
+    x8, w8, g8 = x8.view(n, c, h, w), w8.view(co, c, k, k), g8.view(n, co, h, w)
+    sx, sw, sg = sx.view(n, 1, 1, 1), sw.view(co, 1, 1, 1), sg.view(n, 1, 1, 1)
+    sxc = torch.rand(1, c, 1, 1, device=device)  # grad_weight: per input channel
+    sgc = torch.rand(1, co, 1, 1, device=device)  # grad_weight: per output channel
+    swi = torch.rand(1, c, 1, 1, device=device)  # grad_input: per input channel
+    bias = torch.randn(co, device=device)
+    p, one = (k // 2, k // 2), (1, 1)
+    shape = f"{n}x{c}x{h}x{w}->{co} k{k}"
+    return {
+        ("conv/output (implicit gemm)", shape): lambda: kc.scaled_conv2d(x8, sx, w8, sw, bias, one, p, one,
+                                                                         out_dtype=out_dtype),
+        ("conv/grad_input (implicit gemm)", shape): lambda: kc.scaled_conv2d_input(
+            [n, c, h, w], w8, swi, g8, sg, one, p, one, out_dtype=out_dtype),
+        ("conv/grad_weight (implicit gemm)", shape): lambda: kc.scaled_conv2d_weight(
+            x8, sxc, [co, c, k, k], g8, sgc, one, p, one, out_dtype=out_dtype),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fqtc bench kernels", description=__doc__.splitlines()[0])
     p.add_argument("--shape", action="append", default=None, metavar="MxNxK",
@@ -213,13 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         _attach_runs(ms, shapes, args.a_dtype, args.out_dtype)
-    hdr = f"{'kernel':30} {'shape':30} {'MB moved':>10} {'MB min':>10} {'ratio':>6} {'GFLOP':>8}"
+    hdr = f"{'kernel':32} {'shape':30} {'MB moved':>10} {'MB min':>10} {'ratio':>6} {'GFLOP':>8}"
     hdr += f" {'ms':>8} {'TFLOP/s':>8} {'TB/s':>6}" if cuda else ""
     print(hdr)
     print("-" * len(hdr))
     bad = []
     for m in ms:
-        line = (f"{m.kernel:30} {m.shape:30} {m.bytes / 1e6:10.2f} {m.min_bytes / 1e6:10.2f} {m.ratio:6.2f} "
+        line = (f"{m.kernel:32} {m.shape:30} {m.bytes / 1e6:10.2f} {m.min_bytes / 1e6:10.2f} {m.ratio:6.2f} "
                 f"{m.flops / 1e9:8.1f}")
         if cuda and m.run is not None:
             import triton.testing

@@ -69,7 +69,7 @@ def _qgemm_kernel(
     M, N, K,
     s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_sab, s_sam, s_sbb, s_sbn, s_cb, s_cm, s_cn, s_ob, s_om, s_on,
     a_qmax, a_key0, a_stream, o_qmax, o_key0, o_stream,
-    A_MODE: tl.constexpr, A_SR: tl.constexpr, A_GRAD_NAN: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_OUT: tl.constexpr,
+    A_MODE: tl.constexpr, A_SR: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_OUT: tl.constexpr,
     REQUANT: tl.constexpr, O_SR: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -98,7 +98,7 @@ def _qgemm_kernel(
     if A_MODE == 0:
         sa = tl.load(sa_ptr + bid * s_sab + rm64 * s_sam, mask=mmask, other=1.0)
     elif A_MODE == 1:
-        sa = tn.group_scale(tl.load(sa_ptr + rm * 0), a_qmax, A_GRAD_NAN)
+        sa = tn.group_scale(tl.load(sa_ptr + rm * 0), a_qmax)
         tl.store(qsa_ptr + rm * 0, sa, mask=(rm + pid + bid.to(tl.int32)) == 0)  # one program writes it
     else:
         amax = tl.zeros((BLOCK_M,), tl.float32)
@@ -106,7 +106,7 @@ def _qgemm_kernel(
             rk = k0 + rk0
             at = tl.load(a_base + rk[None, :] * s_ak, mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
             amax = tn.max_nan(amax, tn.nan_absmax(at.to(tl.float32), 1))
-        sa = tn.group_scale(amax, a_qmax, A_GRAD_NAN)
+        sa = tn.group_scale(amax, a_qmax)
         tl.store(qsa_ptr + bid * M + rm64, sa, mask=mmask & ((rm * 0 + pid_n) == 0))
 
     # -- main loop: int8 x int8 -> int32 on tensor cores ----------------------------------------------------------
@@ -140,7 +140,7 @@ def _qgemm_kernel(
         tl.store(out_ptr + bid * s_ob + rm64[:, None] * s_om + rn[None, :].to(tl.int64) * s_on, out, mask=omask)
     if REQUANT:
         o = tl.where(omask, out.to(tl.float32), 0.0)
-        so = tn.quant_scale(tn.nan_absmax(o, 1), o_qmax)
+        so = tn.group_scale(tn.nan_absmax(o, 1), o_qmax)
         o_key = tn.stream_key(o_key0, step_ptr, o_stream) if O_SR else 0
         oidx = bid * M * N + rm64[:, None] * N + rn[None, :]
         q = tn.round_codes(tl.math.div_rn(o, so[:, None]), o_qmax, oidx, o_key, O_SR)
@@ -179,7 +179,7 @@ def _sr_args(rounding: str, seed: int, stream: int) -> tuple[bool, int, int]:
 
 
 def _launch(a, a_mode, sa, b, sb, bias, out_dtype, *, a_bits=8, a_rounding="nearest", a_seed=0, a_stream=0,
-            step=None, requant: Requant | None = None, store_out: bool = True, grad_nan: bool = False):
+            step=None, requant: Requant | None = None, store_out: bool = True):
     if b.dtype != torch.int8:
         raise TypeError(f"the GEMM kernel's B operand must hold int8 codes, got {b.dtype}")
     if a.dim() < 2 or b.dim() < 2:
@@ -236,7 +236,7 @@ def _launch(a, a_mode, sa, b, sb, bias, out_dtype, *, a_bits=8, a_rounding="near
             s_sab, s_sam, sb3.stride(0), sb3.stride(2), c3.stride(0), c3.stride(1), c3.stride(2),
             o3.stride(0), o3.stride(1), o3.stride(2),
             a_qmax, a_key0, a_stream, o_qmax, o_key0, o_stream,
-            A_MODE=a_mode, A_SR=a_sr, A_GRAD_NAN=grad_nan, HAS_BIAS=bias is not None, STORE_OUT=store_out,
+            A_MODE=a_mode, A_SR=a_sr, HAS_BIAS=bias is not None, STORE_OUT=store_out,
             REQUANT=requant is not None, O_SR=o_sr,
             OUT_BF16=out_dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M,
             num_warps=warps, num_stages=stages, enable_fp_fusion=False)
@@ -262,15 +262,14 @@ def scaled_gemm(
 def qgemm_fused_quant(
     a: torch.Tensor, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int,
     step: torch.Tensor | int, b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32, requant: Requant | None = None, grad_nan: bool = False,
+    out_dtype: torch.dtype = torch.float32, requant: Requant | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Quantize the floating-point activation ``a`` inside the GEMM prologue: ``(out, a_codes, a_scale)``, equal
     to ``codes, s = quantize(a, bits, reduce_dims, ...)`` then ``scaled_gemm(codes, s, b, b_scale, bias)``.
 
     ``reduce_dims`` must be per-tensor (all dims) or per-row (``[-1]``); a per-tensor scale costs one extra read
     of ``a`` (the partial-amax pass). With ``requant`` two more outputs follow: the output's codes and scales.
-    ``grad_nan=True`` quantizes with the gradient quantizers' non-finite policy (PTQ/PSQ/SCQ of
-    `fqtc.quant.gradq`: a NaN row keeps a NaN scale, codes 0).
+    A row (or tensor) holding a NaN keeps a NaN scale and zero codes (`fqtc.quant.uniform`'s non-finite policy).
     """
     n = a.dim()
     dims = sorted({d % n for d in reduce_dims})
@@ -293,5 +292,5 @@ def qgemm_fused_quant(
     else:
         amax = None
     out, qa, qsa, rq = _launch(a, mode, amax, b, b_scale, bias, out_dtype, a_bits=bits, a_rounding=rounding,
-                               a_seed=seed, a_stream=stream, step=step, requant=requant, grad_nan=grad_nan)
+                               a_seed=seed, a_stream=stream, step=step, requant=requant)
     return (out, qa, qsa) if rq is None else (out, qa, qsa, *rq)

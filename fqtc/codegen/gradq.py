@@ -37,7 +37,7 @@ def grad_quantize(x: torch.Tensor, quantizer: str, bits: int, reduce_dims: Seque
     if quantizer not in KERNEL_QUANTIZERS:
         raise ValueError(f"grad_quantize kernel covers {KERNEL_QUANTIZERS}, got {quantizer!r}")
     dims = list(range(x.dim())) if quantizer == "ptq" else list(reduce_dims)
-    codes, scale = _kq.quantize(x, bits, dims, rounding, seed, step, stream, grad_nan=True)
+    codes, scale = _kq.quantize(x, bits, dims, rounding, seed, step, stream)
     return codes, scale.contiguous()
 
 
@@ -51,7 +51,7 @@ def _bhq_row(x_ptr, row, cols, cmask, E, d):
 def _bhq_quant_row(t, v, w, row, cols, cmask, E, qmax, key, STOCHASTIC: tl.constexpr):
     """Transformed row ``z = t - 2 v w``, its per-row scale and dequantized codes ``q * s``."""
     z = t - (2.0 * v) * w
-    s = tn.group_scale(tn.nan_absmax(tl.where(cmask, z, 0.0), 0), qmax, True)
+    s = tn.group_scale(tn.nan_absmax(tl.where(cmask, z, 0.0), 0), qmax)
     q = tn.round_codes(tl.math.div_rn(z, s), qmax, row * E + cols, key, STOCHASTIC)
     return q * s
 

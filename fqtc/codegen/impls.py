@@ -104,7 +104,7 @@ def qgemm_fused_grad_quant_cuda(a: Tensor, quantizer: str, bits: int, reduce_dim
         return _fused.qgemm_fused_grad_quant._init_fn(a, quantizer, bits, reduce_dims, rounding, seed, stream, step,
                                                       b, b_scale, bias, out_dtype)
     out, codes, scale = _kg.qgemm_fused_quant(a, bits, dims, rounding, seed, stream, step, b, b_scale, bias,
-                                              out_dtype, grad_nan=True)
+                                              out_dtype)
     return out, codes, scale
 
 
@@ -149,7 +149,8 @@ def bhq_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: 
 def lwq_update_cuda(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str,
                     hparams: list[float], shape: list[int], wbits: int, lbits: int, seed: int, stream: int,
                     step: Tensor, skip: Tensor, refresh: bool, mu_interval: int) -> Tensor:
-    """``fqt::lwq_update`` (issue 8): the one-pass SGD kernel where it applies, else the reference (counted)."""
+    """``fqt::lwq_update`` (issue 8): the one-pass SGD or AdamW kernel where it applies (fp32 optimizer states,
+    no importance-level re-selection step), else the reference (counted)."""
     from fqtc.codegen import lwq as _klwq
     from fqtc.ops import lwq as _olwq
 
@@ -166,7 +167,7 @@ def lwq_update_cuda(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, s
 def qconv2d_cuda(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor | None, bias: Tensor | None,
                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
                  out_dtype: torch.dtype) -> Tensor:
-    """``fqt::qconv2d`` (issue 4): im2col + the Triton int8 GEMM."""
+    """``fqt::qconv2d`` (issue 4): the implicit-GEMM int8 conv kernel (groups=1), else the reference (counted)."""
     from fqtc.codegen import conv as _kc
     from fqtc.quant import conv as _conv
 
@@ -180,7 +181,8 @@ def qconv2d_cuda(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor |
 def qconv2d_input_cuda(g: Tensor, g_scale: Tensor | None, w: Tensor, w_scale: Tensor | None, input_size: list[int],
                        stride: list[int], padding: list[int], dilation: list[int], groups: int,
                        out_dtype: torch.dtype) -> Tensor:
-    """``fqt::qconv2d_input`` (issue 4): Triton GEMM per tap + col2im."""
+    """``fqt::qconv2d_input`` (issue 4): the transposed conv as an implicit-GEMM kernel (groups=1), else the
+    reference (counted)."""
     from fqtc.codegen import conv as _kc
     from fqtc.quant import conv as _conv
 
@@ -195,7 +197,8 @@ def qconv2d_input_cuda(g: Tensor, g_scale: Tensor | None, w: Tensor, w_scale: Te
 def qconv2d_weight_cuda(x: Tensor, x_scale: Tensor | None, g: Tensor, g_scale: Tensor | None,
                         weight_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, out_dtype: torch.dtype) -> Tensor:
-    """``fqt::qconv2d_weight`` (issue 4): im2col + the Triton int8 GEMM over N*H_out*W_out."""
+    """``fqt::qconv2d_weight`` (issue 4): implicit-GEMM kernel reducing over N*H_out*W_out (groups=1), else the
+    reference (counted)."""
     from fqtc.codegen import conv as _kc
     from fqtc.quant import conv as _conv
 

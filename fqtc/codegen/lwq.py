@@ -1,20 +1,26 @@
-"""Triton kernel for ``fqt::lwq_update`` (issue 8's latent weights): decode -> SGD step -> re-encode, one pass.
+"""Triton kernels for ``fqt::lwq_update`` (issue 8's latent weights): decode -> optimizer step -> re-encode, one pass.
 
-Reference: `fqtc.ops.lwq.lwq_update` with `fqtc.quant.lwq.decode`, `fqtc.ops.lwq.optimizer_math` ("sgd") and
-`fqtc.quant.lwq.encode_latent` (scale refresh + dual quantizer with the stochastic non-uniform residual). A
-program owns whole rows (output channels), so the per-row scale refresh (which needs the row's amax of ``w/s``
-before any element is encoded) happens in registers: the packed integer weight, the packed residual and the
-gradient are read once, and the new codes and scales written once.
+Reference: `fqtc.ops.lwq.lwq_update` with `fqtc.quant.lwq.decode`, `fqtc.ops.lwq.optimizer_math` ("sgd" or
+"adamw") and `fqtc.quant.lwq.encode_latent` (scale refresh + dual quantizer with the stochastic non-uniform
+residual). A program owns whole rows (output channels), so the per-row scale refresh (which needs the row's amax of
+``w/s`` before any element is encoded) happens in registers: the packed integer weight, the packed residual, the
+gradient and the fp32 optimizer states are read once, and the new codes, scales and states written once.
 
-Coverage: SGD with weight decay, momentum (fp32 buffer, updated in place), dampening and Nesterov; integer weights
-W4 (packed) or W8,
-residuals L2..L8, rows of even length when a code is packed (a packed byte then never straddles two rows' programs).
-Steps that re-select the importance level ``mu`` (every ``mu_interval`` steps: a global mean over the update,
-decided on the host), 8-bit block-companded optimizer states and AdamW run the reference implementation;
-`fqtc.codegen.impls` counts each such call. AdamW is left out on purpose: its reference divides by ``v.sqrt()``,
-and torch's CPU fp32 ``sqrt`` is not correctly rounded (measured: 16.7% of 100k random inputs differ by 1 ulp
-from the rounded float64 root), so no kernel can match the CPU reference bit for bit until the reference computes
-the root exactly (e.g. ``v.double().sqrt().float()``).
+The two kernels share `_decode` (mirrors `decode`) and `_encode_store` (mirrors `encode_latent` + the op's
+statistics); only the optimizer math in between differs, line for line with `optimizer_math`:
+
+- SGD with weight decay, momentum (fp32 buffer, updated in place), dampening and Nesterov;
+- AdamW with decoupled weight decay, fp32 ``m`` and ``v`` (updated in place) and bias correction. The reference
+  takes the root of ``v`` in float64 and rounds once (``v.double().sqrt().float()``, correctly rounded), and the
+  kernel does the same (``tl.sqrt`` on fp64, then the cast); torch's CPU fp32 ``sqrt`` is not correctly rounded
+  (docs/kernels.md), which is why the reference does not use it. The per-step scalars ``lr / bc1`` and
+  ``sqrt(bc2)`` are computed by `adamw_step_scalars` with the reference's own torch expressions on the step's
+  device (no host sync) and read by the kernel from memory.
+
+Coverage: integer weights W4 (packed) or W8, residuals L2..L8, rows of even length when a code is packed (a packed
+byte then never straddles two rows' programs). Steps that re-select the importance level ``mu`` (every
+``mu_interval`` steps: a global mean over the update, decided on the host) and 8-bit block-companded optimizer
+states run the reference implementation; `fqtc.codegen.impls` counts each such call.
 """
 
 from __future__ import annotations
@@ -60,42 +66,22 @@ def _store_codes(ptr, c, rows64, rmask, cols, m, E, PACKED: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _lwq_sgd_kernel(
-    q_ptr, r_ptr, s_ptr, g_ptr, buf_ptr, lv_ptr, stats_ptr, step_ptr,
-    R, E, lr, wd, momentum, one_m_damp, qmax, hq, key0, stream,
-    M: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, REFRESH: tl.constexpr,
-    W_PACKED: tl.constexpr, L_PACKED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    m = rmask[:, None] & (cols[None, :] < E)
-    # decode: w = s * (q + sign(rc) * levels[|rc|])
+def _decode(q_ptr, r_ptr, s_ptr, lv_ptr, rows64, rmask, cols, m, E, M: tl.constexpr, W_PACKED: tl.constexpr,
+            L_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """`fqtc.quant.lwq.decode`: ``w = s * (q + sign(rc) * levels[|rc|])``; returns (w, s)."""
     qc = _load_codes(q_ptr, rows64, rmask, cols, m, E, W_PACKED, BLOCK_R, BLOCK_E)
     rc = _load_codes(r_ptr, rows64, rmask, cols, m, E, L_PACKED, BLOCK_R, BLOCK_E)
     s = tl.load(s_ptr + rows64, mask=rmask, other=1.0)
     lvl = tl.load(lv_ptr + tl.minimum(tl.abs(rc), M))
     sgn = tl.where(rc > 0, 1.0, tl.where(rc < 0, -1.0, 0.0))
-    w = s[:, None] * (qc.to(tl.float32) + sgn * lvl)
-    # optimizer math (torch.optim.SGD, `fqtc.ops.lwq.optimizer_math`): weight decay, momentum buffer (fp32 state,
-    # set to the gradient on the first step), Nesterov; then p - lr * g
-    offs = rows64[:, None] * E + cols[None, :]
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if HAS_WD:
-        g = g + wd * w
-    if MOMENTUM:
-        old = tl.load(buf_ptr + offs, mask=m, other=0.0)
-        first = (tl.load(step_ptr) <= 1) & (offs >= 0)
-        buf = tl.where(first, g, momentum * old + one_m_damp * g)
-        tl.store(buf_ptr + offs, buf, mask=m)
-        if NESTEROV:
-            g = g + momentum * buf
-        else:
-            g = buf
-    w_new = w - lr * g
+    return s[:, None] * (qc.to(tl.float32) + sgn * lvl), s
+
+
+@triton.jit
+def _encode_store(w, w_new, s, q_ptr, r_ptr, s_ptr, lv_ptr, stats_ptr, step_ptr, rows64, rmask, cols, m, offs, E,
+                  qmax, hq, key0, stream, M: tl.constexpr, REFRESH: tl.constexpr, W_PACKED: tl.constexpr,
+                  L_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """`fqtc.quant.lwq.encode_latent` (scale refresh + dual quantizer) and the op's per-row statistics."""
     rel = tl.where(m, tl.math.div_rn(tl.abs(w_new - w), s[:, None]), 0.0)
     # scale refresh: rows whose largest |w/s| would round to +-qmax grow to amax / (headroom * qmax)
     s_new = s
@@ -132,15 +118,102 @@ def _lwq_sgd_kernel(
     tl.store(stats_ptr + rows64 * 2 + 1, tl.sum(tl.where(m & sat, 1.0, 0.0), axis=1), mask=rmask)
 
 
+@triton.jit
+def _lwq_sgd_kernel(
+    q_ptr, r_ptr, s_ptr, g_ptr, buf_ptr, lv_ptr, stats_ptr, step_ptr,
+    R, E, lr, wd, momentum, one_m_damp, qmax, hq, key0, stream,
+    M: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, REFRESH: tl.constexpr,
+    W_PACKED: tl.constexpr, L_PACKED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    m = rmask[:, None] & (cols[None, :] < E)
+    w, s = _decode(q_ptr, r_ptr, s_ptr, lv_ptr, rows64, rmask, cols, m, E, M, W_PACKED, L_PACKED, BLOCK_R, BLOCK_E)
+    # optimizer math (torch.optim.SGD, `fqtc.ops.lwq.optimizer_math`): weight decay, momentum buffer (fp32 state,
+    # set to the gradient on the first step), Nesterov; then p - lr * g
+    offs = rows64[:, None] * E + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_WD:
+        g = g + wd * w
+    if MOMENTUM:
+        old = tl.load(buf_ptr + offs, mask=m, other=0.0)
+        first = (tl.load(step_ptr) <= 1) & (offs >= 0)
+        buf = tl.where(first, g, momentum * old + one_m_damp * g)
+        tl.store(buf_ptr + offs, buf, mask=m)
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    w_new = w - lr * g
+    _encode_store(w, w_new, s, q_ptr, r_ptr, s_ptr, lv_ptr, stats_ptr, step_ptr, rows64, rmask, cols, m, offs, E,
+                  qmax, hq, key0, stream, M, REFRESH, W_PACKED, L_PACKED, BLOCK_R, BLOCK_E)
+
+
+@triton.jit
+def _lwq_adamw_kernel(
+    q_ptr, r_ptr, s_ptr, g_ptr, m_ptr, v_ptr, lv_ptr, stats_ptr, step_ptr, step_size_ptr, bc2_sqrt_ptr,
+    R, E, decay, b1, one_m_b1, b2, one_m_b2, eps, qmax, hq, key0, stream,
+    M: tl.constexpr, REFRESH: tl.constexpr, W_PACKED: tl.constexpr, L_PACKED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    m = rmask[:, None] & (cols[None, :] < E)
+    w, s = _decode(q_ptr, r_ptr, s_ptr, lv_ptr, rows64, rmask, cols, m, E, M, W_PACKED, L_PACKED, BLOCK_R, BLOCK_E)
+    # optimizer math (torch.optim.AdamW, `fqtc.ops.lwq.optimizer_math` "adamw"), one op per reference op, in its
+    # order; fp32 scalars are the reference's Python floats rounded to fp32, as torch does for tensor-scalar ops
+    offs = rows64[:, None] * E + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    p = w * decay  # p * (1 - lr * wd)
+    mo = tl.load(m_ptr + offs, mask=m, other=0.0) * b1 + one_m_b1 * g
+    vo = tl.load(v_ptr + offs, mask=m, other=0.0) * b2 + one_m_b2 * g * g
+    tl.store(m_ptr + offs, mo, mask=m)
+    tl.store(v_ptr + offs, vo, mask=m)
+    # v.double().sqrt().float(): the float64 root rounded once is the correctly rounded fp32 root
+    root = tl.sqrt(vo.to(tl.float64)).to(tl.float32)
+    denom = tl.math.div_rn(root, tl.load(bc2_sqrt_ptr)) + eps
+    w_new = p - tl.math.div_rn(tl.load(step_size_ptr) * mo, denom)  # p - (lr / bc1) * m / denom
+    _encode_store(w, w_new, s, q_ptr, r_ptr, s_ptr, lv_ptr, stats_ptr, step_ptr, rows64, rmask, cols, m, offs, E,
+                  qmax, hq, key0, stream, M, REFRESH, W_PACKED, L_PACKED, BLOCK_R, BLOCK_E)
+
+
+def adamw_step_scalars(hparams: list, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step scalars of AdamW as 1-element fp32 tensors on ``step``'s device: ``(lr / bc1, sqrt(bc2))``.
+
+    The same torch expressions as `fqtc.ops.lwq.optimizer_math` (``lr / bc1`` is ``bc1.reciprocal() * lr`` in
+    torch, and ``pow`` runs on the step's device), so the kernel reads bit-identical values without a host sync.
+    """
+    lr, b1, b2, _, _ = (float(h) for h in hparams)
+    t = step.to(torch.float32)
+    bc1 = 1 - torch.pow(b1, t)
+    bc2 = 1 - torch.pow(b2, t)
+    return (lr / bc1).reshape(1), torch.sqrt(bc2.double()).float().reshape(1)
+
+
+def _fp32_state(st: torch.Tensor, shape: list) -> bool:
+    return st.dtype == torch.float32 and st.is_contiguous() and st.numel() == _numel(shape)
+
+
 def unsupported(q: torch.Tensor, states: list, kind: str, hparams: list, shape: list, wbits: int, lbits: int,
                 step: torch.Tensor, mu_interval: int) -> str | None:
-    """None when the kernel covers this call of ``fqt::lwq_update``, else the reason."""
-    if kind != "sgd":
-        return f"optimizer {kind!r} has no kernel (AdamW's sqrt: see docs/kernels.md)"
-    if hparams[1] != 0 and (len(states) != 1 or states[0].dtype != torch.float32):
-        return "SGD momentum with 8-bit block-quantized state has no kernel"
-    if hparams[1] == 0 and states:
-        return "unexpected optimizer state for SGD without momentum"
+    """None when a kernel covers this call of ``fqt::lwq_update``, else the reason."""
+    if kind == "sgd":
+        if hparams[1] != 0 and (len(states) != 1 or not _fp32_state(states[0], shape)):
+            return "SGD momentum with 8-bit block-quantized state has no kernel"
+        if hparams[1] == 0 and states:
+            return "unexpected optimizer state for SGD without momentum"
+    elif kind == "adamw":
+        if len(states) != 2 or not all(_fp32_state(st, shape) for st in states):
+            return "AdamW with 8-bit block-quantized states has no kernel"
+    else:
+        return f"optimizer {kind!r} has no kernel"
     if not shape:
         return "0-d parameter"
     E = 1
@@ -162,8 +235,8 @@ def lwq_update(
     kind: str, hparams: list, shape: list, wbits: int, lbits: int, seed: int, stream: int, step: torch.Tensor,
     skip: torch.Tensor, refresh: bool, mu_interval: int,
 ) -> torch.Tensor:
-    """``fqt::lwq_update`` for the covered cases (`unsupported` is None): updates q, r, s in place, returns the
-    op's stats ``[mean |dw|/s, saturated fraction]``."""
+    """``fqt::lwq_update`` for the covered cases (`unsupported` is None): updates q, r, s and the fp32 optimizer
+    states in place, returns the op's stats ``[mean |dw|/s, saturated fraction]``."""
     why = unsupported(q, states, kind, hparams, shape, wbits, lbits, step, mu_interval)
     if why:
         raise ValueError(f"lwq_update kernel: {why}")
@@ -175,18 +248,26 @@ def lwq_update(
     levels = _lwq.polyline_levels(lbits, int(mu)).to(q.device)
     M = _lwq.residual_max(lbits)
     qmax = _lwq.weight_qmax(wbits)
-    lr, momentum, dampening, wd, nesterov = (float(h) for h in hparams)
-    buf = states[0] if momentum != 0 else per_row_dummy(q)
     block_e = max(2, triton.next_power_of_2(E))
     block_r = max(1, min(triton.next_power_of_2(R), TILE_ELEMS // block_e))
     per_row = torch.empty(R, 2, dtype=torch.float32, device=q.device)
-    step_t = step.to(torch.int64).reshape(())
-    _lwq_sgd_kernel[(triton.cdiv(R, block_r),)](
-        q, r, s, grad.contiguous(), buf, levels, per_row, step_t, R, E, lr, wd, momentum, 1 - dampening, qmax,
-        _lwq.DEFAULT_HEADROOM * qmax, mix32_int(seed ^ GOLDEN), stream & 0xFFFFFFFF,
-        M=M, HAS_WD=wd != 0, MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), REFRESH=refresh,
-        W_PACKED=wbits <= 4, L_PACKED=lbits <= 4,
-        BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4, enable_fp_fusion=False)
+    step_t = step.to(device=q.device, dtype=torch.int64).reshape(())
+    grid = (triton.cdiv(R, block_r),)
+    common = dict(M=M, REFRESH=refresh, W_PACKED=wbits <= 4, L_PACKED=lbits <= 4, BLOCK_R=block_r, BLOCK_E=block_e,
+                  num_warps=4, enable_fp_fusion=False)
+    enc = (qmax, _lwq.DEFAULT_HEADROOM * qmax, mix32_int(seed ^ GOLDEN), stream & 0xFFFFFFFF)
+    if kind == "sgd":
+        lr, momentum, dampening, wd, nesterov = (float(h) for h in hparams)
+        buf = states[0] if momentum != 0 else per_row_dummy(q)
+        _lwq_sgd_kernel[grid](
+            q, r, s, grad.contiguous(), buf, levels, per_row, step_t, R, E, lr, wd, momentum, 1 - dampening, *enc,
+            HAS_WD=wd != 0, MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), **common)
+    else:
+        lr, b1, b2, eps, wd = (float(h) for h in hparams)
+        step_size, bc2_sqrt = (t.to(q.device) for t in adamw_step_scalars(hparams, step))
+        _lwq_adamw_kernel[grid](
+            q, r, s, grad.contiguous(), states[0], states[1], levels, per_row, step_t, step_size, bc2_sqrt, R, E,
+            1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, *enc, **common)
     n = _numel(shape)
     stats[0] = per_row[:, 0].sum() / n
     stats[1] = per_row[:, 1].sum() / n

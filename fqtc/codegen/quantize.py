@@ -44,7 +44,7 @@ def _quantize_rows_kernel(
     x_ptr, q_ptr, s_ptr, amax_ptr, step_ptr,
     R, C, qmax, key0, stream,
     AMAX_GIVEN: tl.constexpr, STOCHASTIC: tl.constexpr, PACK_INT4: tl.constexpr, SINGLE: tl.constexpr,
-    GRAD_NAN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One scale per row of the contiguous (R, C) view; a program owns BLOCK_R full rows."""
     pid = tl.program_id(0)
@@ -66,7 +66,7 @@ def _quantize_rows_kernel(
             m = rmask[:, None] & (cols[None, :] < C)
             xt = tl.load(x_ptr + rows64[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
             amax = tn.max_nan(amax, tn.nan_absmax(xt, 1))
-    scale = tn.group_scale(amax, qmax, GRAD_NAN)
+    scale = tn.group_scale(amax, qmax)
     if AMAX_GIVEN:
         tl.store(s_ptr + rows * 0, scale, mask=rmask & (rows == 0))
     else:
@@ -93,7 +93,7 @@ def _quantize_rows_kernel(
 def _quantize_cols_kernel(
     x_ptr, q_ptr, s_ptr, step_ptr,
     R, C, qmax, key0, stream,
-    STOCHASTIC: tl.constexpr, PACK_INT4: tl.constexpr, SINGLE: tl.constexpr, GRAD_NAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr, PACK_INT4: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One scale per column of the contiguous (R, C) view; a program owns BLOCK_C full columns."""
@@ -113,7 +113,7 @@ def _quantize_cols_kernel(
             m = (rows[:, None] < R) & cmask[None, :]
             xt = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
             amax = tn.max_nan(amax, tn.nan_absmax(xt, 0))
-    scale = tn.group_scale(amax, qmax, GRAD_NAN)
+    scale = tn.group_scale(amax, qmax)
     tl.store(s_ptr + cols, scale, mask=cmask)
     for r0 in range(0, R, BLOCK_R):
         rows = (r0 + rows0).to(tl.int64)
@@ -178,14 +178,12 @@ def quantize(
     step: torch.Tensor | int = 0,
     stream: int = 0,
     pack_int4: bool = False,
-    grad_nan: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fqtc.quant.uniform.quantize` (same arguments, same bits).
 
     With ``pack_int4=True`` (``bits <= 4``, even last dim) the codes come back packed two per byte along the last
-    dim, even index in the low nibble: ``fqtc.codegen.reference.pack_int4(reference_codes)``. ``grad_nan=True``
-    follows the gradient quantizers' non-finite policy (`fqtc.quant.gradq`: a NaN group keeps a NaN scale and
-    zero codes) instead of `fqtc.quant.uniform`'s (scale 1).
+    dim, even index in the low nibble: ``fqtc.codegen.reference.pack_int4(reference_codes)``. Non-finite
+    groups follow `fqtc.quant.uniform`'s policy: NaN (or Inf) scale, zero codes.
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"unknown rounding {rounding!r}; allowed: nearest, stochastic")
@@ -214,7 +212,7 @@ def quantize(
         block_r = _pow2(R, hi=max(2, TILE_ELEMS // block_c))
         _quantize_cols_kernel[(triton.cdiv(C, block_c),)](
             xc, codes, scale, step_t, R, C, qmax, key0, stream,
-            STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=R <= block_r, GRAD_NAN=grad_nan, BLOCK_R=block_r,
+            STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=R <= block_r, BLOCK_R=block_r,
             BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=False)
         return codes, scale
     amax = scale  # placeholder pointer when unused
@@ -229,5 +227,5 @@ def quantize(
     _quantize_rows_kernel[(triton.cdiv(R, block_r),)](
         xc, codes, scale, amax, step_t, R, C, qmax, key0, stream,
         AMAX_GIVEN=kind == "tensor", STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=C <= block_c,
-        GRAD_NAN=grad_nan, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return codes, scale

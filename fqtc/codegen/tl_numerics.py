@@ -83,8 +83,7 @@ def round_half_even(y):
 def round_codes(y, qmax, index, key, STOCHASTIC: tl.constexpr):
     """Integer-valued fp32 codes in [-qmax, qmax] (`fqtc.quant.uniform.round_codes`); +-inf clamps to +-qmax.
 
-    A NaN code becomes 0, the gradient quantizers' policy (`fqtc.quant.gradq._codes`); for the uniform quantizer
-    the reference's NaN -> int8 conversion is undefined, so any value matches it."""
+    A NaN code (a non-finite group) becomes 0, as in `fqtc.quant.uniform.to_int8_codes`."""
     if STOCHASTIC:
         q = tl.floor(y + uniform01(index, key))
     else:
@@ -107,13 +106,11 @@ def max_nan(a, b):
 
 
 @triton.jit
-def group_scale(amax, qmax, GRAD_NAN: tl.constexpr):
-    """Scale from a NaN-propagating amax. Uniform policy (`absmax_scale`): a NaN group gets scale 1 (``NaN > 0``
-    is false); gradient policy (`fqtc.quant.gradq.group_scale`): a NaN group keeps a NaN scale."""
-    s = quant_scale(amax, qmax)
-    if GRAD_NAN:
-        s = tl.where(amax != amax, amax, s)
-    return s
+def group_scale(amax, qmax):
+    """Scale from a NaN-propagating amax (`fqtc.quant.uniform.absmax_scale`, the one non-finite policy of every
+    quantizer): a zero group gets 1, a NaN group keeps a NaN scale (``NaN > 0`` is false, so `quant_scale` alone
+    would give 1), an Inf group an Inf scale."""
+    return tl.where(amax != amax, amax, quant_scale(amax, qmax))
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fqtc.quant.rng import mix32_int, stream_key, uniform_from_index
-from fqtc.quant.uniform import qmax_for, round_codes
+from fqtc.quant.uniform import absmax_scale, qmax_for, round_codes, to_int8_codes
 
 GRAD_QUANTIZERS: tuple[str, ...] = ("ptq", "psq", "scq", "bhq", "aq", "aq_topk")
 AQ_KEEP_BITS = 4  # bits per kept element in AQ (official 1-bit FQT code: 4 bits, keep 1/4 of the groups)
@@ -88,17 +88,13 @@ def _scale_shape(shape: Sequence[int], reduce_dims: Sequence[int]) -> list[int]:
 
 
 def group_scale(x: Tensor, bits: int, reduce_dims: Sequence[int]) -> Tensor:
-    """fp32 keepdim scale ``amax / qmax`` per group; all-zero groups get 1, non-finite groups keep NaN/Inf."""
-    xf = x.float()
-    dims = _norm_dims(reduce_dims, x.dim())
-    amax = xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()  # amax propagates NaN (and Inf)
-    scale = amax / qmax_for(bits)
-    return torch.where(amax > 0, scale, torch.where(torch.isnan(amax), amax, torch.ones_like(scale)))
+    """fp32 keepdim scale ``amax / qmax`` per group: `fqtc.quant.uniform.absmax_scale` (all-zero groups get 1,
+    non-finite groups keep NaN/Inf so that a loss scaler sees them)."""
+    return absmax_scale(x, bits, reduce_dims)
 
 
 def _codes(y: Tensor, bits: int, rounding: str, seed: int, step: Tensor | int, stream: int) -> Tensor:
-    q = round_codes(y, qmax_for(bits), rounding, seed, step, stream)
-    return torch.where(torch.isfinite(q), q, torch.zeros_like(q)).to(torch.int8)  # NaN -> int8 is undefined
+    return to_int8_codes(round_codes(y, qmax_for(bits), rounding, seed, step, stream))
 
 
 def _uniform(x, bits, reduce_dims, rounding, seed, step, stream) -> GradQuant:

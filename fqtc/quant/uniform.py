@@ -7,6 +7,12 @@ unbiased: E[s*q] = x, with per-element variance s^2 f(1-f) <= s^2/4 (f the fract
 
 Numerics notes (kernels must match them bit for bit): ``x / s`` is a true IEEE division (not a multiply by the
 reciprocal); nearest rounding is round-half-to-even (``torch.round``); a zero-range group gets scale 1.
+
+Non-finite input is never hidden: a group holding a NaN gets a NaN scale, a group holding an Inf (and no NaN) an Inf
+scale, and their codes are 0 (a NaN code has no int8 value: casting it is undefined behaviour). Dequantizing such a
+group gives NaN, so a diverged forward or an overflowed gradient stays visible to the loss, to a loss scaler and to
+the user instead of becoming finite garbage. Every quantizer (`fqtc.quant.gradq` too) and every kernel
+(`fqtc.codegen.tl_numerics.group_scale`) shares this policy.
 """
 
 from __future__ import annotations
@@ -25,12 +31,19 @@ def qmax_for(bits: int) -> int:
 
 
 def absmax_scale(x: torch.Tensor, bits: int, reduce_dims: Sequence[int]) -> torch.Tensor:
-    """fp32 scale ``amax/qmax`` over ``reduce_dims`` (keepdim); groups whose amax is 0 get scale 1."""
+    """fp32 scale ``amax/qmax`` over ``reduce_dims`` (keepdim); groups whose amax is 0 get scale 1, groups holding a
+    NaN get NaN and groups holding an Inf get Inf (the module's non-finite policy)."""
     xf = x.float()
     dims = _norm_dims(reduce_dims, x.dim())
-    amax = xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()
+    amax = xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()  # amax propagates NaN (and Inf)
     scale = amax / qmax_for(bits)
-    return torch.where(amax > 0, scale, torch.ones_like(scale))
+    return torch.where(amax > 0, scale, torch.where(torch.isnan(amax), amax, torch.ones_like(scale)))
+
+
+def to_int8_codes(q: torch.Tensor) -> torch.Tensor:
+    """Integer-valued fp32 codes (already clamped) as int8; a NaN code (a non-finite group) becomes 0, because
+    casting NaN to an integer is undefined."""
+    return torch.where(torch.isnan(q), torch.zeros_like(q), q).to(torch.int8)
 
 
 def round_codes(
@@ -62,7 +75,7 @@ def quantize(
     """
     scale = absmax_scale(x, bits, reduce_dims)
     q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed, step, stream)
-    return q.to(torch.int8), scale
+    return to_int8_codes(q), scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

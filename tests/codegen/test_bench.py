@@ -30,6 +30,32 @@ def test_model_matches_hand_count():
     assert ms["quantize/row"].bytes == 4 * M * K + M * K + 4 * M == ms["quantize/row"].min_bytes
 
 
+def test_lwq_and_conv_models_match_hand_count():
+    ms = bench.models([(256, 128, 512)], "bf16", "bf16", conv_shapes=[(2, 16, 10, 10, 32, 3)])
+    lwq = _by_kernel(ms)["lwq_update/adamw"]
+    # packed q and r (N*K/2 each) + scales, read and written; bf16 gradient; fp32 m and v read and written
+    N, K = 128, 512
+    assert lwq.bytes == lwq.min_bytes == 2 * (N * K + 4 * N) + 2 * N * K + 16 * N * K
+    conv = _by_kernel([m for m in ms if m.kernel.startswith("conv/")])
+    x, w, y = 2 * 16 * 100, 32 * 16 * 9, 2 * 32 * 100  # int8 input, weight, grad_output codes
+    # forward: codes, weight, per-sample and per-channel scales, bf16 bias and output; the input read once
+    assert conv["conv/output (implicit gemm)"].bytes == x + w + 4 * 2 + 4 * 32 + 2 * 32 + 2 * y
+    assert conv["conv/grad_input (implicit gemm)"].bytes == y + w + 4 * 2 + 4 * 16 + 2 * x
+    assert conv["conv/grad_weight (implicit gemm)"].bytes == x + y + 4 * 16 + 4 * 32 + 2 * w
+    assert all(m.ratio == 1.0 and m.flops == 2 * 2 * 100 * 32 * 16 * 9 for m in conv.values())
+    assert "gathers 9x from L2" in conv["conv/output (implicit gemm)"].note
+
+
+def test_conv_model_charges_gathers_when_l2_overflows():
+    """2048 input channels: two waves' input rows (2 * 132 * 128 positions * 2048 B = 66 MiB) exceed L2, so every
+    one of the 9 tap gathers is charged to DRAM."""
+    n, c, h, w, co = 32, 2048, 32, 32, 64
+    (fwd,) = [m for m in bench._conv_models(n, c, h, w, co, 3, "bf16") if m.kernel.startswith("conv/output")]
+    x = n * c * h * w
+    assert fwd.bytes - fwd.min_bytes == 8 * x
+    assert "> L2" in fwd.note and fwd.ratio > bench.FUSED_RATIO_LIMIT
+
+
 # Fused kernels whose input must be read once before the fused pass can start (a whole-tensor amax; BHQ's row
 # ranges that build its transform): over the bound by construction, reported as such by the bench, never hidden.
 OVER_BOUND = {"gemm/fused_quant/tensor", "gradq/bhq"}
@@ -51,7 +77,8 @@ def test_cli_prints_every_kernel(capsys):
     for k in ("quantize/row", "quantize/row/int4", "quantize/col", "quantize/tensor", "gemm/int8",
               "gemm/fused_quant/row", "gemm/fused_quant/tensor", "gemm/fused_quant/row+requant"):
         assert f"\n{k} " in out
-    for k in ("gradq/psq", "gradq/bhq", "lwq_update/sgd", "conv/output (im2col+gemm)", "conv/grad_input"):
+    for k in ("gradq/psq", "gradq/bhq", "lwq_update/sgd", "lwq_update/adamw", "conv/output (implicit gemm)",
+              "conv/grad_input (implicit gemm)", "conv/grad_weight (implicit gemm)"):
         assert f"\n{k}" in out
     assert "fused kernels over 1.1x the minimum: gemm/fused_quant/tensor" in out
 
@@ -65,9 +92,10 @@ def test_cli_rejects_bad_shape(capsys):
 def test_timed_closures_launch_every_kernel():
     """The closures `fqtc bench kernels` times on CUDA, run once here under the interpreter on a small shape."""
     pytest.importorskip("triton")
-    ms = bench.models([(64, 32, 64)], "fp32", "fp32")
-    bench._attach_runs(ms, [(64, 32, 64)], "fp32", "fp32", device="cpu")
+    conv = [(2, 4, 6, 6, 8, 3)]
+    ms = bench.models([(64, 32, 64)], "fp32", "fp32", conv_shapes=conv)
+    bench._attach_runs(ms, [(64, 32, 64)], "fp32", "fp32", device="cpu", conv_shapes=conv)
     runs = [m for m in ms if m.run is not None]
-    assert {m.kernel for m in runs} == {m.kernel for m in ms if m.kernel.startswith(("quantize/", "gemm/", "gradq/"))}
+    assert {m.kernel for m in runs} == {m.kernel for m in ms if not m.kernel.startswith("chain ")}
     for m in runs:
         m.run()

@@ -110,5 +110,5 @@ def test_grad_quantizer_in_gemm_prologue(quantizer):
     ref = gradq.grad_quantize(g, quantizer, 4, [-1], "stochastic", 3, STEP, 55)
     _eq(want[0], scaled_gemm(ref.codes, ref.scale, w, sw))
     out, codes, scale = kg.qgemm_fused_quant(g, 4, [-1] if quantizer == "psq" else [0, 1], "stochastic", 3, 55,
-                                             STEP, w, sw, grad_nan=True)
+                                             STEP, w, sw)
     _eq(codes, ref.codes)

@@ -71,6 +71,39 @@ def test_quantize_two_sweep_path(monkeypatch, dims):
         _eq(scale, ref_scale)
 
 
+def _eq_nan(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf in the interpreter
+@pytest.mark.parametrize("dims", [[1], [0], [0, 1]])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_quantize_non_finite_matches_reference(dims, rounding):
+    """NaN and Inf groups: NaN/Inf scale and zero codes exactly as the reference (GPU ``max`` drops NaN, so the
+    kernels use a NaN-propagating absmax)."""
+    x = _x((37, 50))
+    x[5, 7], x[20, 0] = float("nan"), float("inf")
+    codes, scale = kq.quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    _eq(codes, ref_codes)
+    _eq_nan(scale, ref_scale)
+    assert not torch.isfinite(scale).all()
+
+
+def test_fused_prologue_non_finite_matches_reference():
+    """The quantizing GEMM prologue (per row and per tensor) with a NaN row: same codes, scales and output."""
+    x = _x((21, 40))
+    x[4, 9] = float("nan")
+    w, sw = quantize(torch.randn(40, 24), 8, [0])
+    for dims in ([1], [0, 1]):
+        out, codes, scale = kg.qgemm_fused_quant(x, 8, dims, "stochastic", SEED, STREAM, STEP, w, sw)
+        ref_codes, ref_scale = quantize(x, 8, dims, "stochastic", SEED, STEP, STREAM)
+        _eq(codes, ref_codes)
+        _eq_nan(scale, ref_scale)
+        _eq_nan(out, scaled_gemm(ref_codes, ref_scale, w, sw))
+        assert torch.isnan(out[4]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantize_low_precision_input(dtype):
     x = _x((33, 64), dtype)

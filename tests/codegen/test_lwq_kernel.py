@@ -1,6 +1,7 @@
-"""``fqt::lwq_update`` kernel (decode -> SGD -> scale refresh -> re-encode with the SR residual) vs the op's
-reference implementation under the Triton interpreter: the updated integer codes, residual codes and scales are
-bit-identical; the two float statistics are means (summed in another order) and compared with assert_close."""
+"""``fqt::lwq_update`` kernels (decode -> SGD or AdamW -> scale refresh -> re-encode with the SR residual) vs
+the op's reference implementation under the Triton interpreter: the updated integer codes, residual codes, scales
+and fp32 optimizer states are bit-identical; the two float statistics are means (summed in another order) and
+compared with assert_close."""
 
 from __future__ import annotations
 
@@ -93,19 +94,73 @@ def test_lwq_uncovered_cases_fall_back_counted():
     assert sum(impls.FALLBACKS.values()) == 1
 
 
-def test_lwq_adamw_runs_reference_counted():
-    """AdamW has no kernel (torch's CPU fp32 sqrt is not correctly rounded, so no kernel could match it bit for
-    bit): its CUDA impl runs the reference body, warned and counted."""
+def _run_adamw(fn, lw, grad, hp, step, states, refresh=True, mu_interval=0):
+    q, r, s, mu = lw.q.clone(), lw.r.clone(), lw.s.clone(), lw.mu.clone()
+    states = [t.clone() for t in states]
+    stats = fn(q, r, s, mu, grad, states, "adamw", hp, list(lw.shape), lw.wbits, lw.lbits, 5, lw.stream,
+               torch.tensor(step), torch.tensor(False), refresh, mu_interval)
+    return q, r, s, mu, stats, *states
+
+
+@pytest.mark.parametrize("shape,wbits,lbits", [((12, 40), 8, 4), ((6, 3, 2, 2), 4, 4), ((7, 13), 8, 8),
+                                               ((5, 18), 4, 2)])
+def test_lwq_adamw_matches_reference(shape, wbits, lbits):
+    """Three AdamW steps from zero states (bias correction changes every step): integer codes, residual codes,
+    scales and both fp32 moments bit-identical to the reference. Odd row counts and row lengths exercise the masks;
+    two rows get huge gradients so the scale refresh fires, and zero gradients leave v = 0 (denominator = eps)."""
+    lw, g = _latent(shape, wbits, lbits, seed=11)
+    hp = [2e-3, 0.9, 0.999, 1e-6, 0.05]  # lr, beta1, beta2, eps, weight decay
+    states = [torch.zeros(shape), torch.zeros(shape)]
+    for step in (1, 2, 3):
+        grad = torch.randn(shape, generator=g)
+        grad[1] *= 1e4
+        grad.view(shape[0], -1)[3, ::3] = 0.0
+        # AdamW's step is ~lr per element: scale it to the grid so the codes move and rows outgrow the range
+        hp[0] = float(lw.s.mean()) * (40.0 if step == 2 else 0.7)
+        got = _run_adamw(klwq.lwq_update, lw, grad, hp, step, states)
+        want = _run_adamw(lwq_update, lw, grad, hp, step, states)
+        for a, b in zip(got[:4] + got[5:], want[:4] + want[5:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-7)
+        assert not torch.equal(got[0], lw.q) and not torch.equal(got[1], lw.r)  # the step moved the codes
+        assert not torch.equal(got[6], states[1])  # the second moment moved
+        if step == 2:
+            assert not torch.equal(got[2], lw.s)  # the large step made the refresh fire
+        lw.q.copy_(want[0])
+        lw.r.copy_(want[1])
+        lw.s.copy_(want[2])
+        states = list(want[5:])
+
+
+def test_lwq_adamw_cuda_impl_runs_the_kernel():
+    """The op's CUDA impl takes the AdamW kernel for fp32 states (no fallback counted)."""
     lw, g = _latent((4, 10), 8, 4)
     grad = torch.randn(lw.shape, generator=g)
     hp = [1e-3, 0.9, 0.999, 1e-8, 0.01]
     states = [torch.zeros(lw.shape), torch.zeros(lw.shape)]
     impls.FALLBACKS.clear()
-    with pytest.warns(UserWarning, match="adamw"):
-        got = impls.lwq_update_cuda(lw.q.clone(), lw.r.clone(), lw.s.clone(), lw.mu.clone(), grad,
-                                    [t.clone() for t in states], "adamw", hp, list(lw.shape), 8, 4, 5, 77,
-                                    torch.tensor(1), torch.tensor(False), True, 0)
-    want = lwq_update(lw.q.clone(), lw.r.clone(), lw.s.clone(), lw.mu.clone(), grad, [t.clone() for t in states],
-                      "adamw", hp, list(lw.shape), 8, 4, 5, 77, torch.tensor(1), torch.tensor(False), True, 0)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = _run_adamw(impls.lwq_update_cuda, lw, grad, hp, 1, states)
+    want = _run_adamw(lwq_update, lw, grad, hp, 1, states)
+    for a, b in zip(got[:4] + got[5:], want[:4] + want[5:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not impls.FALLBACKS
+
+
+def test_lwq_adamw_8bit_states_fall_back_counted():
+    """8-bit block-companded AdamW states have no kernel: the CUDA impl runs the reference body, warned and
+    counted."""
+    from fqtc.ops.lwq import state_tensors
+
+    lw, g = _latent((4, 10), 8, 4)
+    grad = torch.randn(lw.shape, generator=g)
+    hp = [1e-3, 0.9, 0.999, 1e-8, 0.01]
+    states = state_tensors("adamw", hp, list(lw.shape), 8)
+    with pytest.raises(ValueError, match="8-bit"):
+        _run_adamw(klwq.lwq_update, lw, grad, hp, 1, states)
+    impls.FALLBACKS.clear()
+    with pytest.warns(UserWarning, match="8-bit"):
+        got = _run_adamw(impls.lwq_update_cuda, lw, grad, hp, 1, states)
+    want = _run_adamw(lwq_update, lw, grad, hp, 1, states)
+    for a, b in zip(got[:4] + got[5:], want[:4] + want[5:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert sum(impls.FALLBACKS.values()) == 1

@@ -64,6 +64,25 @@ def test_zero_group_gets_unit_scale():
     assert torch.equal(s[0], torch.ones(1)) and torch.equal(q[0], torch.zeros(8, dtype=torch.int8))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_non_finite_groups_stay_non_finite(rounding):
+    """A NaN or Inf in a group is never turned into finite codes: its scale is NaN/Inf, its codes 0, and the
+    dequantized group is NaN; the other groups are untouched (fqtc.quant.uniform's non-finite policy)."""
+    x = torch.randn(5, 8)
+    x[1, 3], x[3, 0] = float("nan"), float("inf")
+    q, s = quantize(x, 8, [1], rounding, 3, 4, 5)
+    assert torch.isnan(s[1]).all() and torch.isinf(s[3]).all()
+    assert (q[1] == 0).all() and (q[3] == 0).all()
+    assert torch.isnan(q[[1, 3]].float() * s[[1, 3]]).all()
+    ok = [0, 2, 4]
+    q_ok, s_ok = quantize(x[ok], 8, [1], rounding, 3, 4, 5)
+    assert torch.isfinite(s[ok]).all() and torch.equal(s[ok], s_ok)
+    if rounding == "nearest":  # SR draws are keyed by element index, which differs in the sub-tensor
+        assert torch.equal(q[ok], q_ok)
+    qt, st = quantize(x, 8, [0, 1], rounding)  # one scale: the whole tensor is non-finite
+    assert torch.isnan(st).all() and (qt == 0).all()
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_stochastic_rounding_unbiased_and_variance_bound(bits):
     """E[s*q] = x and Var[s*q] = s^2 f(1-f) (f = frac(x/s)), over n = 20,000 independent draws per element."""

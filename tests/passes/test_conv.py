@@ -73,14 +73,21 @@ def test_channel_chunking_keeps_large_reductions_exact():
     torch.testing.assert_close(gi.double(), ref, rtol=0, atol=0)
 
 
-def test_weight_grad_reduction_over_many_positions_is_exact():
-    """grad_weight reduces over N*Ho*Wo = 4*31*31 = 3844 positions (> 1024): K-chunked int32 GEMM, exact."""
-    x = torch.full((4, 2, 31, 31), 127, dtype=torch.int8)
-    g = torch.full((4, 3, 31, 31), 127, dtype=torch.int8)
+@pytest.mark.parametrize("hw", [31, 9])
+def test_weight_grad_reduction_over_many_positions_is_exact(hw):
+    """grad_weight reduces over N*Ho*Wo positions (4*31*31 = 3844: one sample has > 1024 positions, the float64
+    path; 40*9*9 = 3240: sample chunks of 12 in fp32, int32 sums). Every product is 127^2, so each sum is an odd
+    multiple of 127^2 above 2^24 that a single fp32 reduction cannot represent; the result must still be exact."""
+    n = 4 if hw == 31 else 40
+    x = torch.full((n, 2, hw, hw), 127, dtype=torch.int8)
+    g = torch.full((n, 3, hw, hw), 127, dtype=torch.int8)
+    g[0, 0, 0, 0] = -127  # not every sum the same
     gw = qc.int_conv2d_weight(x, (3, 2, 3, 3), g, (1, 1), (1, 1), (1, 1), 1)
     ref = torch.nn.grad.conv2d_weight(x.double(), (3, 2, 3, 3), g.double(), (1, 1), (1, 1), (1, 1), 1)
     assert ref.abs().max() > 2**24
     torch.testing.assert_close(gw.double(), ref, rtol=0, atol=0)
+    one_fp32 = torch.nn.grad.conv2d_weight(x.float(), (3, 2, 3, 3), g.float(), (1, 1), (1, 1), (1, 1), 1)
+    assert not torch.equal(one_fp32.double(), ref)  # the chunking is what keeps it exact
 
 
 # granularity -> reduce dims of a 4-D operand (fqtc/passes/conv.py conv_reduce_dims)

@@ -80,10 +80,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from fqtc.config import FQTConfig
     from fqtc.export.onnx import export_onnx
 
     model, inputs, options = _load_model_and_inputs(args)
-    for path in export_onnx(model, inputs, args.out, options=options, training=not args.inference, sr=args.sr):
+    optimizer = None
+    if FQTConfig.from_options(options).bits.latent is not None:  # latent bits (e.g. W8A8G8L4): LWQ storage
+        from fqtc.optim.latent import prepare
+
+        prepare(model, options)
+    if args.optimizer and not args.inference:
+        from fqtc import optim
+
+        cls = {"sgd": optim.SGD, "adamw": optim.AdamW}[args.optimizer]
+        kw = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
+        optimizer = cls(model.parameters(), lr=args.lr, state_bits=args.state_bits, **kw)
+    elif args.optimizer:
+        raise SystemExit("fqtc export: --optimizer exports the update graph of a training export; drop --inference")
+    try:
+        paths = export_onnx(model, inputs, args.out, options=options, training=not args.inference, sr=args.sr,
+                            optimizer=optimizer)
+    except ValueError as e:
+        if optimizer is None and "optimizer" in str(e):
+            raise SystemExit(f"fqtc export: {e} (on the command line: --optimizer sgd|adamw --lr LR)") from e
+        raise
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -125,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dot-graph", default="joint", choices=("joint", "forward", "backward", "inference"))
     i.set_defaults(fn=_cmd_inspect)
 
-    e = sub.add_parser("export", help="write the quantized forward/backward graphs as ONNX (fqtc.export_onnx)")
+    e = sub.add_parser("export", help="write the quantized forward/backward (and update) graphs as ONNX "
+                                      "(fqtc.export_onnx)")
     _add_model_args(e)
     e.add_argument("--out", required=True, metavar="PATH.onnx", help="PATH.forward.onnx and PATH.backward.onnx")
     e.add_argument("--inference", action="store_true", help="export the inference graph to PATH.onnx instead")
     e.add_argument("--sr", choices=("random", "counter"), default="random",
                    help="stochastic rounding: RandomUniformLike, or com.fqt::CounterUniform (same bits as PyTorch)")
+    e.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="also write PATH.update.onnx, one fqtc.optim step (needed with latent bits, e.g. W8A8G8L4)")
+    e.add_argument("--lr", type=float, default=1e-3, help="learning rate of --optimizer")
+    e.add_argument("--momentum", type=float, default=0.0, help="momentum of --optimizer sgd")
+    e.add_argument("--state-bits", type=int, choices=(8, 32), default=32, help="optimizer state bits")
     e.set_defaults(fn=_cmd_export)
     return p
 

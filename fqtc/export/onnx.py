@@ -1,4 +1,4 @@
-"""Export fqt's quantized training graphs (forward, backward) to ONNX, opset 21.
+"""Export fqt's quantized training graphs (forward, backward, latent-weight update) to ONNX, opset 21.
 
 ``fqtc.export_onnx(model, example_inputs, path)`` compiles the model with the fqt backend, takes the partitioned
 forward and backward graphs the partitioner produced (the graphs that run in training) and exports each with
@@ -15,7 +15,11 @@ forward and backward graphs the partitioner produced (the graphs that run in tra
 | ``fqt::qgemm`` (int8 operands, scales off the reduction axis) | ``MatMulInteger``, ``Cast``, ``Mul`` by the scales |
 | ``fqt::qgemm`` (other) | ``Mul(Cast(codes), scale)`` per operand (the dequantized product), ``MatMul`` |
 | ``fqt::observe`` (``log_sqnr``) | ``Identity`` of the scale (logging is a PyTorch-side debug switch) |
-| ``fqt::grad_quantize`` (PTQ/PSQ/SCQ) | as ``fqt::quantize`` over the groups, with gradq's NaN policy (``IsNaN``) |
+| ``fqt::grad_quantize`` (PTQ/PSQ/SCQ) | as ``fqt::quantize`` over the groups (the same non-finite policy, ``IsNaN``) |
+| ``fqt::grad_quantize`` (AQ, AQ top-k) | ``TopK``/``CumSum`` group sampling (`fqtc.export.onnx_gradq`), then as PSQ |
+| ``fqt::bhq`` | the block Householder transform from ``TopK``/``CumSum``/masks, ``ScatterElements(add)`` |
+| ``fqt::lwq_unpack``, ``fqt::lwq_dequantize`` | nibble unpacking, codebook ``Gather`` (`fqtc.export.onnx_lwq`) |
+| ``fqt::lwq_step`` (update graph) | decode, SGD/AdamW math, re-encode with SR (`fqtc.export.onnx_lwq`) |
 | ``fqt::qconv2d`` | ``ConvInteger`` + scale epilogue (or ``Conv`` on dequantized operands) |
 | ``fqt::qconv2d_input`` | ``ConvTranspose`` on fp32-cast codes + scale epilogue |
 | ``fqt::qconv2d_weight`` | grouped ``ConvInteger`` over the batch (x regrouped, g^T), ``Slice``, ``Transpose`` |
@@ -95,60 +99,58 @@ _SR_MODE = ["random"]  # set by export_graph for the duration of one export
 
 def _quantize(x, bits, reduce_dims, rounding, seed, stream, step):
     """fqt::quantize -> (int8 codes, fp32 keepdim scale); same float ops in the same order as
-    `fqtc.quant.uniform.quantize` (scale = amax/qmax; x / scale is a true division; round half to even)."""
+    `fqtc.quant.uniform.quantize` (scale = amax/qmax; x / scale is a true division; round half to even), with its
+    non-finite policy (a group holding NaN/Inf gets a NaN/Inf scale and zero codes): `_group_codes`, except that
+    8-bit nearest rounding with a per-tensor or per-axis scale becomes a standard QuantizeLinear."""
     import onnx
 
+    if rounding not in ("nearest", "stochastic"):
+        raise NotImplementedError(f"fqtc.export_onnx: fqt::quantize rounding {rounding!r} has no ONNX translation")
     op = _op()
-    qmax = (1 << (bits - 1)) - 1 if bits > 1 else 1
     rank = _rank(x)
     dims = sorted({d % rank for d in reduce_dims}) if rank is not None else list(reduce_dims)
-    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=dims), keepdims=1) if dims else op.Abs(x)
-    scale = op.Where(op.Greater(amax, op.Constant(value_float=0.0)),
-                     op.Div(amax, op.Constant(value_float=float(qmax))), op.Constant(value_float=1.0))
-    kept = [d for d in range(rank)] if rank is not None else None
-    kept = [d for d in kept if d not in dims] if kept is not None else None
-    if rounding == "nearest" and bits == 8 and kept is not None and len(kept) <= 1:
-        # QuantizeLinear divides and rounds half to even; |x / s| <= 127, so its [-128, 127] saturation never
-        # differs from fqt's symmetric clamp to [-127, 127].
-        if not kept:  # per-tensor: QuantizeLinear wants a scalar scale
-            scalar = op.Constant(value=onnx.helper.make_tensor("scalar_shape", onnx.TensorProto.INT64, [0], []))
-            codes = op.QuantizeLinear(x, op.Reshape(scale, scalar),
-                                      output_dtype=onnx.TensorProto.INT8)
-        else:  # per-axis: a 1-D scale along the one dim that keeps its extent
-            codes = op.QuantizeLinear(x, op.Reshape(scale, op.Constant(value_ints=[-1])), axis=kept[0],
-                                      output_dtype=onnx.TensorProto.INT8)
-        return codes, scale
-    y = op.Div(x, scale)
-    if rounding == "nearest":
-        q = op.Round(y)
-    elif rounding == "stochastic":
-        if _SR_MODE[0] == "counter":
-            key = op.Constant(value=onnx.helper.make_tensor("key", onnx.TensorProto.UINT32, [],
-                                                            [mix32_int(seed ^ GOLDEN)]))
-            u = _fqt_opset().CounterUniform(y, _step_key(key, step, stream))
-        else:
-            u = op.RandomUniformLike(y, dtype=onnx.TensorProto.FLOAT)
-        q = op.Floor(op.Add(y, u))
-    else:
-        raise NotImplementedError(f"fqtc.export_onnx: fqt::quantize rounding {rounding!r} has no ONNX translation")
-    q = op.Clip(q, op.Constant(value_float=float(-qmax)), op.Constant(value_float=float(qmax)))
-    return op.Cast(q, to=onnx.TensorProto.INT8), scale
+    kept = [d for d in range(rank) if d not in dims] if rank is not None else None
+    if not (rounding == "nearest" and bits == 8 and kept is not None and len(kept) <= 1):
+        return _group_codes(x, bits, dims, rounding, seed, stream, step)
+    scale = _group_scale(x, bits, dims)
+    # QuantizeLinear divides and rounds half to even; |x / s| <= 127, so its [-128, 127] saturation never differs
+    # from fqt's symmetric clamp to [-127, 127].
+    if not kept:  # per-tensor: QuantizeLinear wants a scalar scale
+        scalar = op.Constant(value=onnx.helper.make_tensor("scalar_shape", onnx.TensorProto.INT64, [0], []))
+        codes = op.QuantizeLinear(x, op.Reshape(scale, scalar), output_dtype=onnx.TensorProto.INT8)
+    else:  # per-axis: a 1-D scale along the one dim that keeps its extent
+        codes = op.QuantizeLinear(x, op.Reshape(scale, op.Constant(value_ints=[-1])), axis=kept[0],
+                                  output_dtype=onnx.TensorProto.INT8)
+    # a non-finite group's codes are 0 (QuantizeLinear's result for x / NaN is not specified)
+    bad = op.Or(op.IsNaN(scale), op.IsInf(scale))
+    zero = op.Constant(value=onnx.helper.make_tensor("zero_i8", onnx.TensorProto.INT8, [], [0]))
+    return op.Where(bad, zero, codes), scale
 
 
 def _grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step):
     """fqt::grad_quantize for the codes x scale quantizers that are uniform over groups (PTQ: one group; PSQ/SCQ:
-    the groups of ``reduce_dims``), with `fqtc.quant.gradq`'s non-finite policy: a NaN anywhere in a group makes
-    its scale NaN, and non-finite codes become 0. AQ samples groups and has no translation yet."""
-    import onnx
+    the groups of ``reduce_dims``), with fqtc's non-finite policy (`fqtc.quant.uniform`): a NaN anywhere in a group
+    makes its scale NaN, and non-finite codes become 0. AQ and AQ top-k: `fqtc.export.onnx_gradq.aq`."""
+    if quantizer in ("aq", "aq_topk"):
+        from fqtc.export import onnx_gradq
 
+        return onnx_gradq.aq(x, quantizer, bits, reduce_dims, rounding, seed, stream, step)
     if quantizer not in ("ptq", "psq", "scq"):
         raise NotImplementedError(f"fqtc.export_onnx: fqt::grad_quantize with quantizer {quantizer!r} has no ONNX "
-                                  "translation yet (translated: ptq, psq, scq)")
-    op = _op()
+                                  "translation (translated: ptq, psq, scq, aq, aq_topk)")
     rank = _rank(x)
     if rank is None:
         raise NotImplementedError("fqtc.export_onnx: fqt::grad_quantize needs a static rank")
     dims = list(range(rank)) if quantizer == "ptq" else sorted({d % rank for d in reduce_dims})
+    return _group_codes(x, bits, dims, rounding, seed, stream, step)
+
+
+def _group_scale(x, bits, dims):
+    """`fqtc.quant.uniform.absmax_scale` over ``dims``: amax/qmax, 1 for an all-zero group, NaN for a group holding
+    a NaN (ReduceMax need not propagate NaN, so it is tested separately), Inf for one holding an Inf."""
+    import onnx
+
+    op = _op()
     qmax = (1 << (bits - 1)) - 1 if bits > 1 else 1
     f32 = onnx.TensorProto.FLOAT
     axes = op.Constant(value_ints=dims)
@@ -157,9 +159,20 @@ def _grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step
     if dims:
         any_nan = op.Cast(op.ReduceMax(op.Cast(op.IsNaN(x), to=f32), axes, keepdims=1), to=onnx.TensorProto.BOOL)
         amax = op.Where(any_nan, nan, amax)
-    scale = op.Where(op.Greater(amax, op.Constant(value_float=0.0)),
-                     op.Div(amax, op.Constant(value_float=float(qmax))),
-                     op.Where(op.IsNaN(amax), amax, op.Constant(value_float=1.0)))
+    return op.Where(op.Greater(amax, op.Constant(value_float=0.0)),
+                    op.Div(amax, op.Constant(value_float=float(qmax))),
+                    op.Where(op.IsNaN(amax), amax, op.Constant(value_float=1.0)))
+
+
+def _group_codes(x, bits, dims, rounding, seed, stream, step):
+    """`fqtc.quant.uniform.quantize` (and `fqtc.quant.gradq`'s uniform group quantizers) over the groups sharing a
+    scale along ``dims`` (non-negative, sorted)."""
+    import onnx
+
+    op = _op()
+    qmax = (1 << (bits - 1)) - 1 if bits > 1 else 1
+    f32 = onnx.TensorProto.FLOAT
+    scale = _group_scale(x, bits, dims)
     y = op.Div(x, scale)
     if rounding == "nearest":
         q = op.Round(y)
@@ -337,6 +350,8 @@ def _observe(x, codes, scale, step, tag):
 def _translations() -> dict[Any, Callable]:
     import fqtc.inspect  # noqa: F401  (registers fqt::observe)
     import fqtc.ops  # noqa: F401
+    from fqtc.export import onnx_gradq as _gq  # AQ and BHQ (they use the helpers above)
+    from fqtc.export import onnx_lwq as _lwq  # latent-weight ops and fqt::lwq_step (registers it)
 
     return {
         torch.ops.fqt.quantize.default: _quantize,
@@ -346,6 +361,8 @@ def _translations() -> dict[Any, Callable]:
         torch.ops.fqt.qconv2d.default: _qconv2d,
         torch.ops.fqt.qconv2d_input.default: _qconv2d_input,
         torch.ops.fqt.qconv2d_weight.default: _qconv2d_weight,
+        torch.ops.fqt.bhq.default: _gq.bhq,
+        **_lwq.LWQ_TRANSLATIONS,
     }
 
 
@@ -525,13 +542,15 @@ def _unique(names: Sequence[str]) -> list[str]:
 
 def export_graph(gm: fx.GraphModule, args: Sequence[Any], path: str, which: str = "graph",
                  input_names: Sequence[str] | None = None, sr: str = "random",
-                 metadata: Mapping[str, str] | None = None) -> ExportedGraph:
-    """Export one fqt graph module (forward, backward or inference) to ``path``.
+                 metadata: Mapping[str, str] | None = None,
+                 output_names: Sequence[str] | None = None) -> ExportedGraph:
+    """Export one fqt graph module (forward, backward, inference or update) to ``path``.
 
     ``args`` are its inputs in placeholder order; a ``fqt::step`` node becomes the input ``fqt_step``, which must be
     given last-but-placeholders order as `export_onnx` does (after the original placeholders). ``None`` outputs
-    (gradients of inputs that need none) are dropped. The model is checked with
-    ``onnx.checker.check_model(full_check=True)`` before it is written.
+    (gradients of inputs that need none) are dropped. ``output_names`` renames the (kept) outputs; by default
+    they carry the exporter's names. The model is checked with ``onnx.checker.check_model(full_check=True)``
+    before it is written.
     """
     import onnx
 
@@ -567,6 +586,14 @@ def export_graph(gm: fx.GraphModule, args: Sequence[Any], path: str, which: str 
     finally:
         _SR_MODE[0] = "random"
     model = prog.model_proto
+    if output_names is not None:
+        if len(output_names) != len(model.graph.output):
+            raise ValueError(f"fqtc.export_onnx: {len(output_names)} output names for the {which} graph's "
+                             f"{len(model.graph.output)} outputs")
+        for o, new_name in zip(model.graph.output, output_names):  # an Identity keeps every producer intact
+            model.graph.node.append(onnx.helper.make_node("Identity", [o.name], [new_name]))
+            o.name = new_name
+        out_names = list(output_names)
     uses_fqt = any(n.domain == FQT_DOMAIN for n in model.graph.node)
     if uses_fqt:
         model.functions.extend(fqt_functions())
@@ -649,10 +676,16 @@ def _input_names(model: torch.nn.Module, placeholders: Sequence[fx.Node], keys: 
                  ) -> list[str]:
     """ONNX input names of a forward graph: ``param.<fqn>``/``buffer.<fqn>`` for the model's tensors (matched by
     storage, so the names are the model's own), the FX placeholder name for data inputs."""
+    from fqtc.optim.latent import LatentWeight
+
     owned: dict[tuple, str] = {}
     for kind, items in (("buffer", model.named_buffers()), ("param", model.named_parameters())):
         for name, t in items:
-            owned[_inspect._storage_key(t)] = f"{kind}.{name}"
+            if isinstance(t, LatentWeight):  # graphs read its inner tensors (the update graph's names too)
+                for inner in ("q", "r", "s", "mu"):
+                    owned[_inspect._storage_key(getattr(t, inner))] = f"lwq.{name}.{inner}"
+            else:
+                owned[_inspect._storage_key(t)] = f"{kind}.{name}"
     names = [owned.get(k, n.name) if k is not None else n.name
              for n, k in zip(placeholders, list(keys) + [None] * len(placeholders))]
     return _unique(names)
@@ -660,7 +693,7 @@ def _input_names(model: torch.nn.Module, placeholders: Sequence[fx.Node], keys: 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any] | Tensor, path: str,
                 options: Mapping[str, Any] | FQTConfig | None = None, training: bool = True,
-                sr: str = "random") -> list[str]:
+                sr: str = "random", optimizer: torch.optim.Optimizer | None = None) -> list[str]:
     """Write the fqt-quantized graphs of ``model`` as ONNX (opset 21) and return the paths written.
 
     Args:
@@ -671,19 +704,45 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any] | Tensor, 
             ``param.<name>``, data, ``fqt_step``; outputs: the model outputs, then the tensors saved for backward) and
             ``dir/name.backward.onnx`` (inputs: the saved tensors, ``tangents_*``; outputs: the gradients of the
             inputs that need one). With ``training=False``: the inference graph at ``path``. A model Dynamo splits
-            into several graphs gets ``.g<i>`` before the suffix.
+            into several graphs gets ``.g<i>`` before the suffix. With ``training=True`` and an ``optimizer`` (needed
+            when the model has latent weights, `fqtc.prepare`): also ``dir/name.update.onnx``, one optimizer step
+            (`fqtc.export.onnx_lwq`: inputs ``lwq.<name>.{q,r,s,mu}`` / ``param.<name>``, ``grad.<name>``,
+            ``state.<name>.step``, ``state.<name>.buffers.<i>``; outputs ``<input>.new``, ``stats.<name>``,
+            ``found_inf``).
         options: the fqt options (as for ``torch.compile``).
         training: export the training pair (forward + backward) or the inference graph.
         sr: stochastic rounding as ``"random"`` (standard ``RandomUniformLike``: not the same draws as PyTorch) or
             ``"counter"`` (``com.fqt::CounterUniform``: the same bits as fqtc's counter-based stream).
+        optimizer: a `fqtc.optim` optimizer over the model's parameters: its kind, hyperparameters and current
+            state define the update graph (the optimizer and model are not modified).
 
     Raises:
         NotImplementedError: the graphs use an op with no ONNX translation; the message names it.
+        ValueError: ``training=True`` on a model with latent weights but no ``optimizer`` (the update graph needs
+            one), or an ``optimizer`` with ``training=False``.
+        TypeError: ``optimizer`` is not a `fqtc.optim` optimizer.
     """
+    from fqtc.optim.latent import LatentWeight
+
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     if not str(path).endswith(".onnx"):
         raise ValueError(f"fqtc.export_onnx: path must end with .onnx, got {path!r}")
+    latent = [n for n, p in model.named_parameters() if isinstance(p, LatentWeight)]
+    if training and latent and optimizer is None:
+        raise ValueError(f"fqtc.export_onnx: the model has latent weights ({', '.join(latent[:3])}"
+                         f"{', ...' if len(latent) > 3 else ''}), so training=True also writes their update graph, "
+                         "which needs the optimizer: pass optimizer=fqtc.optim.SGD(...) or AdamW(...) (the one you "
+                         "train with), or training=False for the inference graph")
+    if optimizer is not None and not training:
+        raise ValueError("fqtc.export_onnx: optimizer= is for the training export (the update graph); "
+                         "drop it or pass training=True")
+    if optimizer is not None:
+        from fqtc.optim.base import LatentOptimizer
+
+        if not isinstance(optimizer, LatentOptimizer):
+            raise TypeError(f"fqtc.export_onnx: optimizer must be a fqtc.optim optimizer (SGD, AdamW), got "
+                            f"{type(optimizer).__name__}; torch.optim optimizers cannot update latent weights")
     graphs = graph_inputs(model, example_inputs, options, training)
     if not graphs:
         raise RuntimeError("fqtc.export_onnx: the fqt backend compiled no graph for this model and input")
@@ -708,6 +767,14 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any] | Tensor, 
             written.append(p)
             if not training:
                 break
+    if optimizer is not None:
+        from fqtc.export import onnx_lwq
+
+        gm, args, names, out_names = onnx_lwq.update_graph(optimizer, model)
+        p = f"{stem}.update.onnx"
+        meta = {"fqt.optimizer": type(optimizer).__name__}
+        export_graph(gm, args, p, "update", names, sr, meta, out_names)
+        written.append(p)
     return written
 
 

@@ -86,6 +86,26 @@ def test_nearest_rounding_matches_pytorch_exactly(tmp_path):
     assert any(r.dtype == torch.int8 for _, _, r, _, _ in rows)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("sr", ["nearest", "counter"])
+def test_non_finite_input_matches_pytorch(tmp_path, sr):
+    """A NaN in one sample: the exported quantizers follow fqtc's non-finite policy (NaN scale, zero codes; also on
+    the QuantizeLinear path) and ONNX Runtime reproduces the PyTorch graphs, NaNs included."""
+    x = _x()
+    x[2, 5] = float("nan")
+    options = {"grad_rounding": "nearest"} if sr == "nearest" else {}
+    rows, _ = _export_and_run(tmp_path, options, sr="counter", x=x)
+    saw_nan = False
+    for which, name, ref, got, must_be_exact in rows:
+        assert got.dtype == ref.dtype and got.shape == ref.shape, (which, name)
+        if must_be_exact:
+            torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True, msg=f"{which} {name}")
+        else:
+            torch.testing.assert_close(got, ref, equal_nan=True, msg=f"{which} {name}")
+        saw_nan |= bool(ref.is_floating_point() and torch.isnan(ref).any())
+    assert saw_nan  # the NaN reached the graphs' outputs instead of being hidden
+
+
 class _GroupedCNN(torch.nn.Module):
     """Plain, depthwise (dilated) and grouped (strided) convs, a Linear head: every conv translation path."""
 
@@ -206,6 +226,26 @@ def test_export_onnx_inference_and_cli(tmp_path, capsys):
             feeds[i.name] = x.numpy()
     got = torch.from_numpy(sess.run(None, feeds)[0])
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_cli_exports_latent_weight_model_with_update_graph(tmp_path, capsys):
+    """Latent bits on the command line: the CLI prepares the model, asks for --optimizer, and with it writes the
+    update graph beside forward and backward."""
+    from fqtc.cli import main
+
+    out = tmp_path / "lwq.onnx"
+    base = ["export", "benchmarks.models:MLP", "--input-shape", "4,64", "--kwargs", '{"hidden": [16]}',
+            "--options", '{"bits": "W8A8G8L4"}', "--out", str(out)]
+    with pytest.raises(SystemExit, match="--optimizer sgd"):
+        main(base)
+    assert main(base + ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.01"]) == 0
+    printed = capsys.readouterr().out
+    for which in ("forward", "backward", "update"):
+        path = tmp_path / f"lwq.{which}.onnx"
+        assert f"wrote {path}" in printed
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    update_inputs = [i.name for i in onnx.load(str(tmp_path / "lwq.update.onnx")).graph.input]
+    assert "lwq.net.1.weight.q" in update_inputs and "grad.net.1.weight" in update_inputs
 
 
 def test_bad_arguments(tmp_path):

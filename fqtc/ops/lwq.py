@@ -97,16 +97,23 @@ def _store_states(states: list[Tensor], values: list[Tensor]) -> None:
         states[i + 1].copy_(amax)
 
 
-def optimizer_math(kind: str, p: Tensor, g: Tensor, st: list[Tensor], hp: list[float], step: Tensor
-                   ) -> tuple[Tensor, list[Tensor]]:
+def optimizer_math(kind: str, p: Tensor, g: Tensor, st: list[Tensor], hp: list[float], step: Tensor,
+                   lr_t: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """One step of torch.optim.SGD / AdamW on float tensors. Returns (new parameter, new state values).
 
     ``step`` is a 0-d int64 tensor (from 1), so the math traces without a host sync (compiled optimizer step).
+    ``lr_t``, a 0-d tensor learning rate, replaces ``hp[0]``: a compiled step then reads it as a graph input, so an
+    LR schedule that updates it in place does not recompile the step (torch.optim's tensor-``lr`` convention). The
+    expressions mirror the float path's rounding: ``lr * g`` casts lr to fp32 either way, ``1 - lr * wd`` is formed
+    in float64 and rounded once (as Python forms it), and ``lr / bc1`` is ``bc1.reciprocal() * lr`` (what
+    ``float / Tensor`` computes).
     """
     g = g.float()
     step = step.to(torch.float32)
     if kind == "sgd":
         lr, momentum, dampening, wd, nesterov = hp
+        if lr_t is not None:
+            lr = lr_t.float()
         if wd != 0:
             g = g + wd * p
         if momentum != 0:
@@ -117,7 +124,11 @@ def optimizer_math(kind: str, p: Tensor, g: Tensor, st: list[Tensor], hp: list[f
         return p - lr * g, []
     if kind == "adamw":
         lr, b1, b2, eps, wd = hp
-        p = p * (1 - lr * wd)
+        if lr_t is not None:
+            lr = lr_t.float()
+            p = p * (1 - lr_t.double() * wd).float()
+        else:
+            p = p * (1 - lr * wd)
         m = st[0] * b1 + (1 - b1) * g  # the lerp torch.optim uses, written out
         v = st[1] * b2 + (1 - b2) * g * g
         bc1 = 1 - torch.pow(b1, step)
@@ -125,14 +136,17 @@ def optimizer_math(kind: str, p: Tensor, g: Tensor, st: list[Tensor], hp: list[f
         # sqrt in float64, rounded once: correctly rounded, so a GPU kernel can match it bit for bit (torch's CPU
         # fp32 sqrt is not, docs/kernels.md)
         denom = (v.double().sqrt().float() / torch.sqrt(bc2.double()).float()) + eps
-        return p - (lr / bc1) * m / denom, [m, v]
+        step_size = bc1.reciprocal() * lr if lr_t is not None else lr / bc1
+        return p - step_size * m / denom, [m, v]
     raise ValueError(f"unknown optimizer kind {kind!r}; allowed: sgd, adamw")
 
 
-def plain_update(p: Tensor, g: Tensor, states: list[Tensor], kind: str, hp: list[float], step: Tensor) -> None:
-    """In-place update of a plain (non-latent) parameter with the same math and state formats."""
+def plain_update(p: Tensor, g: Tensor, states: list[Tensor], kind: str, hp: list[float], step: Tensor,
+                 lr_t: Tensor | None = None) -> None:
+    """In-place update of a plain (non-latent) parameter with the same math and state formats (``lr_t``: a tensor
+    learning rate replacing ``hp[0]``, `optimizer_math`)."""
     st = _load_states(kind, states, list(p.shape))
-    new_p, new_st = optimizer_math(kind, p.detach().float(), g, st, hp, step)
+    new_p, new_st = optimizer_math(kind, p.detach().float(), g, st, hp, step, lr_t)
     p.detach().copy_(new_p)
     _store_states(states, new_st)
 
@@ -141,9 +155,13 @@ def plain_update(p: Tensor, g: Tensor, states: list[Tensor], kind: str, hp: list
 def lwq_update(
     q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str, hparams: list[float],
     shape: list[int], wbits: int, lbits: int, seed: int, stream: int, step: Tensor, skip: Tensor,
-    refresh: bool, mu_interval: int,
+    refresh: bool, mu_interval: int, lr: Tensor | None = None,
 ) -> Tensor:
     """Fused LWQ optimizer step of one latent parameter: decode -> optimizer math -> re-encode (SR residual).
+
+    ``lr`` (optional 0-d tensor) is the learning rate when the optimizer's group holds it as a tensor; it then
+    replaces ``hparams[0]`` and is read here, inside the op, so a compiled optimizer step keeps it as a graph input
+    instead of baking its value (an LR schedule does not recompile the step).
 
     ``step`` (0-d int64) is the optimizer's step number, from 1: it keys the residual's random stream together
     with (seed, stream) and drives bias correction. ``skip`` (0-d bool) leaves everything unchanged (a step with
@@ -159,7 +177,7 @@ def lwq_update(
     rc = _lwq.load_codes(r, lbits, shape)
     w = _lwq.decode(qc, rc, s, lbits, mu_old)
     st = _load_states(kind, states, shape)
-    w_new, st_new = optimizer_math(kind, w, grad.reshape(shape), st, hparams, step)
+    w_new, st_new = optimizer_math(kind, w, grad.reshape(shape), st, hparams, step, lr)
     delta = (w_new - w).abs()
     mean_rel = (delta / s).mean()
     mu_new = mu_old
@@ -179,5 +197,6 @@ def lwq_update(
 
 
 @lwq_update.register_fake
-def _(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip, refresh, mu_interval):
+def _(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip, refresh, mu_interval,
+      lr=None):
     return q.new_empty(2, dtype=torch.float32)

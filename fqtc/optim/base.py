@@ -42,12 +42,20 @@ class LatentOptimizer(torch.optim.Optimizer):
     def _hparams(self, group: dict[str, Any]) -> list[float]:
         raise NotImplementedError
 
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _step_hparams(self, group: dict[str, Any]) -> tuple[list[float], Tensor | None]:
+        """``(hparams, lr tensor)`` for one step. A group whose ``lr`` is a tensor (torch.optim's convention for
+        compiled steps with LR schedules) passes it as a tensor and puts 0.0 in ``hparams[0]``, which the ops
+        ignore when the tensor is given: reading the tensor's value here would bake it into a compiled step."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return self._hparams({**group, "lr": 0.0}), lr
+        return self._hparams(group), None
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], hp: list[float]) -> dict[str, Any]:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-            state["buffers"] = _ops.state_tensors(self.kind, self._hparams(group), list(p.shape),
-                                                  group["state_bits"], p.device)
+            state["buffers"] = _ops.state_tensors(self.kind, hp, list(p.shape), group["state_bits"], p.device)
         return state
 
     @torch.no_grad()
@@ -64,26 +72,27 @@ class LatentOptimizer(torch.optim.Optimizer):
         self.found_inf = found_inf
         keep = (~found_inf).to(torch.int64)
         for group in self.param_groups:
-            hp = self._hparams(group)
+            hp, lr_t = self._step_hparams(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self._init_state(p, group)
+                state = self._init_state(p, group, hp)
                 state["step"].add_(keep)
                 if isinstance(p, LatentWeight):
                     stats = torch.ops.fqt.lwq_update.default(
                         p.q, p.r, p.s, p.mu, p.grad, state["buffers"], self.kind, hp, list(p.shape), p.wbits,
                         p.lbits, group["seed"], p.stream, state["step"], found_inf, group["refresh"],
-                        group["mu_interval"])
+                        group["mu_interval"], lr_t)
                     state["stats"] = stats
                 else:
-                    self._plain_step(p, state, hp, found_inf)
+                    self._plain_step(p, state, hp, found_inf, lr_t)
         return loss
 
-    def _plain_step(self, p: Tensor, state: dict[str, Any], hp: list[float], found_inf: Tensor) -> None:
+    def _plain_step(self, p: Tensor, state: dict[str, Any], hp: list[float], found_inf: Tensor,
+                    lr_t: Tensor | None = None) -> None:
         old_p = p.detach().clone()
         old_buf = [b.clone() for b in state["buffers"]]
-        _ops.plain_update(p, p.grad, state["buffers"], self.kind, hp, state["step"].clamp(min=1))
+        _ops.plain_update(p, p.grad, state["buffers"], self.kind, hp, state["step"].clamp(min=1), lr_t)
         p.detach().copy_(torch.where(found_inf, old_p, p.detach()))
         for b, ob in zip(state["buffers"], old_buf):
             b.copy_(torch.where(found_inf, ob, b))
@@ -104,6 +113,13 @@ def _to_device(v: Any, device: torch.device) -> Any:
     if isinstance(v, (list, tuple)):
         return type(v)(_to_device(x, device) for x in v)
     return v
+
+
+def _check_lr(name: str, lr: Any) -> None:
+    """A learning rate is a number or a one-element float tensor (for compiled steps under an LR schedule)."""
+    if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
+        raise ValueError(f"{name}: a tensor lr must be a one-element float tensor (e.g. torch.tensor(1e-3)), got "
+                         f"shape {list(lr.shape)} dtype {lr.dtype}")
 
 
 def _common_defaults(state_bits: int, seed: int, refresh: bool, mu_interval: int) -> dict[str, Any]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from fqtc.optim.base import DEFAULT_MU_INTERVAL, LatentOptimizer, _common_defaults
+import torch
+
+from fqtc.optim.base import DEFAULT_MU_INTERVAL, LatentOptimizer, _check_lr, _common_defaults
 
 
 class SGD(LatentOptimizer):
@@ -12,7 +14,9 @@ class SGD(LatentOptimizer):
 
     Args:
         params: parameters or parameter groups; `LatentWeight` parameters get one fused ``fqt::lwq_update`` each.
-        lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
+        lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``. ``lr`` may be a one-element
+            tensor (torch.optim's convention): a compiled step then reads it as an input, so an LR scheduler that
+            updates it in place does not recompile the step.
         state_bits: 32 (fp32 momentum) or 8 (8-bit block-quantized momentum: 1 byte/param + 4 bytes/256 params).
         seed: key of the residuals' stochastic-rounding stream (with the step number and the parameter's stream).
         refresh: refresh per-row scales so integer codes never saturate (papers.md; leave on).
@@ -21,9 +25,10 @@ class SGD(LatentOptimizer):
 
     kind = "sgd"
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, state_bits: int = 32, seed: int = 0,
-                 refresh: bool = True, mu_interval: int = DEFAULT_MU_INTERVAL) -> None:
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, state_bits: int = 32,
+                 seed: int = 0, refresh: bool = True, mu_interval: int = DEFAULT_MU_INTERVAL) -> None:
+        _check_lr("SGD", lr)
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"SGD: lr, momentum and weight_decay must be >= 0, got lr={lr}, momentum={momentum}, "
                              f"weight_decay={weight_decay}")

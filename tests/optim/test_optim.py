@@ -278,6 +278,61 @@ def test_compiled_step_is_one_graph_of_lwq_updates_and_matches_eager_bitwise():
             torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_tensor_lr_schedule_does_not_recompile_the_step(kind):
+    """lr held as a tensor (torch.optim's convention) and changed in place every step, as an LR scheduler does: the
+    compiled step compiles its steady-state graph once and reuses it, and its updates equal the eager step's bit for
+    bit. With a float lr the same schedule recompiles on every new value (Dynamo guards on it)."""
+    opts = {"bits": "W8A8G8L4"}
+
+    def make(lr):
+        m = fqtc.prepare(_mlp(), opts)
+        if kind == "sgd":
+            return m, SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+        return m, AdamW(m.parameters(), lr=lr, weight_decay=1e-2)
+
+    (m1, o1), (m2, o2), (m3, o3) = make(torch.tensor(0.05)), make(torch.tensor(0.05)), make(0.05)
+    step2 = torch.compile(o2.step, backend=partial(fqt_backend, options=opts))
+    step3 = torch.compile(o3.step, backend=partial(fqt_backend, options=opts))
+    graphs2, graphs3 = [], []
+    for i in range(5):
+        x = torch.randn(8, 16)
+        for m in (m1, m2, m3):
+            m(x).square().mean().backward()
+        lr = 0.05 / (i + 1)
+        for o in (o1, o2):
+            o.param_groups[0]["lr"].fill_(lr)
+        o3.param_groups[0]["lr"] = lr
+        o1.step()
+        with capture() as c2:
+            step2()
+        with capture() as c3:
+            step3()
+        graphs2.append(len(c2))
+        graphs3.append(len(c3))
+        for o in (o1, o2, o3):
+            o.zero_grad()
+    assert graphs2[2:] == [0, 0, 0], graphs2  # steps 3-5 reuse the graph compiled at step 2
+    assert all(n >= 1 for n in graphs3[1:]), graphs3  # a float lr is baked: each new value compiles again
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        if isinstance(a, LatentWeight):
+            for x, y in zip(_inner(a), _inner(b)):
+                torch.testing.assert_close(y, x, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    # the tensor-lr and float-lr steps compute the same update (up to the rounding of lr itself)
+    for a, c in zip(m1.parameters(), m3.parameters()):
+        da = a.dequantize() if isinstance(a, LatentWeight) else a.detach()
+        dc = c.dequantize() if isinstance(c, LatentWeight) else c.detach()
+        torch.testing.assert_close(da, dc, rtol=1e-4, atol=1e-5)
+
+
+def test_tensor_lr_must_be_one_element():
+    m = fqtc.prepare(_mlp(), {"bits": "W8A8G8L4"})
+    with pytest.raises(ValueError, match="one-element float tensor"):
+        SGD(m.parameters(), lr=torch.tensor([0.1, 0.2]))
+
+
 # -- checkpoint: save mid-training, resume in a fresh process -------------------------------------------------------
 def test_checkpoint_resume_in_fresh_process_gives_identical_losses(tmp_path):
     from tests.optim import ckpt_run

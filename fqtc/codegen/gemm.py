@@ -32,12 +32,12 @@ import triton
 import triton.language as tl
 
 from fqtc.codegen import tl_numerics as tn
+from fqtc.codegen.tuning import BucketTuner, autotune_enabled, bucket
 from fqtc.quant.gemm import scale_along_k
 from fqtc.quant.rng import GOLDEN, mix32_int
 from fqtc.quant.uniform import qmax_for
 
-# Tile configs keyed on bucketed shapes (next power of two of M, N, K, clamped), so a new sequence length reuses
-# the config of its bucket instead of re-tuning. (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps):
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), the default of each shape class:
 # - large: 128x128x64, 4 stages, 8 warps: the Triton matmul tutorial's int8 configs for H100-class GPUs;
 # - small M (decode / tiny batches): 64x128x64 keeps more programs in flight;
 # - the interpreter uses 64^3 tiles: 6x faster than 32^3 at n=128 in the measurements of docs/kernels.md.
@@ -46,6 +46,15 @@ CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "small_m": (64, 128, 64, 4, 4),
     "interpreter": (64, 64, 64, 1, 4),
 }
+# Candidates timed once per shape bucket on CUDA (`fqtc.codegen.tuning`), the class default first: wider N or M
+# tiles for large GEMMs (more reuse per loaded tile), narrower ones for small M (more programs in flight).
+CANDIDATES: dict[str, list[tuple[int, int, int, int, int]]] = {
+    "large": [CONFIGS["large"], (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8),
+              (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+    "small_m": [CONFIGS["small_m"], (32, 128, 64, 4, 4), (16, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+                (64, 256, 64, 3, 8)],
+}
+TUNER = BucketTuner(enabled=autotune_enabled())
 GROUP_M = 8  # programs along M that share a B column panel in L2 (grouped ordering, Triton matmul tutorial)
 MAX_REQUANT_N = 256  # requantizing epilogue: the whole output row must be one tile (registers: 128 x 256 fp32)
 
@@ -56,11 +65,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def shape_class(M: int) -> str:
+    return "small_m" if triton.next_power_of_2(max(1, M)) <= 64 else "large"
+
+
 def pick_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    """The tile config of the (M, N, K) bucket."""
+    """The default tile config of the (M, N, K) shape class (before tuning)."""
     if _interpreting():
         return CONFIGS["interpreter"]
-    return CONFIGS["small_m"] if triton.next_power_of_2(M) <= 64 else CONFIGS["large"]
+    return CONFIGS[shape_class(M)]
 
 
 @triton.jit
@@ -223,12 +236,13 @@ def _launch(a, a_mode, sa, b, sb, bias, out_dtype, *, a_bits=8, a_rounding="near
         rqs = torch.empty((*out_shape[:-1], 1), dtype=torch.float32, device=dev)
     else:
         o_sr, o_key0, o_stream, o_qmax, rq, rqs = False, 0, 0, 1, out, out
-    bm, bn, bk, stages, warps = pick_config(M, N, K)
-    if requant is not None:
-        bn = max(16, triton.next_power_of_2(N))
     c3 = _batched(bias, batch, M, N) if bias is not None else o3
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), nb)
-    if nb and M and N:
+
+    def launch(cfg: tuple[int, int, int, int, int]) -> None:
+        bm, bn, bk, stages, warps = cfg
+        if requant is not None:
+            bn = max(16, triton.next_power_of_2(N))  # the whole output row in one tile
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), nb)
         _qgemm_kernel[grid](
             a3, b3, sa_ptr, sb3, c3, o3, qa if qa is not None else out, qsa if qsa is not None else out, rq, rqs,
             step_t, M, N, K,
@@ -240,6 +254,15 @@ def _launch(a, a_mode, sa, b, sb, bias, out_dtype, *, a_bits=8, a_rounding="near
             REQUANT=requant is not None, O_SR=o_sr,
             OUT_BF16=out_dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M,
             num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+
+    if nb and M and N:
+        if _interpreting():
+            cfg = CONFIGS["interpreter"]
+        else:  # the bucket's tuned config: timed at its first launch, reused for every shape of the bucket
+            cls = shape_class(M)
+            key = (cls, bucket(M, N, K), a_mode, requant is not None, bias is not None, out_dtype, a.dtype)
+            cfg = TUNER.pick(key, CANDIDATES[cls], launch)
+        launch(cfg)
     return out, qa, qsa, (rq, rqs) if requant is not None else None
 
 

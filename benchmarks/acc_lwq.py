@@ -31,7 +31,7 @@ CONFIGS = ["fp32-latent", "L8", "L4", "L2", "int8-SR (no residual)"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lwq-models", default="cnn", help="comma list of cnn, gpt")
+    p.add_argument("--lwq-models", default="cnn", help="comma list of cnn, gpt, gpt-ft (fine-tuning regime)")
     p.add_argument("--lwq-epochs", type=float, default=2.0, help="CNN epochs")
     p.add_argument("--lwq-train", type=int, default=None, help="CNN training images (default all 60000)")
     p.add_argument("--lwq-steps", type=int, default=None, help="cap on CNN optimizer steps (reduced runs)")
@@ -39,6 +39,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lwq-fp-conv", action="store_true",
                    help="keep the CNN's convolutions in full precision (the CPU conv reference path is slow)")
     p.add_argument("--lwq-gpt-steps", type=int, default=600)
+    p.add_argument("--lwq-ft-pretrain", type=int, default=600, help="gpt-ft: FP32-latent pre-training steps")
+    p.add_argument("--lwq-ft-steps", type=int, default=300, help="gpt-ft: fine-tuning steps per config")
+    p.add_argument("--lwq-ft-lr", type=float, default=3e-4, help="gpt-ft: fine-tuning AdamW learning rate")
     p.add_argument("--lwq-configs", default=",".join(CONFIGS))
 
 
@@ -183,11 +186,102 @@ def run_gpt(args: Any, config: str) -> dict:
             "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
 
 
+_PRETRAINED: dict[tuple, dict[str, torch.Tensor]] = {}
+_FT_REFERENCE: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _gemm_weight_floats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Float values of the GEMM weights (decoded latent weights for LWQ storage)."""
+    from fqtc.optim.latent import GEMM_MODULES, LatentWeight
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GEMM_MODULES):
+            w = m.weight
+            out[name] = (w.dequantize() if isinstance(w, LatentWeight) else w).detach().float().clone()
+    return out
+
+
+def run_gpt_finetune(args: Any, config: str) -> dict:
+    """Fine-tuning regime: one FP32-latent pre-training run (shared by every config of the process), then
+    ``--lwq-ft-steps`` AdamW steps at the small ``--lwq-ft-lr`` with the config's weight storage. Per-step updates
+    are then a fraction of one int8 grid step, the regime where plain stochastic rounding's per-update variance
+    (about s*|u| for an update u on a grid of step s) accumulates while LWQ's residual keeps it ~2^L smaller.
+    Besides the validation loss, ``w_dev_vs_fp32`` is the RMS difference of the fine-tuned GEMM weights from the
+    fp32-latent fine-tuned weights (same batches, same SR streams elsewhere), relative to the weights' RMS."""
+    import fqtc
+    from benchmarks.data import load_kjv
+    from benchmarks.models import CharGPT, lm_loss
+    from fqtc.backend import fqt_backend
+    from fqtc.optim import AdamW
+
+    data = load_kjv(max_chars=400_000 if args.quick else 2_000_000)
+    key = (args.seed, args.lwq_ft_pretrain, args.quick)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(args.seed)
+        return CharGPT(vocab_size=data.vocab_size, dim=64, heads=4, layers=2, max_len=64)
+
+    def train(model, cmodel, steps, lr, gen, hook=None):
+        opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=args.seed)
+        for _ in range(steps):
+            x, y = data.batch("train", 32, 64, gen)
+            loss = lm_loss(cmodel(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if hook is not None:
+                hook.project()
+
+    def val_loss(cmodel) -> float:
+        gv = torch.Generator().manual_seed(1234)
+        vals = []
+        with torch.no_grad():
+            for _ in range(10):
+                x, y = data.batch("val", 64, 64, gv)
+                vals.append(float(lm_loss(cmodel(x), y)))
+        return sum(vals) / len(vals)
+
+    opts = {"bits": "W8A8G8", "seed": args.seed}
+    if key not in _PRETRAINED:
+        fqtc.set_step(0)
+        model = fresh()
+        cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
+        train(model, cmodel, args.lwq_ft_pretrain, 3e-3, torch.Generator().manual_seed(args.seed))
+        _PRETRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _PRETRAINED[key + ("val",)] = val_loss(cmodel)  # type: ignore[assignment]
+        torch._dynamo.reset()
+    model = fresh()
+    model.load_state_dict(_PRETRAINED[key])
+    hook = _configure(model, config, args.seed)
+    fqtc.set_step(10**6)  # fine-tuning's SR streams: the same for every config
+    cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
+    t0 = time.time()
+    train(model, cmodel, args.lwq_ft_steps, args.lwq_ft_lr, torch.Generator().manual_seed(args.seed + 1), hook)
+    train_s = time.time() - t0
+    weights = _gemm_weight_floats(model)
+    ref_key = key + (args.lwq_ft_steps, args.lwq_ft_lr)
+    if config == "fp32-latent":
+        _FT_REFERENCE[ref_key] = weights
+    dev = None
+    if ref_key in _FT_REFERENCE:
+        ref = _FT_REFERENCE[ref_key]
+        num = sum(float((weights[k] - ref[k]).pow(2).sum()) for k in ref)
+        den = sum(float(ref[k].pow(2).sum()) for k in ref)
+        dev = math.sqrt(num / den)
+    return {"model": "char-GPT (KJV), fine-tuning", "config": config, "seed": args.seed,
+            "pretrain_steps": args.lwq_ft_pretrain, "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr,
+            "val_loss_before_ft": _PRETRAINED[key + ("val",)], "val_loss": val_loss(cmodel),
+            "w_dev_vs_fp32": dev, "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
+
+
 def run(args: Any) -> list[dict]:
     rows = []
     configs = [c for c in args.lwq_configs.split(",") if c]
+    if "gpt-ft" in args.lwq_models and "fp32-latent" in configs:  # the reference of w_dev_vs_fp32 runs first
+        configs = ["fp32-latent"] + [c for c in configs if c != "fp32-latent"]
     for name in args.lwq_models.split(","):
-        fn = {"cnn": run_cnn, "gpt": run_gpt}[name.strip()]
+        fn = {"cnn": run_cnn, "gpt": run_gpt, "gpt-ft": run_gpt_finetune}[name.strip()]
         for c in configs:
             torch._dynamo.reset()
             row = fn(args, c)

@@ -24,7 +24,7 @@ every backward GEMM through the backend's observer hook (`fqtc.backend.fqt_backe
   ``dynamic=True`` (the default), so the budget's weights hold across shapes.
 
 The quantizer, rounding and grouping each unit was calibrated for come from ``options`` (the same options the
-quantized compile will use; ``bits``/``budget``/``calibration`` are ignored here); a compile whose specs differ
+quantized compile will use; ``bits`` and the ``bits="auto"`` options are ignored here); a compile whose specs differ
 raises instead of using stale statistics. Parameter ``.grad`` values are restored afterwards.
 """
 
@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fqtc.config import FQTConfig
+from fqtc.config import AUTO_OPTION_KEYS, FQTConfig
 
 CHOICES: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 _LINEAR_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
@@ -60,6 +60,8 @@ class UnitStats:
     symbols: dict[str, int] = field(default_factory=dict)
     steps: int = 0
     propagation: float | None = None  # measured factor to the parameter gradients (propagation="measured")
+    # measured factor to the sum of per-parameter-tensor noise-to-signal ratios (auto_objective="relative")
+    propagation_relative: float | None = None
 
 
 @dataclass
@@ -156,12 +158,14 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any],
         loss_fn: ``loss_fn(compiled_model, batch) -> scalar loss``; default: ``batch = (x, y)`` and
             cross-entropy of ``model(x)`` (flattened to ``(-1, classes)``) against ``y``.
         options: the fqt options the quantized compile will use (quantizer/rounding/granularity rules are honored;
-            ``bits``, ``budget`` and ``calibration`` are ignored here).
+            ``bits`` and the ``bits="auto"`` options, ``budget``, ``calibration``, ``auto_objective``,
+            ``auto_min_bits``, are ignored here).
         dynamic: compile with symbolic shapes so element counts are symbolic in batch/sequence sizes.
         propagation: how a quantizer's variance is carried to the parameter gradients: ``"model"`` (the
             first-order graph model of `fqtc.passes.autobits.propagation_weights`, no extra cost) or
             ``"measured"`` (one extra compile and ``draws`` steps per unit on the first batch, see
-            `_measure_propagation`; recommended for models with residual paths, e.g. transformers).
+            `_measure_propagation`; recommended for models with residual paths, e.g. transformers). Both record
+            the factors of both ``auto_objective`` values, so one calibration serves either.
     """
     if propagation not in ("model", "measured"):
         raise ValueError(f"fqtc.calibrate: propagation {propagation!r}; allowed: 'model', 'measured'")
@@ -169,7 +173,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any],
     from fqtc.passes.common import graph_fake_mode
 
     loss_fn = loss_fn or _default_loss
-    spec_opts = {k: v for k, v in (options or {}).items() if k not in ("bits", "budget", "calibration")}
+    spec_opts = {k: v for k, v in (options or {}).items() if k != "bits" and k not in AUTO_OPTION_KEYS}
     spec_cfg = FQTConfig.from_options(spec_opts)
     acc: dict[tuple[str, str], UnitStats] = {}
     sums: dict[tuple[str, str], dict[str, Any]] = defaultdict(lambda: defaultdict(float))
@@ -276,11 +280,14 @@ def _measure_propagation(model: torch.nn.Module, batch: Any, loss_fn: Callable, 
     """Measure how much of each quantizer's added variance reaches the parameter gradients (issue 5).
 
     For each (module, role), compile the model with only that ``grad_output`` quantized (at ``bits``, with its
-    calibrated spec), take the parameter gradient on ``batch`` over ``draws`` stochastic-rounding streams, and set
-    ``propagation = measured total variance / estimated variance of the GEMM product``. The first-order
-    relative-noise model (`fqtc.passes.autobits.propagation_weights`) overestimates it where a residual path adds a
-    large gradient the GEMMs do not see (measured 11x on a 2-layer char-GPT); measuring costs one compile and
-    ``draws`` steps per unit.
+    calibrated spec), take the parameter gradients on ``batch`` over ``draws`` stochastic-rounding streams, and set
+    ``propagation = measured total variance / estimated variance of the GEMM product`` (the ``"absolute"``
+    objective's factor) and ``propagation_relative = sum_p measured variance of parameter p's gradient / ||g_p||^2
+    over the same estimated variance`` (the ``"relative"`` objective's factor), ``g_p`` the full-precision gradient
+    on ``batch``, over every parameter with a nonzero gradient (biases and norms included: their gradients carry
+    the noise too). The first-order relative-noise model (`fqtc.passes.autobits.propagation_weights`)
+    overestimates the noise where a residual path adds a large gradient the GEMMs do not see (measured 11x on a
+    2-layer char-GPT); measuring costs one compile and ``draws`` steps per unit.
     """
     from fqtc.backend import fqt_backend
     from fqtc.config import Rule
@@ -289,6 +296,10 @@ def _measure_propagation(model: torch.nn.Module, batch: Any, loss_fn: Callable, 
     for st in acc.values():
         groups[(st.module or st.site, st.role)].append(st)
     base = {k: v for k, v in spec_opts.items() if k not in ("rules", "keep_fp")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, batch).backward()  # eager FP32: the signal each parameter's noise is compared with
+    signal = [float(p.grad.double().pow(2).sum()) if p.grad is not None else 0.0 for p in params]
     for (mod, role), sts in groups.items():
         quantizer, rounding, grouping = sts[0].spec
         gran = "tensor" if grouping == "tensor" else None  # None: the role's default (integer-GEMM) grouping
@@ -297,13 +308,19 @@ def _measure_propagation(model: torch.nn.Module, batch: Any, loss_fn: Callable, 
         opts = {**base, "bits": "fp", "rules": [rule]}
         torch._dynamo.reset()  # a fresh graph per unit: Dynamo would otherwise reuse the previous unit's
         fn = torch.compile(model, backend=partial(fqt_backend, options=opts))
-        grads = []
+        grads: list[list[torch.Tensor]] = [[] for _ in params]
         for _ in range(draws):
             model.zero_grad(set_to_none=True)
             loss_fn(fn, batch).backward()
-            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
-        measured = float(torch.stack(grads).double().var(dim=0).sum())
+            for i, p in enumerate(params):
+                if p.grad is not None:
+                    grads[i].append(p.grad.reshape(-1).double())
+        var = [float(torch.stack(g).var(dim=0).sum()) if len(g) > 1 else 0.0 for g in grads]
+        measured = sum(var)
+        relative = sum(v / s for v, s in zip(var, signal) if s > 0)
         local = sum(st.variance[bits] for st in sts)
         for st in sts:
             st.propagation = measured / local if local > 0 else 1.0
+            st.propagation_relative = relative / local if local > 0 else 0.0
+    model.zero_grad(set_to_none=True)
     torch._dynamo.reset()

@@ -284,8 +284,14 @@ DEFAULT_GRANULARITY: dict[tuple[str, str], str] = {
 
 _OPTION_KEYS = (
     "bits", "seed", "rounding", "forward_rounding", "grad_rounding", "rules", "keep_fp",
-    "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration",
+    "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration", "auto_objective",
+    "auto_min_bits",
 )
+# Objectives of the automatic gradient-bit policy (issue 5, docs/bit_assignment.md): "relative" sums each parameter
+# tensor's noise-to-signal ratio, "absolute" sums the added variance over all parameter-gradient elements.
+AUTO_OBJECTIVES: tuple[str, ...] = ("relative", "absolute")
+# Options that only mean something with bits="auto" (fqtc.calibrate strips them from the options it is given).
+AUTO_OPTION_KEYS: tuple[str, ...] = ("budget", "calibration", "auto_objective", "auto_min_bits")
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,12 @@ class FQTConfig:
         budget: with ``bits="auto"``: the average bits per quantized gradient element (``grad_output`` operands,
             weighted by element count), a number from 2 to 8, e.g. 4.5 (docs/bit_assignment.md).
         calibration: with ``bits="auto"``: the `fqtc.calibrate.Calibration` returned by ``fqtc.calibrate``.
+        auto_objective: with ``bits="auto"``: what the solver minimizes. ``"relative"`` (default): the sum over
+            parameter tensors of the added gradient variance divided by that tensor's squared gradient norm (the
+            noise-to-signal ratio; scale-invariant, so a small layer cannot be starved). ``"absolute"``: the added
+            variance summed over all parameter-gradient elements (dominated by the layers with large gradients).
+        auto_min_bits: with ``bits="auto"``: the fewest bits the solver may give any gradient quantizer (2..8, at
+            most ``budget``; default 2). Rules may still set fewer.
     """
 
     bits: BitConfig = field(default_factory=BitConfig)
@@ -322,12 +334,22 @@ class FQTConfig:
     compiler: str = "eager"
     budget: float | None = None
     calibration: Any = field(default=None, compare=False, repr=False)
+    auto_objective: str = "relative"
+    auto_min_bits: int = MIN_BITS
 
     def __post_init__(self) -> None:
         if self.budget is not None:
             b = self.budget
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not (MIN_BITS <= b <= MAX_BITS):
                 raise _bad("budget", b, f"a number from {MIN_BITS} to {MAX_BITS} (average gradient bits, e.g. 4.5)")
+        if self.auto_objective not in AUTO_OBJECTIVES:
+            raise _bad("auto_objective", self.auto_objective, ", ".join(AUTO_OBJECTIVES))
+        m = self.auto_min_bits
+        if isinstance(m, bool) or not isinstance(m, int) or not (MIN_BITS <= m <= MAX_BITS):
+            raise _bad("auto_min_bits", m, f"an integer from {MIN_BITS} to {MAX_BITS}")
+        if self.budget is not None and m > self.budget:
+            raise _bad("auto_min_bits", m, f"at most the budget ({self.budget}): every gradient quantizer at "
+                       f"{m} bits already averages more than the budget allows")
         if self.bits.auto:
             if self.budget is None:
                 raise _bad("budget", None, "a number from 2 to 8 when bits='auto', e.g. options={'bits': 'auto', "
@@ -376,13 +398,14 @@ class FQTConfig:
                 raise _bad("rounding", r, ", ".join(ROUNDINGS))
             kw["forward_rounding"] = kw["grad_rounding"] = r
         for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler", "budget",
-                  "calibration"):
+                  "calibration", "auto_objective", "auto_min_bits"):
             if k in options:
                 kw[k] = options[k]
-        if "budget" in options and not kw.get("bits", BitConfig()).auto:
-            # user-facing check only: configs derived with dataclasses.replace (e.g. an FP reference) keep the field
-            raise _bad("budget", options["budget"], "only together with bits='auto' (or 'W8A8Gauto'); the bit "
-                       "string sets the bits otherwise")
+        for k in ("budget", "auto_objective", "auto_min_bits"):
+            if k in options and not kw.get("bits", BitConfig()).auto:
+                # user-facing check only: configs derived with dataclasses.replace (e.g. an FP reference) keep it
+                raise _bad(k, options[k], "only together with bits='auto' (or 'W8A8Gauto'); the bit string sets "
+                           "the bits otherwise")
         if "rules" in options:
             kw["rules"] = _parse_rules(options["rules"])
         if "keep_fp" in options:

@@ -214,14 +214,17 @@ def test_end_to_end_auto_bits(two_heads_cal):
     model, cal = two_heads_cal
     x = torch.randn(16, 12, generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
-    opts = {"bits": "auto", "budget": 4.5, "calibration": cal}
+    # the absolute objective: head b's 100x gradient is 1e4x the added variance (the relative objective is
+    # scale-invariant and gives both heads the same terms: test_relative_objective_is_scale_invariant)
+    opts = {"bits": "auto", "budget": 4.5, "calibration": cal, "auto_objective": "absolute"}
     out, cgs = run_and_capture(model, (x,), opts)
     recs = {(r["site"], r["role"]): r for cg in cgs for r in cg.records}
     g = {k: r["operands"]["grad_output"]["bits"] for k, r in recs.items() if "grad_output" in r["operands"]}
     # the 100x head gets more bits than the quiet head, in both backward GEMMs
     assert g[("b", "grad_weight")] > g[("a", "grad_weight")] and g[("b", "grad_input")] > g[("a", "grad_input")]
     reasons = [r["operands"]["grad_output"]["reason"] for k, r in recs.items() if "grad_output" in r["operands"]]
-    assert all(r.startswith("auto: G") and "variance share" in r and "exact" in r for r in reasons), reasons
+    assert all(r.startswith("auto: G") and "variance share" in r and "absolute objective" in r and "exact" in r
+               for r in reasons), reasons
     # the budget: average over gradient elements, weighted by element count (trunk grad 16x24, heads 16x6)
     n = {("trunk", "grad_weight"): 24, ("a", "grad_input"): 6, ("a", "grad_weight"): 6, ("b", "grad_input"): 6,
          ("b", "grad_weight"): 6}
@@ -266,6 +269,105 @@ def test_auto_option_errors(two_heads_cal):
     with pytest.raises(ValueError, match=r"'budget': got 4.5; allowed: only together with bits='auto'"):
         FQTConfig.from_options({"bits": "W8A8G8", "budget": 4.5})
     assert str(FQTConfig.from_options({"bits": "W4A8Gauto", "budget": 3, "calibration": cal}).bits) == "W4A8Gauto"
+    auto = {"bits": "auto", "budget": 4.5, "calibration": cal}
+    assert FQTConfig.from_options(auto).auto_objective == "relative"
+    assert FQTConfig.from_options({**auto, "auto_objective": "absolute"}).auto_objective == "absolute"
+    with pytest.raises(ValueError, match=r"'auto_objective': got 'snr'; allowed: relative, absolute"):
+        FQTConfig.from_options({**auto, "auto_objective": "snr"})
+    with pytest.raises(ValueError, match=r"'auto_objective': got 'absolute'; allowed: only together with bits='auto'"):
+        FQTConfig.from_options({"bits": "W8A8G4", "auto_objective": "absolute"})
+    with pytest.raises(ValueError, match=r"'auto_min_bits': got 1; allowed: an integer from 2 to 8"):
+        FQTConfig.from_options({**auto, "auto_min_bits": 1})
+    with pytest.raises(ValueError, match=r"'auto_min_bits': got 5; allowed: at most the budget \(4.5\)"):
+        FQTConfig.from_options({**auto, "auto_min_bits": 5})
+
+
+# -- objectives: relative (noise-to-signal per parameter tensor) vs absolute ---------------------------------------
+def _two_heads_views(model):
+    _, cgs = run_and_capture(model, (torch.randn(4, 12),), {"bits": "fp"})
+    return site_views(cgs[0].result.sites)
+
+
+def _handmade_cal():
+    """TwoHeads statistics chosen by hand: head ``a`` is the *small* layer, its weight gradient adds 100x less
+    variance than head ``b``'s (1e-2 vs 1 per 1/qmax^2) but its gradient norm is 1e6x smaller (out_sq 1e-6 vs 1),
+    so its noise-to-signal ratio is 1e4x larger."""
+    from fqtc.calibrate import Calibration, UnitStats
+
+    def st(site, role, scale, out_sq, numel):
+        return UnitStats(site, role, site, "Linear", ("uniform", "stochastic", "group"),
+                         variance={b: scale / QMAX[b] ** 2 for b in CHOICES}, out_sq=out_sq, numel=numel,
+                         numel_expr=str(numel), steps=1)
+
+    units = [st("trunk", "grad_weight", 1.0, 1.0, 384), st("a", "grad_weight", 1e-2, 1e-6, 96),
+             st("b", "grad_weight", 1.0, 1.0, 96), st("a", "grad_input", 1e-3, 1.0, 96),
+             st("b", "grad_input", 1e-3, 1.0, 96)]
+    return Calibration({(u.site, u.role): u for u in units}, 1)
+
+
+def test_relative_objective_protects_a_small_layer(two_heads_cal):
+    model, _ = two_heads_cal
+    views, cal = _two_heads_views(model), _handmade_cal()
+    opts = {"bits": "auto", "budget": 4, "calibration": cal}
+    rel = plan_auto(views, FQTConfig.from_options({**opts, "auto_objective": "relative"}))
+    ab = plan_auto(views, FQTConfig.from_options({**opts, "auto_objective": "absolute"}))
+    r, a = rel.solution.bits, ab.solution.bits
+    # the old (absolute) objective starves the small layer; the relative one gives it more bits than b
+    assert a[("a", "grad_weight")] < a[("b", "grad_weight")], a
+    assert r[("a", "grad_weight")] > r[("b", "grad_weight")], r
+    # the objective terms: V / ||dW||^2 for weight gradients; an activation gradient's relative noise
+    # V / (sum of ||products||^2 of that tensor's gradient) lands in each of the 1 parameter module upstream (trunk)
+    terms = {u.key: u.variance for u in rel.units}
+    torch.testing.assert_close(terms[("a", "grad_weight")][4], 1e-2 / 49 / 1e-6)
+    torch.testing.assert_close(terms[("b", "grad_input")][4], 1e-3 / 49 / 2.0)
+    # variance_units keep the absolute estimate for either objective (the same numbers as the absolute plan's)
+    for plan in (rel, ab):
+        got = {u.key: u.variance for u in plan.variance_units}
+        assert got == {u.key: u.variance for u in ab.units}
+    assert rel.estimated_variance(a) == ab.solution.total_variance
+    assert all("relative objective" in why for _, why in rel.decisions.values())
+    assert rel.solution.average_bits <= 4 and ab.solution.average_bits <= 4
+
+
+def test_relative_objective_is_scale_invariant(two_heads_cal):
+    # head b's output is 100x head a's: its weight gradient's added variance is 1e4x, and so is its squared norm,
+    # so the relative terms are equal (and the bits within one of each other), where absolute favours b
+    model, cal = two_heads_cal
+    views = _two_heads_views(model)
+    opts = {"bits": "auto", "budget": 4.5, "calibration": cal}
+    rel = plan_auto(views, FQTConfig.from_options({**opts, "auto_objective": "relative"}))
+    ab = plan_auto(views, FQTConfig.from_options({**opts, "auto_objective": "absolute"}))
+    rt, at = {u.key: u.variance for u in rel.units}, {u.key: u.variance for u in ab.units}
+    for b in CHOICES:
+        torch.testing.assert_close(rt[("b", "grad_weight")][b], rt[("a", "grad_weight")][b], rtol=1e-3, atol=0)
+        torch.testing.assert_close(at[("b", "grad_weight")][b] / at[("a", "grad_weight")][b], 1e4, rtol=1e-3,
+                                   atol=0)
+    assert abs(rel.solution.bits[("b", "grad_weight")] - rel.solution.bits[("a", "grad_weight")]) <= 1
+    assert ab.solution.bits[("b", "grad_weight")] - ab.solution.bits[("a", "grad_weight")] >= 2
+
+
+def test_relative_propagation_weights(two_heads_cal):
+    model, cal = two_heads_cal
+    out_sq = {k: st.out_sq for k, st in cal.units.items()}
+    w = propagation_weights(_two_heads_views(model), out_sq, "relative")
+    for s in ("trunk", "a", "b"):
+        torch.testing.assert_close(w[(s, "grad_weight")], 1 / out_sq[(s, "grad_weight")])
+    den = out_sq[("a", "grad_input")] + out_sq[("b", "grad_input")]
+    torch.testing.assert_close(w[("a", "grad_input")], 1 / den)  # one parameter module (trunk) upstream
+    with pytest.raises(ValueError, match=r"objective 'snr'; allowed: 'absolute', 'relative'"):
+        propagation_weights(_two_heads_views(model), out_sq, "snr")
+
+
+def test_auto_min_bits_floor():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    views, cal = _two_heads_views(model), _handmade_cal()
+    opts = {"bits": "auto", "budget": 5, "calibration": cal, "auto_objective": "relative"}
+    free = plan_auto(views, FQTConfig.from_options(opts)).solution
+    floored = plan_auto(views, FQTConfig.from_options({**opts, "auto_min_bits": 4})).solution
+    assert min(free.bits.values()) < 4  # without the floor some quantizer goes below 4 bits...
+    assert min(floored.bits.values()) >= 4 and floored.average_bits <= 5  # ...with it none does
+    assert floored.total_variance >= free.total_variance  # a constraint can only cost objective
 
 
 # -- convolutions ----------------------------------------------------------------------------------------------------
@@ -358,7 +460,16 @@ def test_measured_propagation():
     for key in (("trunk", "grad_weight"), ("a", "grad_weight"), ("b", "grad_weight")):
         assert 0.5 < cal.units[key].propagation < 2.0, (key, cal.units[key].propagation)
     for key in (("a", "grad_input"), ("b", "grad_input")):
-        assert cal.units[key].propagation > 0
+        assert cal.units[key].propagation > 0 and cal.units[key].propagation_relative > 0
+    # the relative factor of a weight gradient is 1 / ||g_p||^2 in expectation (g_p: the FP gradient on the first
+    # batch, which _measure_propagation compares with); same 2x bound
+    b0 = _batches(2)[0]
+    for name in ("trunk", "a", "b"):
+        model.zero_grad(set_to_none=True)
+        (model(b0[0]) * torch.cat([R, R], -1)).sum().backward()
+        sq = float(getattr(model, name).weight.grad.double().pow(2).sum())
+        assert 0.5 < cal.units[(name, "grad_weight")].propagation_relative * sq < 2.0, name
+    model.zero_grad(set_to_none=True)
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match=r"propagation 'guess'; allowed: 'model', 'measured'"):
         fqtc.calibrate(model, _batches(1), propagation="guess")

@@ -150,43 +150,66 @@ def run_cnn(args: Any, config: str) -> dict:
             "train_s": train_s}
 
 
-def run_gpt(args: Any, config: str) -> dict:
-    import fqtc
-    from benchmarks.data import load_kjv
-    from benchmarks.models import CharGPT, lm_loss
-    from fqtc.backend import fqt_backend
+def _gpt_train(model: torch.nn.Module, cmodel: Any, data: Any, steps: int, lr: float, gen: torch.Generator,
+               seed: int, hook: Any = None) -> None:
+    """``steps`` AdamW steps (weight decay 0.01, batches of 32 x 64 characters); ``hook`` re-projects int8-SR
+    weights after each step."""
+    from benchmarks.models import lm_loss
     from fqtc.optim import AdamW
 
-    data = load_kjv(max_chars=400_000 if args.quick else 2_000_000)
-    steps = 150 if args.quick else args.lwq_gpt_steps
-    torch.manual_seed(args.seed)
-    fqtc.set_step(0)
-    model = CharGPT(vocab_size=data.vocab_size, dim=64, heads=4, layers=2, max_len=64)
-    hook = _configure(model, config, args.seed)
-    cmodel = torch.compile(model, backend=partial(fqt_backend, options={"bits": "W8A8G8", "seed": args.seed}))
-    opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
-    for t in range(steps):
-        x, y = data.batch("train", 32, 64, g)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=seed)
+    for _ in range(steps):
+        x, y = data.batch("train", 32, 64, gen)
         loss = lm_loss(cmodel(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
         if hook is not None:
             hook.project()
-    train_s = time.time() - t0
+
+
+def _gpt_val_loss(cmodel: Any, data: Any) -> float:
+    """Mean loss on 10 fixed validation batches of 64 x 64 characters."""
+    from benchmarks.models import lm_loss
+
     gv = torch.Generator().manual_seed(1234)
     vals = []
     with torch.no_grad():
         for _ in range(10):
             x, y = data.batch("val", 64, 64, gv)
             vals.append(float(lm_loss(cmodel(x), y)))
-    return {"model": "char-GPT (KJV)", "config": config, "steps": steps, "val_loss": sum(vals) / len(vals),
+    return sum(vals) / len(vals)
+
+
+def _gpt(data: Any, seed: int) -> torch.nn.Module:
+    from benchmarks.models import CharGPT
+
+    torch.manual_seed(seed)
+    return CharGPT(vocab_size=data.vocab_size, dim=64, heads=4, layers=2, max_len=64)
+
+
+def run_gpt(args: Any, config: str) -> dict:
+    import fqtc
+    from benchmarks.data import load_kjv
+    from fqtc.backend import fqt_backend
+
+    data = load_kjv(max_chars=400_000 if args.quick else 2_000_000)
+    steps = 150 if args.quick else args.lwq_gpt_steps
+    fqtc.set_step(0)
+    model = _gpt(data, args.seed)
+    hook = _configure(model, config, args.seed)
+    cmodel = torch.compile(model, backend=partial(fqt_backend, options={"bits": "W8A8G8", "seed": args.seed}))
+    t0 = time.time()
+    _gpt_train(model, cmodel, data, steps, 3e-3, torch.Generator().manual_seed(args.seed), args.seed, hook)
+    train_s = time.time() - t0
+    return {"model": "char-GPT (KJV)", "config": config, "steps": steps, "val_loss": _gpt_val_loss(cmodel, data),
             "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
 
 
+# gpt-ft: per (seed, pre-training steps, quick), the pre-trained state and its validation loss; per fine-tuning
+# setting, the fp32-latent run's final GEMM weights (the reference of w_dev_vs_fp32)
 _PRETRAINED: dict[tuple, dict[str, torch.Tensor]] = {}
+_PRETRAINED_VAL: dict[tuple, float] = {}
 _FT_REFERENCE: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
@@ -211,53 +234,28 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
     fp32-latent fine-tuned weights (same batches, same SR streams elsewhere), relative to the weights' RMS."""
     import fqtc
     from benchmarks.data import load_kjv
-    from benchmarks.models import CharGPT, lm_loss
     from fqtc.backend import fqt_backend
-    from fqtc.optim import AdamW
 
     data = load_kjv(max_chars=400_000 if args.quick else 2_000_000)
     key = (args.seed, args.lwq_ft_pretrain, args.quick)
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(args.seed)
-        return CharGPT(vocab_size=data.vocab_size, dim=64, heads=4, layers=2, max_len=64)
-
-    def train(model, cmodel, steps, lr, gen, hook=None):
-        opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=args.seed)
-        for _ in range(steps):
-            x, y = data.batch("train", 32, 64, gen)
-            loss = lm_loss(cmodel(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if hook is not None:
-                hook.project()
-
-    def val_loss(cmodel) -> float:
-        gv = torch.Generator().manual_seed(1234)
-        vals = []
-        with torch.no_grad():
-            for _ in range(10):
-                x, y = data.batch("val", 64, 64, gv)
-                vals.append(float(lm_loss(cmodel(x), y)))
-        return sum(vals) / len(vals)
-
     opts = {"bits": "W8A8G8", "seed": args.seed}
     if key not in _PRETRAINED:
         fqtc.set_step(0)
-        model = fresh()
+        model = _gpt(data, args.seed)
         cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
-        train(model, cmodel, args.lwq_ft_pretrain, 3e-3, torch.Generator().manual_seed(args.seed))
+        _gpt_train(model, cmodel, data, args.lwq_ft_pretrain, 3e-3, torch.Generator().manual_seed(args.seed),
+                   args.seed)
         _PRETRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        _PRETRAINED[key + ("val",)] = val_loss(cmodel)  # type: ignore[assignment]
+        _PRETRAINED_VAL[key] = _gpt_val_loss(cmodel, data)
         torch._dynamo.reset()
-    model = fresh()
+    model = _gpt(data, args.seed)
     model.load_state_dict(_PRETRAINED[key])
     hook = _configure(model, config, args.seed)
     fqtc.set_step(10**6)  # fine-tuning's SR streams: the same for every config
     cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
     t0 = time.time()
-    train(model, cmodel, args.lwq_ft_steps, args.lwq_ft_lr, torch.Generator().manual_seed(args.seed + 1), hook)
+    _gpt_train(model, cmodel, data, args.lwq_ft_steps, args.lwq_ft_lr, torch.Generator().manual_seed(args.seed + 1),
+               args.seed, hook)
     train_s = time.time() - t0
     weights = _gemm_weight_floats(model)
     ref_key = key + (args.lwq_ft_steps, args.lwq_ft_lr)
@@ -271,7 +269,7 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
         dev = math.sqrt(num / den)
     return {"model": "char-GPT (KJV), fine-tuning", "config": config, "seed": args.seed,
             "pretrain_steps": args.lwq_ft_pretrain, "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr,
-            "val_loss_before_ft": _PRETRAINED[key + ("val",)], "val_loss": val_loss(cmodel),
+            "val_loss_before_ft": _PRETRAINED_VAL[key], "val_loss": _gpt_val_loss(cmodel, data),
             "w_dev_vs_fp32": dev, "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
 
 

@@ -173,13 +173,13 @@ def models(shapes: list[tuple[int, int, int]], a_dtype: str = "bf16", out_dtype:
            conv_shapes: list[tuple[int, int, int, int, int, int]] | None = None) -> list[KernelModel]:
     """Analytic models of every kernel at the given (M, N, K) shapes and conv shapes ``(N, C, H, W, C_out, k)``
     (default `CONV_SHAPES`), with H100 tile configs."""
-    from fqtc.codegen.gemm import CONFIGS, GROUP_M, MAX_REQUANT_N
+    from fqtc.codegen.gemm import CONFIGS, GROUP_M, MAX_REQUANT_N, shape_class
     from fqtc.codegen.quantize import MAX_BLOCK, TILE_ELEMS
 
     res: list[KernelModel] = []
     for M, N, K in shapes:
         res += _quantize_models(M, K, a_dtype, MAX_BLOCK, TILE_ELEMS)
-        bm, bn = CONFIGS["small_m" if M <= 64 else "large"][:2]
+        bm, bn = CONFIGS[shape_class(M)][:2]  # the class default (before autotuning)
         res += [m for m in _gemm_models(M, N, K, a_dtype, out_dtype, bm, bn, GROUP_M)
                 if "requant" not in m.kernel or N <= MAX_REQUANT_N]
         res += _grad_lwq_models(M, N, K, a_dtype)

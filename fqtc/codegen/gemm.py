@@ -66,14 +66,8 @@ def _interpreting() -> bool:
 
 
 def shape_class(M: int) -> str:
+    """The tile-config class of a GEMM with M rows (`CONFIGS`, `CANDIDATES`)."""
     return "small_m" if triton.next_power_of_2(max(1, M)) <= 64 else "large"
-
-
-def pick_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    """The default tile config of the (M, N, K) shape class (before tuning)."""
-    if _interpreting():
-        return CONFIGS["interpreter"]
-    return CONFIGS[shape_class(M)]
 
 
 @triton.jit

@@ -19,7 +19,6 @@ from fqtc.codegen import gemm as _kg
 from fqtc.codegen import quantize as _kq
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import uniform as _uniform
-from fqtc.quant.gemm import scale_along_k
 
 FALLBACKS: Counter = Counter()
 
@@ -41,39 +40,33 @@ def quantize_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, s
     return _kq.quantize(x, bits, reduce_dims, rounding, seed, step, stream)
 
 
-def _int_gemm_ok(a: Tensor, a_scale: Tensor | None, b: Tensor, b_scale: Tensor | None) -> str | None:
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        return "an operand is not int8 codes (a partially quantized GEMM)"
-    if a_scale is None or b_scale is None:
-        return "an operand has no scale (full-precision operand)"
-    if scale_along_k(a_scale, b_scale):
-        return "a scale varies along the reduction axis (no epilogue scaling possible)"
-    return None
-
-
 def qgemm_cuda(a: Tensor, a_scale: Tensor | None, b: Tensor, b_scale: Tensor | None, bias: Tensor | None,
                out_dtype: torch.dtype) -> Tensor:
     """``fqt::qgemm`` on the Triton int8 GEMM (scales, bias and cast in the epilogue)."""
-    why = _int_gemm_ok(a, a_scale, b, b_scale)
+    why = _gemm.not_integer_reason(a, a_scale, b, b_scale)
     if why:
         _fallback("fqt::qgemm", why)
         return _gemm.scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
     return _kg.scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
 
 
+def _prologue_unsupported(a: Tensor, dims: list[int], b: Tensor, b_scale: Tensor | None) -> str | None:
+    """Why the quantizing-prologue GEMM kernel cannot take A quantized over ``dims``, else None."""
+    n = a.dim()
+    if b.dtype != torch.int8 or b_scale is None:
+        return "B is not int8 codes with a scale"
+    if sorted({d % n for d in dims}) not in (list(range(n)), [n - 1]):
+        return f"prologue scale over reduce_dims={list(dims)} is neither per-tensor nor per-row"
+    if tuple(a.shape[:-2]) != tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])):
+        return "A is broadcast over the batch"
+    return None
+
+
 def qgemm_fused_quant_cuda(a: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int,
                            step: Tensor, b: Tensor, b_scale: Tensor | None, bias: Tensor | None,
                            out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """``fqt::qgemm_fused_quant`` on the GEMM kernel with the quantizing prologue."""
-    n = a.dim()
-    dims = sorted({d % n for d in reduce_dims})
-    why = None
-    if b.dtype != torch.int8 or b_scale is None:
-        why = "B is not int8 codes with a scale"
-    elif dims not in (list(range(n)), [n - 1]):
-        why = f"prologue scale over reduce_dims={list(reduce_dims)} is neither per-tensor nor per-row"
-    elif tuple(a.shape[:-2]) != tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])):
-        why = "A is broadcast over the batch"
+    why = _prologue_unsupported(a, list(reduce_dims), b, b_scale)
     if why:
         _fallback("fqt::qgemm_fused_quant", why)
         codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed, step, stream)
@@ -86,17 +79,10 @@ def qgemm_fused_quant_cuda(a: Tensor, bits: int, reduce_dims: list[int], roundin
 def qgemm_fused_grad_quant_cuda(a: Tensor, quantizer: str, bits: int, reduce_dims: list[int], rounding: str,
                                 seed: int, stream: int, step: Tensor, b: Tensor, b_scale: Tensor | None,
                                 bias: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """``fqt::qgemm_fused_grad_quant``: the prologue kernel with the gradient non-finite policy."""
+    """``fqt::qgemm_fused_grad_quant``: the same prologue kernel (PTQ quantizes per tensor, PSQ per row; every
+    quantizer shares `fqtc.quant.uniform`'s non-finite policy)."""
     dims = list(range(a.dim())) if quantizer == "ptq" else list(reduce_dims)
-    n = a.dim()
-    nd = sorted({d % n for d in dims})
-    why = None
-    if b.dtype != torch.int8 or b_scale is None:
-        why = "B is not int8 codes with a scale"
-    elif nd not in (list(range(n)), [n - 1]):
-        why = f"prologue scale over reduce_dims={list(reduce_dims)} is neither per-tensor nor per-row"
-    elif tuple(a.shape[:-2]) != tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])):
-        why = "A is broadcast over the batch"
+    why = _prologue_unsupported(a, dims, b, b_scale)
     if why:
         from fqtc.ops import fused as _fused
 

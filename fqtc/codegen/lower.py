@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from fqtc.ops.fused import FUSABLE_GRAD_QUANTIZERS
 from fqtc.passes.common import copy_meta, graph_fake_mode, node_order, set_fake_val
-from fqtc.quant.gemm import scale_along_k
+from fqtc.quant.gemm import not_integer_reason
 
 fqt = torch.ops.fqt
 # fqt::grad_quantize exists when the gradient quantizers (issue 3) are installed
@@ -55,13 +55,10 @@ def _reference_reason(q: fx.Node) -> str | None:
     """Why ``q`` runs the reference implementation even on CUDA (not an integer GEMM), else None; the same test as
     `fqtc.codegen.impls.qgemm_cuda`, on fake values."""
     a, sa, b, sb = (_val(x) for x in q.args[:4])
-    if a is None or b is None or a.dtype != torch.int8 or b.dtype != torch.int8:
+    if a is None or b is None:  # no traced value: not known to be int8 codes
         return "an operand is not int8 codes (a partially quantized GEMM): reference float product"
-    if sa is None or sb is None:
-        return "an operand has no scale: reference float product"
-    if scale_along_k(sa, sb):
-        return "a scale varies along the reduction axis: reference float product, not an integer GEMM"
-    return None
+    why = not_integer_reason(a, sa, b, sb)
+    return None if why is None else f"{why}: reference float product"
 
 
 def _fusable(q: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node | None, str]:

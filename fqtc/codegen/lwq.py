@@ -66,6 +66,16 @@ def _store_codes(ptr, c, rows64, rmask, cols, m, E, PACKED: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _row_tile(R, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's ``BLOCK_R`` weight rows (whole rows of ``E`` elements): int64 row ids, row mask, column ids
+    and the element mask."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    cols = tl.arange(0, BLOCK_E)
+    return rows.to(tl.int64), rmask, cols, rmask[:, None] & (cols[None, :] < E)
+
+
+@triton.jit
 def _decode(q_ptr, r_ptr, s_ptr, lv_ptr, rows64, rmask, cols, m, E, M: tl.constexpr, W_PACKED: tl.constexpr,
             L_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """`fqtc.quant.lwq.decode`: ``w = s * (q + sign(rc) * levels[|rc|])``; returns (w, s)."""
@@ -126,12 +136,7 @@ def _lwq_sgd_kernel(
     W_PACKED: tl.constexpr, L_PACKED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    m = rmask[:, None] & (cols[None, :] < E)
+    rows64, rmask, cols, m = _row_tile(R, E, BLOCK_R, BLOCK_E)
     w, s = _decode(q_ptr, r_ptr, s_ptr, lv_ptr, rows64, rmask, cols, m, E, M, W_PACKED, L_PACKED, BLOCK_R, BLOCK_E)
     # optimizer math (torch.optim.SGD, `fqtc.ops.lwq.optimizer_math`): weight decay, momentum buffer (fp32 state,
     # set to the gradient on the first step), Nesterov; then p - lr * g
@@ -160,12 +165,7 @@ def _lwq_adamw_kernel(
     M: tl.constexpr, REFRESH: tl.constexpr, W_PACKED: tl.constexpr, L_PACKED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    m = rmask[:, None] & (cols[None, :] < E)
+    rows64, rmask, cols, m = _row_tile(R, E, BLOCK_R, BLOCK_E)
     w, s = _decode(q_ptr, r_ptr, s_ptr, lv_ptr, rows64, rmask, cols, m, E, M, W_PACKED, L_PACKED, BLOCK_R, BLOCK_E)
     # optimizer math (torch.optim.AdamW, `fqtc.ops.lwq.optimizer_math` "adamw"), one op per reference op, in its
     # order; fp32 scalars are the reference's Python floats rounded to fp32, as torch does for tensor-scalar ops

@@ -33,6 +33,20 @@ def scale_along_k(a_scale: torch.Tensor | None, b_scale: torch.Tensor | None) ->
     )
 
 
+def not_integer_reason(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor,
+                       b_scale: torch.Tensor | None) -> str | None:
+    """Why ``scaled_gemm(a, a_scale, b, b_scale)`` multiplies dequantized floats instead of running the exact
+    integer GEMM with scales in the epilogue, or None when it runs the integer GEMM. The one test every consumer
+    uses (the reference below, the CUDA implementations, the codegen pass on fake values)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        return "an operand is not int8 codes (a partially quantized GEMM)"
+    if a_scale is None or b_scale is None:
+        return "an operand has no scale (full-precision operand)"
+    if scale_along_k(a_scale, b_scale):
+        return "a scale varies along the reduction axis (no epilogue scaling possible)"
+    return None
+
+
 def scaled_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -47,8 +61,7 @@ def scaled_gemm(
     (the epilogue). Otherwise (a float operand, or a scale along K) the dequantized operands are multiplied in
     fp32: the same mathematical product of the quantized values, without an integer GEMM.
     """
-    integer = a.dtype == torch.int8 and b.dtype == torch.int8
-    if integer and a_scale is not None and b_scale is not None and not scale_along_k(a_scale, b_scale):
+    if not_integer_reason(a, a_scale, b, b_scale) is None:
         out = int_gemm(a, b).float() * a_scale * b_scale
     else:
         a_hp = a.float() if a_scale is None else a.float() * a_scale

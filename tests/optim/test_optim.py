@@ -30,6 +30,16 @@ def _inner(p: LatentWeight):
     return (p.q, p.r, p.s, p.mu)
 
 
+def _assert_same_parameters(m1: torch.nn.Module, m2: torch.nn.Module) -> None:
+    """Bit-identical parameters: latent codes, residuals, scales and levels, and plain parameters."""
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        if isinstance(a, LatentWeight):
+            for x, y in zip(_inner(a), _inner(b)):
+                torch.testing.assert_close(y, x, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 # -- storage ----------------------------------------------------------------------------------------------------
 def test_prepare_converts_gemm_weights_and_dequantize_is_close():
     model = _mlp()
@@ -270,12 +280,7 @@ def test_compiled_step_is_one_graph_of_lwq_updates_and_matches_eager_bitwise():
     nodes = [n for n in steady.inference.graph.nodes if n.meta.get("fqt", {}).get("kind") == "lwq_update"]
     assert len(nodes) == 2 and {n.meta["fqt"]["optimizer"] for n in nodes} == {"adamw"}
     # compiled and eager updates agree bit for bit (latent codes, scales, plain parameters)
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        if isinstance(a, LatentWeight):
-            for x, y in zip(_inner(a), _inner(b)):
-                torch.testing.assert_close(y, x, rtol=0, atol=0)
-        else:
-            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    _assert_same_parameters(m1, m2)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -314,12 +319,7 @@ def test_tensor_lr_schedule_does_not_recompile_the_step(kind):
             o.zero_grad()
     assert graphs2[2:] == [0, 0, 0], graphs2  # steps 3-5 reuse the graph compiled at step 2
     assert all(n >= 1 for n in graphs3[1:]), graphs3  # a float lr is baked: each new value compiles again
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        if isinstance(a, LatentWeight):
-            for x, y in zip(_inner(a), _inner(b)):
-                torch.testing.assert_close(y, x, rtol=0, atol=0)
-        else:
-            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    _assert_same_parameters(m1, m2)
     # the tensor-lr and float-lr steps compute the same update (up to the rounding of lr itself)
     for a, c in zip(m1.parameters(), m3.parameters()):
         da = a.dequantize() if isinstance(a, LatentWeight) else a.detach()

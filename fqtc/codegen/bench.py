@@ -2,11 +2,15 @@
 measured time and TFLOP/s (``triton.testing.do_bench``).
 
 The traffic model counts DRAM bytes. The minimum reads every input once and writes every output once. The design
-figure follows the kernel's code: the read-once paths hold a whole row (column) in one tile, the two-sweep paths
-read the input twice, a per-tensor scale costs a partial-amax pass over the input, and a GEMM reads each operand
-once from DRAM with tile re-reads served by L2 under grouped ordering (``GROUP_M`` row slabs of A and the matching B
-panels in flight must fit in L2; when they do not, the model charges the prologue's amax sweep a second read of A).
-docs/kernels.md explains each line.
+figure follows the kernel's code as the codegen pass launches it: the read-once paths hold a whole row (column) in
+one tile; a scale whose group does not fit one tile (per tensor, long rows, tall columns) and BHQ's row ranges take
+the group abs-max from the input's producer (`fqtc.codegen.lower`: an ``aten.amax`` Inductor fuses into the
+producer's kernel), so the kernel reads its input once and the statistic (4 bytes per group) is one more input;
+a GEMM reads each operand once from DRAM with tile re-reads served by L2 under grouped ordering (``GROUP_M`` row
+slabs of A and the matching B panels in flight must fit in L2; when they do not, the model charges the prologue's
+amax sweep a second read of A). Rows marked "own statistic" are the same kernels called without the producer's
+statistic (direct API use), and ``stat/amax (standalone)`` is what the statistic costs when the producer is a graph
+input or an extern kernel that Inductor cannot fuse it into. docs/kernels.md explains each line.
 """
 
 from __future__ import annotations
@@ -40,22 +44,31 @@ class KernelModel:
         return self.bytes / self.min_bytes
 
 
+_PRODUCER = "amax from the producer (aten.amax fused into x's producer by Inductor)"
+
+
 def _quantize_models(R: int, C: int, dt: str, max_block: int, tile: int) -> list[KernelModel]:
     e = _SIZE[dt]
     shape = f"{R}x{C} {dt}"
     out = []
-    # per row: read x once when the row fits one tile, write codes + one fp32 scale per row
-    reads = 1 if C <= max_block else 2
-    out.append(KernelModel("quantize/row", shape, reads * e * R * C + R * C + 4 * R, e * R * C + R * C + 4 * R,
-                           0, False, "read-once" if reads == 1 else "row > MAX_BLOCK: amax sweep re-reads x"))
-    out.append(KernelModel("quantize/row/int4", shape, reads * e * R * C + R * C / 2 + 4 * R,
-                           e * R * C + R * C / 2 + 4 * R, 0, False, "packed 2 codes/byte"))
+    # per row: read x once (the row fits one tile, or the row amax comes from the producer), write codes + scales
+    given = 0 if C <= max_block else 4 * R  # the producer's statistic: one fp32 per row
+    note = "read-once: the row fits one tile" if not given else f"row > MAX_BLOCK: {_PRODUCER}"
+    b = e * R * C + R * C + 4 * R + given
+    out.append(KernelModel("quantize/row", shape, b, b, 0, True, note))
+    b = e * R * C + R * C / 2 + 4 * R + given
+    out.append(KernelModel("quantize/row/int4", shape, b, b, 0, True, "packed 2 codes/byte; " + note))
     block_r = max(2, tile // min(128, max_block))
-    reads = 1 if R <= block_r else 2
-    out.append(KernelModel("quantize/col", shape, reads * e * R * C + R * C + 4 * C, e * R * C + R * C + 4 * C,
-                           0, False, "read-once" if reads == 1 else "column > one tile: amax sweep re-reads x"))
-    out.append(KernelModel("quantize/tensor", shape, 2 * e * R * C + R * C + 4, e * R * C + R * C + 4, 0, False,
-                           "partial-amax pass + quantize pass: x read twice"))
+    given = 0 if R <= block_r else 4 * C
+    b = e * R * C + R * C + 4 * C + given
+    out.append(KernelModel("quantize/col", shape, b, b, 0, True,
+                           "read-once: the column fits one tile" if not given else f"column > one tile: {_PRODUCER}"))
+    b = e * R * C + R * C + 4 + 4
+    out.append(KernelModel("quantize/tensor", shape, b, b, 0, True, _PRODUCER))
+    out.append(KernelModel("quantize/tensor (own statistic)", shape, 2 * e * R * C + R * C + 4, e * R * C + R * C + 4,
+                           0, False, "no amax given: partial-amax pass + quantize pass, x read twice"))
+    out.append(KernelModel("stat/amax (standalone)", shape, e * R * C + 4, e * R * C + 4, 0, False,
+                           "the statistic when x's producer is a graph input or an extern kernel: one read of x"))
     return out
 
 
@@ -77,17 +90,22 @@ def _gemm_models(M: int, N: int, K: int, a_dt: str, out_dt: str, bm: int, bn: in
     l2_ok = ws <= L2_BYTES
     fused_min = ea * M * K + b_bytes + bias + out_bytes + M * K + 4 * M  # + the activation codes/scales written
     sweep_extra = 0 if l2_ok else ea * M * K
-    res.append(KernelModel("gemm/fused_quant/row", shape, fused_min + sweep_extra, fused_min, flops, True,
-                           f"amax sweep in L2 (wave working set {ws / 2**20:.1f} MiB "
-                           f"{'<=' if l2_ok else '>'} L2 {L2_BYTES / 2**20:.0f} MiB)"))
-    res.append(KernelModel("gemm/fused_quant/tensor", shape, fused_min + ea * M * K, fused_min, flops, True,
-                           "per-tensor amax needs a full pass over A before any tile is quantized"))
+    res.append(KernelModel("gemm/fused_quant/row", shape, fused_min + 4 * M, fused_min + 4 * M, flops, True,
+                           "row " + _PRODUCER.replace("x's", "A's")))
+    res.append(KernelModel("gemm/fused_quant/row (own statistic)", shape, fused_min + sweep_extra, fused_min, flops,
+                           False, f"no amax given: row sweep in L2 (wave working set {ws / 2**20:.1f} MiB "
+                                  f"{'<=' if l2_ok else '>'} L2 {L2_BYTES / 2**20:.0f} MiB)"))
+    res.append(KernelModel("gemm/fused_quant/tensor", shape, fused_min + 4, fused_min + 4, flops, True,
+                           "per-tensor " + _PRODUCER.replace("x's", "A's")))
+    res.append(KernelModel("gemm/fused_quant/tensor (own statistic)", shape, fused_min + ea * M * K, fused_min, flops,
+                           False, "no amax given: a partial-amax pass over A before any tile is quantized"))
     unfused = (ea * M * K + M * K + 4 * M) + (M * K + 4 * M + b_bytes + bias + out_bytes)
     res.append(KernelModel("chain quantize/row + gemm", shape, unfused, fused_min, flops, False,
                            "unfused reference of the line above: codes written then re-read"))
-    rq_min = ea * M * K + b_bytes + bias + M * N + 4 * M + M * K + 4 * M
-    res.append(KernelModel("gemm/fused_quant/row+requant", shape, rq_min + sweep_extra, rq_min, flops, True,
-                           "output kept only as int8 codes + row scales (N <= MAX_REQUANT_N)"))
+    rq_min = ea * M * K + b_bytes + bias + M * N + 4 * M + M * K + 4 * M + 4 * M
+    res.append(KernelModel("gemm/fused_quant/row+requant", shape, rq_min, rq_min, flops, True,
+                           "output kept only as int8 codes + row scales (N <= MAX_REQUANT_N); row amax from A's "
+                           "producer"))
     return res
 
 
@@ -99,10 +117,12 @@ def _grad_lwq_models(M: int, N: int, K: int, g_dt: str) -> list[KernelModel]:
     psq = eg * M * K + M * K + 4 * M
     res.append(KernelModel("gradq/psq", shape, psq, psq, 0, True, "per-row quantize kernel, gradient NaN policy"))
     # BHQ: the fused kernel reads g once (its 3 passes re-read one group's rows from L1/L2) and writes fp32 once;
-    # the transform's construction needs the row ranges first: one more read of g (torch amax over rows)
-    bhq_min = eg * M * K + 4 * M * K
-    res.append(KernelModel("gradq/bhq", shape, bhq_min + eg * M * K, bhq_min, 0, True,
-                           "transform needs the row ranges before the fused pass: g read twice"))
+    # the transform is built from the row ranges, which come from g's producer (4 bytes per row)
+    bhq_min = eg * M * K + 4 * M * K + 4 * M
+    res.append(KernelModel("gradq/bhq", shape, bhq_min, bhq_min, 0, True,
+                           "row ranges: " + _PRODUCER.replace("x's", "g's")))
+    res.append(KernelModel("gradq/bhq (own statistic)", shape, bhq_min - 4 * M + eg * M * K, bhq_min - 4 * M, 0,
+                           False, "no row ranges given: one more read of g to build the transform"))
     wshape = f"{N}x{K} W4L4 grad:{g_dt}"
     lwq = N * K / 2 + N * K / 2 + 4 * N + eg * N * K  # packed q, packed r, scales, gradient
     lwq_out = N * K / 2 + N * K / 2 + 4 * N
@@ -211,20 +231,34 @@ def _attach_runs(ms: list[KernelModel], shapes, a_dtype: str, out_dtype: str, de
         w8, sw = kq.quantize(torch.randn(K, N, device=device), 8, [0])
         x8, sx = kq.quantize(x, 8, [1])
         step = torch.zeros((), dtype=torch.int64, device=device)
+        # the producer statistics the codegen pass supplies (launched as the pass would: given where it gives them)
+        a_t = x.abs().amax(dim=(0, 1), keepdim=True)
+        a_rows = x.abs().amax(dim=1, keepdim=True)
+        a_r = x.abs().amax(dim=1, keepdim=True) if K > kq.MAX_BLOCK else None
+        a_c = x.abs().amax(dim=0, keepdim=True) if M > kq.col_block(M, K)[0] else None
         runs = {
-            "quantize/row": lambda x=x: kq.quantize(x, 8, [1], "stochastic", 0, 0, 0),
-            "quantize/row/int4": lambda x=x: kq.quantize(x, 4, [1], "stochastic", 0, 0, 0, pack_int4=True),
-            "quantize/col": lambda x=x: kq.quantize(x, 8, [0], "stochastic", 0, 0, 0),
-            "quantize/tensor": lambda x=x: kq.quantize(x, 8, [0, 1], "stochastic", 0, 0, 0),
+            "quantize/row": lambda x=x, a=a_r: kq.quantize(x, 8, [1], "stochastic", 0, 0, 0, amax=a),
+            "quantize/row/int4": lambda x=x, a=a_r: kq.quantize(x, 4, [1], "stochastic", 0, 0, 0, pack_int4=True,
+                                                                amax=a),
+            "quantize/col": lambda x=x, a=a_c: kq.quantize(x, 8, [0], "stochastic", 0, 0, 0, amax=a),
+            "quantize/tensor": lambda x=x, a=a_t: kq.quantize(x, 8, [0, 1], "stochastic", 0, 0, 0, amax=a),
+            "quantize/tensor (own statistic)": lambda x=x: kq.quantize(x, 8, [0, 1], "stochastic", 0, 0, 0),
+            # one reduction kernel computing max |x| (what Inductor emits for a standalone aten.amax(aten.abs(x)))
+            "stat/amax (standalone)": lambda x=x: torch.linalg.vector_norm(x, float("inf")),
             "gemm/int8": lambda: kg.scaled_gemm(x8, sx, w8, sw, None, tdt[out_dtype]),
             "gemm/fused_quant/row": lambda: kg.qgemm_fused_quant(x, 8, [1], "stochastic", 0, 0, step, w8, sw, None,
-                                                                 tdt[out_dtype]),
+                                                                 tdt[out_dtype], amax=a_rows),
+            "gemm/fused_quant/row (own statistic)": lambda: kg.qgemm_fused_quant(
+                x, 8, [1], "stochastic", 0, 0, step, w8, sw, None, tdt[out_dtype]),
             "gemm/fused_quant/tensor": lambda: kg.qgemm_fused_quant(x, 8, [0, 1], "stochastic", 0, 0, step, w8, sw,
-                                                                    None, tdt[out_dtype]),
+                                                                    None, tdt[out_dtype], amax=a_t),
+            "gemm/fused_quant/tensor (own statistic)": lambda: kg.qgemm_fused_quant(
+                x, 8, [0, 1], "stochastic", 0, 0, step, w8, sw, None, tdt[out_dtype]),
             "gemm/fused_quant/row+requant": lambda: kg.qgemm_fused_quant(
-                x, 8, [1], "stochastic", 0, 0, step, w8, sw, None, tdt[out_dtype], requant=kg.Requant(8)),
+                x, 8, [1], "stochastic", 0, 0, step, w8, sw, None, tdt[out_dtype], requant=kg.Requant(8), amax=a_rows),
             "gradq/psq": lambda x=x: kgq.grad_quantize(x, "psq", 4, [-1], "stochastic", 0, step, 0),
-            "gradq/bhq": lambda x=x: kgq.bhq(x, 4, [-1], "stochastic", 0, step, 0),
+            "gradq/bhq": lambda x=x: kgq.bhq(x, 4, [-1], "stochastic", 0, step, 0, a_rows),
+            "gradq/bhq (own statistic)": lambda x=x: kgq.bhq(x, 4, [-1], "stochastic", 0, step, 0),
         }
         for m in ms:
             if m.shape.startswith(f"{M}x") and m.kernel in runs:
@@ -304,13 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         _attach_runs(ms, shapes, args.a_dtype, args.out_dtype)
-    hdr = f"{'kernel':32} {'shape':30} {'MB moved':>10} {'MB min':>10} {'ratio':>6} {'GFLOP':>8}"
+    hdr = f"{'kernel':40} {'shape':30} {'MB moved':>10} {'MB min':>10} {'ratio':>6} {'GFLOP':>8}"
     hdr += f" {'ms':>8} {'TFLOP/s':>8} {'TB/s':>6}" if cuda else ""
     print(hdr)
     print("-" * len(hdr))
     bad = []
     for m in ms:
-        line = (f"{m.kernel:32} {m.shape:30} {m.bytes / 1e6:10.2f} {m.min_bytes / 1e6:10.2f} {m.ratio:6.2f} "
+        line = (f"{m.kernel:40} {m.shape:30} {m.bytes / 1e6:10.2f} {m.min_bytes / 1e6:10.2f} {m.ratio:6.2f} "
                 f"{m.flops / 1e9:8.1f}")
         if cuda and m.run is not None:
             import triton.testing

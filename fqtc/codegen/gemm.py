@@ -6,12 +6,14 @@ epilogue. References: `fqtc.quant.gemm.scaled_gemm`, `fqtc.quant.uniform.quantiz
 One kernel, specialised by constexpr flags:
 
 - ``A_MODE=0``: ``a`` holds int8 codes with a per-row (or per-tensor) scale: the plain `scaled_gemm`.
-- ``A_MODE=1``: ``a`` is fp32/fp16/bf16 with a per-tensor amax computed beforehand (a partial-amax pass); the
-  prologue quantizes each tile in registers (nearest or stochastic) before ``tl.dot``.
+- ``A_MODE=1``: ``a`` is fp32/fp16/bf16 with a per-tensor amax computed beforehand (by ``a``'s producer, or a
+  partial-amax pass when none is given); the prologue quantizes each tile in registers (nearest or stochastic)
+  before ``tl.dot``.
 - ``A_MODE=2``: ``a`` is floating point with one scale per row (token): each program first sweeps its
   ``BLOCK_M x K`` row slab for the row amax, then quantizes tiles in the main loop. The slab is the one the main
   loop reads next, so under the GEMM traffic model (each operand fetched from DRAM once, re-reads served by L2;
   docs/kernels.md) the sweep adds L2 traffic only.
+- ``A_MODE=3``: as 2, with the row amax given (the producer's statistic): no sweep.
 - ``REQUANT=1``: the epilogue quantizes the output rows (one scale per row, nearest or stochastic) and writes int8
   codes + scales for the next GEMM; needs the whole row in one tile (``N <= MAX_REQUANT_N``).
 
@@ -107,6 +109,9 @@ def _qgemm_kernel(
     elif A_MODE == 1:
         sa = tn.group_scale(tl.load(sa_ptr + rm * 0), a_qmax)
         tl.store(qsa_ptr + rm * 0, sa, mask=(rm + pid + bid.to(tl.int32)) == 0)  # one program writes it
+    elif A_MODE == 3:
+        sa = tn.group_scale(tl.load(sa_ptr + bid * M + rm64, mask=mmask, other=0.0), a_qmax)
+        tl.store(qsa_ptr + bid * M + rm64, sa, mask=mmask & ((rm * 0 + pid_n) == 0))
     else:
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -218,8 +223,10 @@ def _launch(a, a_mode, sa, b, sb, bias, out_dtype, *, a_bits=8, a_rounding="near
         sa_ptr, s_sab, s_sam = sa3, sa3.stride(0), sa3.stride(1)
     else:
         qa = torch.empty(a.shape, dtype=torch.int8, device=dev)
-        qsa = torch.empty((*a.shape[:-1], 1) if a_mode == 2 else (1,) * a.dim(), dtype=torch.float32, device=dev)
-        sa_ptr, s_sab, s_sam = (sa if sa is not None else out), 0, 0  # mode 1: the 1-element amax; 2: unused
+        qsa = torch.empty((*a.shape[:-1], 1) if a_mode in (2, 3) else (1,) * a.dim(), dtype=torch.float32,
+                          device=dev)
+        # mode 1: the 1-element amax; 3: the (batch*M) row amax; 2: unused
+        sa_ptr, s_sab, s_sam = (sa if sa is not None else out), 0, 0
     if requant is not None:
         if N > MAX_REQUANT_N:
             raise ValueError(f"requantizing epilogue needs the whole output row in one tile: N={N} > "
@@ -279,13 +286,15 @@ def scaled_gemm(
 def qgemm_fused_quant(
     a: torch.Tensor, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int,
     step: torch.Tensor | int, b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32, requant: Requant | None = None,
+    out_dtype: torch.dtype = torch.float32, requant: Requant | None = None, amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Quantize the floating-point activation ``a`` inside the GEMM prologue: ``(out, a_codes, a_scale)``, equal
-    to ``codes, s = quantize(a, bits, reduce_dims, ...)`` then ``scaled_gemm(codes, s, b, b_scale, bias)``.
+    to ``codes, s = quantize(a, bits, reduce_dims, ..., amax)`` then ``scaled_gemm(codes, s, b, b_scale, bias)``.
 
-    ``reduce_dims`` must be per-tensor (all dims) or per-row (``[-1]``); a per-tensor scale costs one extra read
-    of ``a`` (the partial-amax pass). With ``requant`` two more outputs follow: the output's codes and scales.
+    ``reduce_dims`` must be per-tensor (all dims) or per-row (``[-1]``). ``amax``: the keepdim group abs-max from
+    ``a``'s producer (the codegen pass always supplies it); without it a per-tensor scale costs one extra read of
+    ``a`` (the partial-amax pass) and a per-row scale an amax sweep of the row slab (from L2 while the slabs of a
+    wave fit there). With ``requant`` two more outputs follow: the output's codes and scales.
     A row (or tensor) holding a NaN keeps a NaN scale and zero codes (`fqtc.quant.uniform`'s non-finite policy).
     """
     n = a.dim()
@@ -297,7 +306,12 @@ def qgemm_fused_quant(
     else:
         raise ValueError(f"the quantizing prologue supports per-tensor or per-row (reduce_dims=[-1]) scales, got "
                          f"reduce_dims={list(reduce_dims)} on a {n}-d input; quantize separately for other layouts")
-    if mode == 1:
+    if amax is not None:
+        from fqtc.quant.uniform import check_amax
+
+        amax = check_amax(amax, a, list(reduce_dims)).contiguous().reshape(-1)
+        mode = 1 if mode == 1 else 3
+    elif mode == 1:
         from fqtc.codegen.quantize import AMAX_BLOCK, _amax_partial_kernel, _pow2
 
         ac = a.contiguous()

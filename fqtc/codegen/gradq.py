@@ -6,7 +6,8 @@
   ``T = H D`` to the group's rows, quantizes each transformed row (per-row scale, SR), dequantizes, applies
   ``T^-1 = D^-1 H`` and writes the result rows; no intermediate tensor touches memory. The transform's
   construction (`fqtc.quant.gradq.bhq_transform`: sort the G row ranges, split, pair, closed-form D) is O(G log G)
-  work on G scalars and stays in torch. The group reductions ``w = sum_p v_p z_p`` are accumulated in position
+  work on G scalars and stays in torch; the row ranges themselves come from ``x``'s producer when the codegen pass
+  supplies them (``amax``), so the kernel is the only reader of ``x``. The group reductions ``w = sum_p v_p z_p`` are accumulated in position
   order, the order of the reference's ``index_add_``, so the fp32 sums are identical.
 
 AQ (range-proportional group sampling) keeps the reference path; its per-group sampling is host-side logic and
@@ -32,12 +33,14 @@ MAX_BHQ_ROW = 8192  # a BHQ program holds one full row (E elements) of the group
 
 
 def grad_quantize(x: torch.Tensor, quantizer: str, bits: int, reduce_dims: Sequence[int], rounding: str = "stochastic",
-                  seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scale) of `fqtc.quant.gradq.grad_quantize` for PTQ/PSQ/SCQ, on the quantize kernels."""
+                  seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0,
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of `fqtc.quant.gradq.grad_quantize` for PTQ/PSQ/SCQ, on the quantize kernels (``amax``: the
+    group abs-max from ``x``'s producer, then ``x`` is read once)."""
     if quantizer not in KERNEL_QUANTIZERS:
         raise ValueError(f"grad_quantize kernel covers {KERNEL_QUANTIZERS}, got {quantizer!r}")
     dims = list(range(x.dim())) if quantizer == "ptq" else list(reduce_dims)
-    codes, scale = _kq.quantize(x, bits, dims, rounding, seed, step, stream)
+    codes, scale = _kq.quantize(x, bits, dims, rounding, seed, step, stream, amax=amax)
     return codes, scale.contiguous()
 
 
@@ -106,13 +109,16 @@ def bhq_supported(shape: Sequence[int], reduce_dims: Sequence[int]) -> str | Non
 
 
 def bhq(x: torch.Tensor, bits: int, reduce_dims: Sequence[int], rounding: str = "stochastic", seed: int = 0,
-        step: torch.Tensor | int = 0, stream: int = 0) -> torch.Tensor:
-    """``fqt::bhq``: ``bhq_dequantize(bhq(x, ...))`` of `fqtc.quant.gradq`, the per-element work in one kernel."""
+        step: torch.Tensor | int = 0, stream: int = 0, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """``fqt::bhq``: ``bhq_dequantize(bhq(x, ...))`` of `fqtc.quant.gradq`, the per-element work in one kernel.
+
+    ``amax``: the rows' abs-max from ``x``'s producer (keepdim over ``reduce_dims``). With it the transform is
+    built from G scalars and ``x`` is read once, by the kernel; without it the rows' ranges cost one more read."""
     why = bhq_supported(x.shape, reduce_dims)
     if why:
         raise ValueError(why)
     xc = x.contiguous()
-    aux = _gradq.bhq_transform(xc, reduce_dims)
+    aux = _gradq.bhq_transform(xc, reduce_dims, amax)
     G = aux["order"].numel()
     E = xc.numel() // max(G, 1)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)

@@ -30,14 +30,14 @@ def _fallback(op: str, why: str) -> None:
 
 
 def quantize_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int,
-                  step: Tensor) -> tuple[Tensor, Tensor]:
+                  step: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``fqt::quantize`` on the Triton quantize kernels."""
     try:
         _kq.layout_of(tuple(x.shape), reduce_dims)
     except NotImplementedError as e:
         _fallback("fqt::quantize", str(e))
-        return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream)
-    return _kq.quantize(x, bits, reduce_dims, rounding, seed, step, stream)
+        return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream, amax)
+    return _kq.quantize(x, bits, reduce_dims, rounding, seed, step, stream, amax=amax)
 
 
 def qgemm_cuda(a: Tensor, a_scale: Tensor | None, b: Tensor, b_scale: Tensor | None, bias: Tensor | None,
@@ -64,21 +64,22 @@ def _prologue_unsupported(a: Tensor, dims: list[int], b: Tensor, b_scale: Tensor
 
 def qgemm_fused_quant_cuda(a: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int,
                            step: Tensor, b: Tensor, b_scale: Tensor | None, bias: Tensor | None,
-                           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                           out_dtype: torch.dtype, a_amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``fqt::qgemm_fused_quant`` on the GEMM kernel with the quantizing prologue."""
     why = _prologue_unsupported(a, list(reduce_dims), b, b_scale)
     if why:
         _fallback("fqt::qgemm_fused_quant", why)
-        codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed, step, stream)
+        codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed, step, stream, a_amax)
         return _gemm.scaled_gemm(codes, scale, b, b_scale, bias, out_dtype), codes, scale
     out, codes, scale = _kg.qgemm_fused_quant(a, bits, reduce_dims, rounding, seed, stream, step, b, b_scale, bias,
-                                              out_dtype)
+                                              out_dtype, amax=a_amax)
     return out, codes, scale
 
 
 def qgemm_fused_grad_quant_cuda(a: Tensor, quantizer: str, bits: int, reduce_dims: list[int], rounding: str,
                                 seed: int, stream: int, step: Tensor, b: Tensor, b_scale: Tensor | None,
-                                bias: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                                bias: Tensor | None, out_dtype: torch.dtype,
+                                a_amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``fqt::qgemm_fused_grad_quant``: the same prologue kernel (PTQ quantizes per tensor, PSQ per row; every
     quantizer shares `fqtc.quant.uniform`'s non-finite policy)."""
     dims = list(range(a.dim())) if quantizer == "ptq" else list(reduce_dims)
@@ -88,14 +89,14 @@ def qgemm_fused_grad_quant_cuda(a: Tensor, quantizer: str, bits: int, reduce_dim
 
         _fallback("fqt::qgemm_fused_grad_quant", why)
         return _fused.qgemm_fused_grad_quant._init_fn(a, quantizer, bits, reduce_dims, rounding, seed, stream, step,
-                                                      b, b_scale, bias, out_dtype)
+                                                      b, b_scale, bias, out_dtype, a_amax)
     out, codes, scale = _kg.qgemm_fused_quant(a, bits, dims, rounding, seed, stream, step, b, b_scale, bias,
-                                              out_dtype)
+                                              out_dtype, amax=a_amax)
     return out, codes, scale
 
 
 def grad_quantize_cuda(x: Tensor, quantizer: str, bits: int, reduce_dims: list[int], rounding: str, seed: int,
-                       stream: int, step: Tensor) -> tuple[Tensor, Tensor]:
+                       stream: int, step: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``fqt::grad_quantize`` (issue 3): PTQ/PSQ/SCQ on the quantize kernels; AQ and uncovered layouts run the
     reference (counted)."""
     from fqtc.codegen import gradq as _kgq
@@ -113,13 +114,13 @@ def grad_quantize_cuda(x: Tensor, quantizer: str, bits: int, reduce_dims: list[i
         if quantizer == "bhq":
             raise ValueError("fqt::grad_quantize: BHQ does not factor as codes x scale; use fqt::bhq")
         _fallback("fqt::grad_quantize", why)
-        q = _gradq.grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, step, stream)
+        q = _gradq.grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, step, stream, amax)
         return q.codes, q.scale.contiguous()
-    return _kgq.grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, step, stream)
+    return _kgq.grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, step, stream, amax)
 
 
 def bhq_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int,
-             step: Tensor) -> Tensor:
+             step: Tensor, amax: Tensor | None = None) -> Tensor:
     """``fqt::bhq`` (issue 3): transform, quantize, dequantize and invert fused per Householder group."""
     from fqtc.codegen import gradq as _kgq
     from fqtc.quant import gradq as _gradq
@@ -127,9 +128,9 @@ def bhq_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: 
     why = _kgq.bhq_supported(x.shape, reduce_dims)
     if why:
         _fallback("fqt::bhq", why)
-        return _gradq.bhq_dequantize(_gradq.bhq(x, bits, reduce_dims, rounding, seed, step, stream),
+        return _gradq.bhq_dequantize(_gradq.bhq(x, bits, reduce_dims, rounding, seed, step, stream, amax),
                                      reduce_dims).contiguous()
-    return _kgq.bhq(x, bits, reduce_dims, rounding, seed, step, stream)
+    return _kgq.bhq(x, bits, reduce_dims, rounding, seed, step, stream, amax)
 
 
 def lwq_update_cuda(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str,

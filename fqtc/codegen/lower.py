@@ -18,6 +18,16 @@ After::
 
     f      = fqt.qgemm_fused_quant(x, 8, [1], "stochastic", seed, stream, step, w8t, swt, bias, float32)
     out, x8, sx = f[0], f[1], f[2]
+
+**Statistics from the producer.** A scale whose group does not fit one tile (per tensor; a row longer than the
+quantize kernel's ``MAX_BLOCK``; a column taller than one tile; a GEMM prologue's rows, which span all of K) and
+BHQ's row ranges need the group abs-max before the first element can be quantized; computed inside the kernel
+that is a second read of ``x``. The pass
+instead inserts ``amax = aten.amax(aten.abs(x), dims, keepdim=True)`` and passes it as the quantizer's ``amax``
+argument: Inductor, which compiles the rest of the graph, fuses this reduction into the kernel that produces
+``x`` (its scheduler fuses a pointwise producer into a reduction over the same elements), so the fqt kernel is
+the only other reader of ``x``. When ``x`` is a graph input or the output of an extern kernel (another GEMM),
+the reduction is one standalone read, as before. The record says ``"statistic": "producer"``.
 """
 
 from __future__ import annotations
@@ -98,13 +108,61 @@ def _fusable(q: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node | None, str
     return qn, ""
 
 
+def _insert_amax(graph: fx.Graph, before: fx.Node, x: fx.Node, dims: list[int], fake_mode) -> fx.Node:
+    """``aten.amax(aten.abs(x), dims, keepdim=True)`` before ``before``: the statistic Inductor fuses into ``x``'s
+    producer (`fqtc.quant.uniform.group_amax`: abs-max propagates NaN and Inf, as the kernels' own sweep does)."""
+    with graph.inserting_before(before):
+        ab = graph.call_function(torch.ops.aten.abs.default, (x,))
+        am = graph.call_function(torch.ops.aten.amax.default, (ab, dims, True))
+    for n in (ab, am):
+        n.meta["fqt"] = {"kind": "statistic", "of": x.name, "dims": list(dims)}
+        set_fake_val(n, fake_mode)
+    return am
+
+
+def _stat_dims(n: fx.Node) -> list[int] | None:
+    """The group dims of a standalone quantizer node whose kernel would read its input twice (so the statistic
+    comes from the producer), else None."""
+    from fqtc.quant.gradq import AMAX_QUANTIZERS
+
+    try:
+        from fqtc.codegen.quantize import reads_twice
+    except ImportError:  # no Triton: no kernels, the reference implementations run
+        return None
+
+    x = n.args[0]
+    xv = _val(x)
+    if xv is None or xv.dim() == 0 or xv.numel() <= 1:
+        return None
+    nd = xv.dim()
+    if n.target == fqt.bhq.default:
+        if len(n.args) > 7:
+            return None
+        return sorted({d % nd for d in n.args[2]})
+    if n.target == fqt.quantize.default:
+        if len(n.args) > 7:
+            return None
+        dims = n.args[2]
+    else:  # fqt::grad_quantize
+        quantizer = n.args[1]
+        if len(n.args) > 8 or quantizer not in AMAX_QUANTIZERS:
+            return None
+        dims = list(range(nd)) if quantizer == "ptq" else n.args[3]
+    dims = sorted({d % nd for d in dims})
+    try:
+        return dims if reads_twice(tuple(xv.shape), dims) else None
+    except NotImplementedError:  # no kernel layout: the reference runs (counted as a fallback)
+        return None
+
+
 def lower_graph(gm: fx.GraphModule, device: str | torch.device | None = None) -> dict[str, int]:
     """Fuse quantize->qgemm chains when the graph runs on CUDA (``device`` overrides the graph's own device, which
-    lets tests lower CPU-traced graphs). Returns counters ``fused`` and ``unfused``. Non-CUDA graphs are left
-    untouched (the reference path)."""
+    lets tests lower CPU-traced graphs), and give every quantizer whose kernel would read its input twice the
+    group abs-max from the input's producer. Returns counters ``fused``, ``unfused`` and ``statistics``. Non-CUDA
+    graphs are left untouched (the reference path)."""
     dev = torch.device(device) if device is not None else graph_device(gm)
     if dev is None or dev.type != "cuda":
-        return {"fused": 0, "unfused": 0}
+        return {"fused": 0, "unfused": 0, "statistics": 0}
     from fqtc.codegen import register_cuda_kernels
 
     register_cuda_kernels()  # no-op without CUDA; the fused op's reference impl then runs
@@ -124,20 +182,25 @@ def lower_graph(gm: fx.GraphModule, device: str | torch.device | None = None) ->
         a_codes, a_scale = q.args[0], q.args[1]
         b, sb, bias, out_dtype = q.args[2:6]
         if qn.target == fqt.quantize.default:
-            x, bits, dims, rounding, seed, stream, step = qn.args
+            x, bits, dims, rounding, seed, stream, step = qn.args[:7]
             target, fargs = fqt.qgemm_fused_quant.default, (x, bits, dims, rounding, seed, stream, step)
         else:
-            x, quantizer, bits, dims, rounding, seed, stream, step = qn.args
+            x, quantizer, bits, dims, rounding, seed, stream, step = qn.args[:8]
             target = fqt.qgemm_fused_grad_quant.default
             fargs = (x, quantizer, bits, dims, rounding, seed, stream, step)
             if quantizer == "ptq":
                 dims = list(range(x.meta["val"].dim()))
-        with graph.inserting_before(q):
-            f = graph.call_function(target, (*fargs, b, sb, bias, out_dtype))
-            outs = [graph.call_function(operator.getitem, (f, i)) for i in range(3)]
-        copy_meta(f, q)
         if fake_mode is None:
             fake_mode = getattr(_val(q), "fake_mode", None)
+        nd = x.meta["val"].dim()
+        per_tensor = len({d % nd for d in dims}) == nd
+        # the statistic from the producer (module docstring): per tensor it would be a second read of x; per row
+        # the kernel's slab sweep re-reads x from L2 only while GROUP_M row slabs fit there (not for long K)
+        amax = _insert_amax(graph, q, x, list(range(nd)) if per_tensor else [nd - 1], fake_mode)
+        with graph.inserting_before(q):
+            f = graph.call_function(target, (*fargs, b, sb, bias, out_dtype, amax))
+            outs = [graph.call_function(operator.getitem, (f, i)) for i in range(3)]
+        copy_meta(f, q)
         set_fake_val(f, fake_mode)
         for o in outs:
             copy_meta(o, q)
@@ -149,17 +212,30 @@ def lower_graph(gm: fx.GraphModule, device: str | torch.device | None = None) ->
             "device": "cuda", "kernel": f"triton:{target._schema.name.split('::')[1]}", "fused": True,
             "node": f.name,
             "replaced": [qn.name, q.name], "quantize": dict(qn.meta.get("fqt", {})),
-            "prologue": "per_tensor" if len({d % x.meta["val"].dim() for d in dims}) == x.meta["val"].dim()
-            else "per_row",
+            "prologue": "per_tensor" if per_tensor else "per_row",
+            "statistic": "producer",
         }
         f.meta["fqt"] = rec
         for n in (q, a_codes, a_scale, qn):
             graph.erase_node(n)
         order = node_order(graph)
         fused += 1
+    stats = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in (fqt.quantize.default, _GRAD_QUANTIZE, fqt.bhq.default):
+            continue
+        dims = _stat_dims(n)
+        if dims is None:
+            continue
+        if fake_mode is None:
+            fake_mode = getattr(_val(n.args[0]), "fake_mode", None)
+        am = _insert_amax(graph, n, n.args[0], dims, fake_mode)
+        n.args = (*n.args, am)
+        n.meta.setdefault("fqt", {})["codegen"] = {"device": "cuda", "statistic": "producer", "amax": am.name}
+        stats += 1
     graph.lint()
     gm.recompile()
-    return {"fused": fused, "unfused": unfused}
+    return {"fused": fused, "unfused": unfused, "statistics": stats}
 
 
 def wrap_compiler(compile_fn: Callable) -> Callable:

@@ -7,7 +7,8 @@ that keys stochastic rounding is the row-major index of ``x``, as in `fqtc.quant
 
 Traffic (docs/kernels.md): per-row reads ``x`` once when a whole row fits one tile (``C <= MAX_BLOCK``), else twice
 (amax sweep, then quantize); per-column likewise when the whole column fits one tile; per-tensor is two kernels
-(partial amax over ``x``, then quantize), so ``x`` is read twice. Writes: codes (1 B, or 0.5 B packed) + scales.
+(partial amax over ``x``, then quantize), so ``x`` is read twice. Given the group abs-max (``amax``: the
+statistic the codegen pass computes in ``x``'s producer) every layout reads ``x`` once. Writes: codes (1 B, or 0.5 B packed) + scales.
 """
 
 from __future__ import annotations
@@ -43,18 +44,20 @@ def _amax_partial_kernel(x_ptr, part_ptr, numel, BLOCK: tl.constexpr):
 def _quantize_rows_kernel(
     x_ptr, q_ptr, s_ptr, amax_ptr, step_ptr,
     R, C, qmax, key0, stream,
-    AMAX_GIVEN: tl.constexpr, STOCHASTIC: tl.constexpr, PACK_INT4: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    AMAX_GIVEN: tl.constexpr, PER_TENSOR: tl.constexpr, STOCHASTIC: tl.constexpr, PACK_INT4: tl.constexpr,
+    SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One scale per row of the contiguous (R, C) view; a program owns BLOCK_R full rows."""
+    """One scale per row of the contiguous (R, C) view (or one per tensor: ``PER_TENSOR``, amax given); a program
+    owns BLOCK_R full rows. ``AMAX_GIVEN``: the group abs-max comes from ``amax_ptr`` (the producer's statistic or
+    the partial-amax pass) and ``x`` is read once."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     rows64 = rows.to(tl.int64)
     key = tn.stream_key(key0, step_ptr, stream) if STOCHASTIC else 0
     cols0 = tl.arange(0, BLOCK_C)
-    if AMAX_GIVEN:  # per-tensor: amax from the partial-amax pass
-        amax = tl.load(amax_ptr + rows * 0, mask=rmask, other=0.0)
+    if AMAX_GIVEN:
+        amax = tl.load(amax_ptr + (rows * 0 if PER_TENSOR else rows), mask=rmask, other=0.0)
     elif SINGLE:
         m0 = rmask[:, None] & (cols0[None, :] < C)
         x0 = tl.load(x_ptr + rows64[:, None] * C + cols0[None, :], mask=m0, other=0.0).to(tl.float32)
@@ -67,7 +70,7 @@ def _quantize_rows_kernel(
             xt = tl.load(x_ptr + rows64[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
             amax = tn.max_nan(amax, tn.nan_absmax(xt, 1))
     scale = tn.group_scale(amax, qmax)
-    if AMAX_GIVEN:
+    if PER_TENSOR:
         tl.store(s_ptr + rows * 0, scale, mask=rmask & (rows == 0))
     else:
         tl.store(s_ptr + rows, scale, mask=rmask)
@@ -91,18 +94,21 @@ def _quantize_rows_kernel(
 
 @triton.jit
 def _quantize_cols_kernel(
-    x_ptr, q_ptr, s_ptr, step_ptr,
+    x_ptr, q_ptr, s_ptr, amax_ptr, step_ptr,
     R, C, qmax, key0, stream,
-    STOCHASTIC: tl.constexpr, PACK_INT4: tl.constexpr, SINGLE: tl.constexpr,
+    AMAX_GIVEN: tl.constexpr, STOCHASTIC: tl.constexpr, PACK_INT4: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One scale per column of the contiguous (R, C) view; a program owns BLOCK_C full columns."""
+    """One scale per column of the contiguous (R, C) view; a program owns BLOCK_C full columns. ``AMAX_GIVEN``:
+    the column abs-max comes from ``amax_ptr`` and ``x`` is read once."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     key = tn.stream_key(key0, step_ptr, stream) if STOCHASTIC else 0
     rows0 = tl.arange(0, BLOCK_R)
-    if SINGLE:
+    if AMAX_GIVEN:
+        amax = tl.load(amax_ptr + cols, mask=cmask, other=0.0)
+    elif SINGLE:
         m0 = (rows0[:, None] < R) & cmask[None, :]
         x0 = tl.load(x_ptr + rows0.to(tl.int64)[:, None] * C + cols[None, :], mask=m0, other=0.0).to(tl.float32)
         amax = tn.nan_absmax(x0, 0)
@@ -119,7 +125,7 @@ def _quantize_cols_kernel(
         rows = (r0 + rows0).to(tl.int64)
         m = (rows[:, None] < R) & cmask[None, :]
         idx = rows[:, None] * C + cols[None, :]
-        if SINGLE:
+        if SINGLE and not AMAX_GIVEN:
             xt = x0
         else:
             xt = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
@@ -169,6 +175,24 @@ def layout_of(shape: Sequence[int], reduce_dims: Sequence[int]) -> tuple[str, in
         "the dims; the kernel needs a 2-D view. Permute the tensor so the reduced dims are leading or trailing.")
 
 
+def col_block(R: int, C: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the per-column kernel for an (R, C) view."""
+    block_c = _pow2(C, hi=min(128, MAX_BLOCK))  # contiguous columns: 128 wide for coalesced loads
+    return _pow2(R, hi=max(2, TILE_ELEMS // block_c)), block_c
+
+
+def reads_twice(shape: Sequence[int], reduce_dims: Sequence[int]) -> bool:
+    """True when the quantize kernel, left to compute its own statistic, reads ``x`` twice: per tensor (the
+    partial-amax pass), rows longer than ``MAX_BLOCK``, columns taller than one tile. The codegen pass then
+    supplies the group abs-max from ``x``'s producer instead (``amax``)."""
+    kind, R, C = layout_of(shape, reduce_dims)
+    if kind == "tensor":
+        return R * C > 1
+    if kind == "row":
+        return C > _pow2(C)
+    return R > col_block(R, C)[0]
+
+
 def quantize(
     x: torch.Tensor,
     bits: int,
@@ -178,8 +202,12 @@ def quantize(
     step: torch.Tensor | int = 0,
     stream: int = 0,
     pack_int4: bool = False,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fqtc.quant.uniform.quantize` (same arguments, same bits).
+
+    ``amax``: the keepdim group abs-max (`fqtc.quant.uniform.group_amax`) from ``x``'s producer; the kernel then
+    reads ``x`` exactly once for every layout (no partial-amax pass, no amax sweep).
 
     With ``pack_int4=True`` (``bits <= 4``, even last dim) the codes come back packed two per byte along the last
     dim, even index in the low nibble: ``fqtc.codegen.reference.pack_int4(reference_codes)``. Non-finite
@@ -198,6 +226,10 @@ def quantize(
             raise ValueError(f"pack_int4 needs bits <= 4, got bits={bits}; use int8 codes for wider codes")
         if n == 0 or shape[-1] % 2:
             raise ValueError(f"pack_int4 packs pairs along the last dim; shape {list(shape)} has an odd last dim")
+    if amax is not None:
+        from fqtc.quant.uniform import check_amax
+
+        amax = check_amax(amax, x, list(range(n)) if kind == "tensor" else reduce_dims).contiguous().reshape(-1)
     xc = x.contiguous()
     codes = torch.empty((*shape[:-1], shape[-1] // 2) if pack_int4 else shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(sshape, dtype=torch.float32, device=x.device)
@@ -208,15 +240,14 @@ def quantize(
     sr = rounding == "stochastic"
     stream &= 0xFFFFFFFF
     if kind == "col":
-        block_c = _pow2(C, hi=min(128, MAX_BLOCK))  # contiguous columns: 128 wide for coalesced loads
-        block_r = _pow2(R, hi=max(2, TILE_ELEMS // block_c))
+        block_r, block_c = col_block(R, C)
         _quantize_cols_kernel[(triton.cdiv(C, block_c),)](
-            xc, codes, scale, step_t, R, C, qmax, key0, stream,
-            STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=R <= block_r, BLOCK_R=block_r,
+            xc, codes, scale, scale if amax is None else amax, step_t, R, C, qmax, key0, stream,
+            AMAX_GIVEN=amax is not None, STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=R <= block_r, BLOCK_R=block_r,
             BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=False)
         return codes, scale
-    amax = scale  # placeholder pointer when unused
-    if kind == "tensor":
+    given = amax is not None
+    if kind == "tensor" and not given:
         numel = xc.numel()
         nprog = triton.cdiv(numel, AMAX_BLOCK)
         part = torch.empty(nprog, dtype=torch.float32, device=x.device)
@@ -225,7 +256,7 @@ def quantize(
     block_c = _pow2(C)
     block_r = _pow2(R, lo=1, hi=max(1, TILE_ELEMS // block_c))
     _quantize_rows_kernel[(triton.cdiv(R, block_r),)](
-        xc, codes, scale, amax, step_t, R, C, qmax, key0, stream,
-        AMAX_GIVEN=kind == "tensor", STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=C <= block_c,
+        xc, codes, scale, scale if amax is None else amax, step_t, R, C, qmax, key0, stream,
+        AMAX_GIVEN=given or kind == "tensor", PER_TENSOR=kind == "tensor", STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=C <= block_c,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return codes, scale

@@ -97,13 +97,23 @@ def _static_shape(v: Any) -> list[int] | None:
 _SR_MODE = ["random"]  # set by export_graph for the duration of one export
 
 
-def _quantize(x, bits, reduce_dims, rounding, seed, stream, step):
+def _no_given_amax(op: str, amax) -> None:
+    """The ONNX translations compute each quantizer's statistic from its input; a graph whose quantizers take a
+    precomputed ``amax`` (the CUDA codegen pass's producer statistic) is not what `export_onnx` traces."""
+    if amax is not None:
+        raise NotImplementedError(f"fqtc.export_onnx: {op} with a precomputed amax (a graph lowered by the CUDA "
+                                  "codegen pass) has no ONNX translation; export the model itself (export_onnx "
+                                  "traces the unlowered graphs on CPU)")
+
+
+def _quantize(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     """fqt::quantize -> (int8 codes, fp32 keepdim scale); same float ops in the same order as
     `fqtc.quant.uniform.quantize` (scale = amax/qmax; x / scale is a true division; round half to even), with its
     non-finite policy (a group holding NaN/Inf gets a NaN/Inf scale and zero codes): `_group_codes`, except that
     8-bit nearest rounding with a per-tensor or per-axis scale becomes a standard QuantizeLinear."""
     import onnx
 
+    _no_given_amax("fqt::quantize", amax)
     if rounding not in ("nearest", "stochastic"):
         raise NotImplementedError(f"fqtc.export_onnx: fqt::quantize rounding {rounding!r} has no ONNX translation")
     op = _op()
@@ -127,7 +137,7 @@ def _quantize(x, bits, reduce_dims, rounding, seed, stream, step):
     return op.Where(bad, zero, codes), scale
 
 
-def _grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step):
+def _grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     """fqt::grad_quantize for the codes x scale quantizers that are uniform over groups (PTQ: one group; PSQ/SCQ:
     the groups of ``reduce_dims``), with fqtc's non-finite policy (`fqtc.quant.uniform`): a NaN anywhere in a group
     makes its scale NaN, and non-finite codes become 0. AQ and AQ top-k: `fqtc.export.onnx_gradq.aq`."""
@@ -135,6 +145,7 @@ def _grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step
         from fqtc.export import onnx_gradq
 
         return onnx_gradq.aq(x, quantizer, bits, reduce_dims, rounding, seed, stream, step)
+    _no_given_amax("fqt::grad_quantize", amax)
     if quantizer not in ("ptq", "psq", "scq"):
         raise NotImplementedError(f"fqtc.export_onnx: fqt::grad_quantize with quantizer {quantizer!r} has no ONNX "
                                   "translation (translated: ptq, psq, scq, aq, aq_topk)")

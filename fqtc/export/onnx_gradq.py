@@ -243,11 +243,12 @@ def _scatter_rows(z, order, n: int, e: int):
     return op.ScatterElements(op.ConstantOfShape(_ints([n, e])), idx, z, axis=0)
 
 
-def bhq(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int, step) -> Any:
+def bhq(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int, step, amax=None) -> Any:
     """fqt::bhq -> T^-1 Q(T x) in fp32, as `fqtc.quant.gradq.bhq` + `bhq_dequantize`."""
     import onnx
 
     o = _o()
+    o._no_given_amax("fqt::bhq", amax)
     op = o._op()
     shape = _shape_of(x, "fqt::bhq")
     dims = _gradq._norm_dims(reduce_dims, len(shape))

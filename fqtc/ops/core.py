@@ -54,10 +54,14 @@ def _(device: torch.device) -> Tensor:
 # -- quantize ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fqt::quantize", mutates_args=())
 def quantize(
-    x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor
+    x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor,
+    amax: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Symmetric uniform quantization: int8 codes and an fp32 keepdim scale shared over ``reduce_dims``."""
-    return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream)
+    """Symmetric uniform quantization: int8 codes and an fp32 keepdim scale shared over ``reduce_dims``.
+
+    ``amax`` (optional): the keepdim group abs-max of ``x``, computed by the caller; the codegen pass supplies it
+    from ``x``'s producer so the quantize kernel reads ``x`` once (docs/kernels.md)."""
+    return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream, amax)
 
 
 def fake_codes_and_scale(x: Tensor, reduce_dims: list[int]) -> tuple[Tensor, Tensor]:
@@ -68,7 +72,7 @@ def fake_codes_and_scale(x: Tensor, reduce_dims: list[int]) -> tuple[Tensor, Ten
 
 
 @quantize.register_fake
-def _(x, bits, reduce_dims, rounding, seed, stream, step):
+def _(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     return fake_codes_and_scale(x, reduce_dims)
 
 

@@ -22,29 +22,33 @@ from fqtc.quant import gradq as _gradq
 
 @torch.library.custom_op("fqt::grad_quantize", mutates_args=())
 def grad_quantize(
-    x: Tensor, quantizer: str, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor
+    x: Tensor, quantizer: str, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor,
+    amax: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """A gradient quantizer with a codes x scale result: int8 codes (x's shape) and a keepdim fp32 scale."""
+    """A gradient quantizer with a codes x scale result: int8 codes (x's shape) and a keepdim fp32 scale.
+    ``amax``: the group abs-max from ``x``'s producer (PTQ/PSQ/SCQ; `fqtc.quant.gradq.AMAX_QUANTIZERS`)."""
     if quantizer == "bhq":
         raise ValueError("fqt::grad_quantize: BHQ does not factor as codes x scale; use fqt::bhq")
-    q = _gradq.grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, step, stream)
+    q = _gradq.grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, step, stream, amax)
     return q.codes, q.scale.contiguous()
 
 
 @grad_quantize.register_fake
-def _(x, quantizer, bits, reduce_dims, rounding, seed, stream, step):
+def _(x, quantizer, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     if not x.dim():
         return fake_codes_and_scale(x, [])
     return fake_codes_and_scale(x, list(range(x.dim())) if quantizer == "ptq" else reduce_dims)
 
 
 @torch.library.custom_op("fqt::bhq", mutates_args=())
-def bhq(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor) -> Tensor:
-    """Block Householder quantization, dequantized: ``T^-1 Q(T x)`` in fp32 (an unbiased estimate of ``x``)."""
-    q = _gradq.bhq(x, bits, reduce_dims, rounding, seed, step, stream)
+def bhq(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor,
+        amax: Tensor | None = None) -> Tensor:
+    """Block Householder quantization, dequantized: ``T^-1 Q(T x)`` in fp32 (an unbiased estimate of ``x``).
+    ``amax``: the rows' abs-max (keepdim over ``reduce_dims``) from ``x``'s producer: the transform's input."""
+    q = _gradq.bhq(x, bits, reduce_dims, rounding, seed, step, stream, amax)
     return _gradq.bhq_dequantize(q, reduce_dims).contiguous()
 
 
 @bhq.register_fake
-def _(x, bits, reduce_dims, rounding, seed, stream, step):
+def _(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     return x.new_empty(x.shape, dtype=torch.float32)

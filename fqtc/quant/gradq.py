@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fqtc.quant.rng import mix32_int, stream_key, uniform_from_index
-from fqtc.quant.uniform import absmax_scale, qmax_for, round_codes, to_int8_codes
+from fqtc.quant.uniform import absmax_scale, check_amax, qmax_for, round_codes, scale_from_amax, to_int8_codes
 
 GRAD_QUANTIZERS: tuple[str, ...] = ("ptq", "psq", "scq", "bhq", "aq", "aq_topk")
 AQ_KEEP_BITS = 4  # bits per kept element in AQ (official 1-bit FQT code: 4 bits, keep 1/4 of the groups)
@@ -97,8 +97,10 @@ def _codes(y: Tensor, bits: int, rounding: str, seed: int, step: Tensor | int, s
     return to_int8_codes(round_codes(y, qmax_for(bits), rounding, seed, step, stream))
 
 
-def _uniform(x, bits, reduce_dims, rounding, seed, step, stream) -> GradQuant:
-    scale = group_scale(x, bits, reduce_dims)
+def _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax=None) -> GradQuant:
+    # amax: the keepdim group abs-max computed by the caller (the producer's statistic, docs/kernels.md)
+    scale = group_scale(x, bits, reduce_dims) if amax is None else scale_from_amax(check_amax(amax, x, reduce_dims),
+                                                                                    bits)
     return GradQuant(_codes(x.float() / scale, bits, rounding, seed, step, stream), scale, {})
 
 
@@ -116,23 +118,23 @@ def sr_variance(x: Tensor, scale: Tensor) -> Tensor:
 
 # -- PTQ / PSQ / SCQ ------------------------------------------------------------------------------------------------
 def ptq(x: Tensor, bits: int, rounding: str = "stochastic", seed: int = 0, step: Tensor | int = 0,
-        stream: int = 0) -> GradQuant:
+        stream: int = 0, amax: Tensor | None = None) -> GradQuant:
     """Per-tensor quantizer: one scale ``s = max|x| / (2^(b-1)-1)`` for the whole gradient.
 
     Variance bound: Var = sum_e s^2 f_e (1 - f_e) <= numel * s^2 / 4. It explodes when a few rows (samples) carry
     most of the gradient: every row pays the largest row's step.
     """
-    return _uniform(x, bits, list(range(x.dim())), rounding, seed, step, stream)
+    return _uniform(x, bits, list(range(x.dim())), rounding, seed, step, stream, amax)
 
 
 def psq(x: Tensor, bits: int, reduce_dims: Sequence[int] = (-1,), rounding: str = "stochastic", seed: int = 0,
-        step: Tensor | int = 0, stream: int = 0) -> GradQuant:
+        step: Tensor | int = 0, stream: int = 0, amax: Tensor | None = None) -> GradQuant:
     """Per-sample quantizer: one scale per group (default: per row of an ``N x C`` gradient, i.e. per sample).
 
     Variance bound: Var <= sum_i E * s_i^2 / 4 with ``s_i = max|x_i| / (2^(b-1)-1)`` per group i of E elements,
     i.e. E/(4B^2) * sum_i R_i^2 instead of PTQ's numel/(4B^2) * max_i R_i^2.
     """
-    return _uniform(x, bits, reduce_dims, rounding, seed, step, stream)
+    return _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax)
 
 
 def scq_reduce_dims(role: str, ndim: int) -> list[int]:
@@ -169,7 +171,7 @@ def householder_max(k: int) -> float:
     return max(1.0 / math.sqrt(k), abs(1.0 - a), a if k >= 3 else 0.0)
 
 
-def bhq_transform(x: Tensor, reduce_dims: Sequence[int] = (-1,)) -> dict[str, Tensor]:
+def bhq_transform(x: Tensor, reduce_dims: Sequence[int] = (-1,), amax: Tensor | None = None) -> dict[str, Tensor]:
     """Build the block-Householder transform T = H_k D per group of rows (StatQuant's construction, papers.md).
 
     Rows are the groups of ``reduce_dims`` (default: samples). With ``lam`` the rows' ranges (``max|x_i|``: fqtc's
@@ -186,14 +188,21 @@ def bhq_transform(x: Tensor, reduce_dims: Sequence[int] = (-1,)) -> dict[str, Te
     Returns ``aux``: ``order`` (G,) row index at each position of the grouped order, ``group`` (G,) group id per
     position, ``v`` (G,) Householder vector entries, ``d`` (G,) diagonal entries. A zero tensor, a single row or a
     non-finite input gets the identity (a non-finite row would spread through the reflection into its group).
+
+    ``amax``: the rows' ranges as the keepdim group abs-max, when the caller has them (the codegen pass computes
+    them in ``x``'s producer, docs/kernels.md); then the construction reads only these G scalars, never ``x``.
+    A row range is non-finite exactly when its row is (abs-max propagates NaN and Inf).
     """
     x2 = to_groups(x.float(), reduce_dims)
     n = x2.shape[0]
     dev = x2.device
     ident = {"order": torch.arange(n, device=dev), "group": torch.arange(n, device=dev),
              "v": torch.zeros(n, device=dev), "d": torch.ones(n, device=dev)}
-    lam = x2.abs().amax(dim=1) if x2.shape[1] else torch.zeros(n, device=dev)
-    if n < 2 or not bool(torch.isfinite(x2).all()) or not bool((lam > 0).any()):
+    if amax is not None:
+        lam = to_groups(check_amax(amax, x, reduce_dims), reduce_dims).reshape(n)
+    else:
+        lam = x2.abs().amax(dim=1) if x2.shape[1] else torch.zeros(n, device=dev)
+    if n < 2 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
         return ident
     lam64 = lam.double()
     vals, rank = torch.sort(lam64, descending=True, stable=True)
@@ -269,7 +278,7 @@ def bhq_invert(y: Tensor, aux: dict[str, Tensor], reduce_dims: Sequence[int] = (
 
 
 def bhq(x: Tensor, bits: int, reduce_dims: Sequence[int] = (-1,), rounding: str = "stochastic", seed: int = 0,
-        step: Tensor | int = 0, stream: int = 0) -> GradQuant:
+        step: Tensor | int = 0, stream: int = 0, amax: Tensor | None = None) -> GradQuant:
     """Block Householder quantizer: codes and per-row scales of ``T x``; ``bhq_dequantize`` returns
     ``T^-1 Q(T x)``, unbiased because T is linear and Q is.
 
@@ -278,7 +287,7 @@ def bhq(x: Tensor, bits: int, reduce_dims: Sequence[int] = (-1,), rounding: str 
     With one dominant row of range lam_1 spread over k rows this is about lam_1^2/k per element instead of PSQ's
     lam_1^2: the gain grows with the number of small rows a large row is paired with.
     """
-    aux = bhq_transform(x, reduce_dims)
+    aux = bhq_transform(x, reduce_dims, amax)
     q = _uniform(bhq_apply(x, aux, reduce_dims), bits, reduce_dims, rounding, seed, step, stream)
     return GradQuant(q.codes, q.scale, aux)
 
@@ -413,19 +422,28 @@ def aq_bits(q: GradQuant) -> dict[str, float]:
 
 
 # -- dispatch ------------------------------------------------------------------------------------------------------
+AMAX_QUANTIZERS = ("ptq", "psq", "scq", "bhq")  # quantizers built on a group abs-max a caller can supply
+
+
 def grad_quantize(x: Tensor, quantizer: str, bits: int, reduce_dims: Sequence[int], rounding: str = "stochastic",
-                  seed: int = 0, step: Tensor | int = 0, stream: int = 0) -> GradQuant:
-    """Run a named gradient quantizer over the groups of ``reduce_dims`` (the lowering chooses them per role)."""
+                  seed: int = 0, step: Tensor | int = 0, stream: int = 0, amax: Tensor | None = None) -> GradQuant:
+    """Run a named gradient quantizer over the groups of ``reduce_dims`` (the lowering chooses them per role).
+
+    ``amax``: the keepdim group abs-max of ``x`` (per tensor for PTQ, over ``reduce_dims`` otherwise) computed by
+    the caller, for the quantizers in `AMAX_QUANTIZERS`."""
+    if amax is not None and quantizer not in AMAX_QUANTIZERS:
+        raise ValueError(f"gradient quantizer {quantizer!r} does not take a precomputed amax (its scale is not one "
+                         f"group abs-max); only {', '.join(AMAX_QUANTIZERS)} do: pass amax=None")
     if quantizer == "ptq":
-        return ptq(x, bits, rounding, seed, step, stream)
+        return ptq(x, bits, rounding, seed, step, stream, amax)
     if quantizer in ("psq", "scq"):
-        return _uniform(x, bits, reduce_dims, rounding, seed, step, stream)
+        return _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax)
     if quantizer == "aq":
         return aq(x, bits, reduce_dims, rounding, seed, step, stream)
     if quantizer == "aq_topk":
         return aq(x, bits, reduce_dims, rounding, seed, step, stream, sampling="topk")
     if quantizer == "bhq":
-        return bhq(x, bits, reduce_dims, rounding, seed, step, stream)
+        return bhq(x, bits, reduce_dims, rounding, seed, step, stream, amax)
     raise ValueError(f"unknown gradient quantizer {quantizer!r}; allowed: {', '.join(GRAD_QUANTIZERS)}")
 
 

@@ -30,14 +30,42 @@ def qmax_for(bits: int) -> int:
     return (1 << (bits - 1)) - 1 if bits > 1 else 1
 
 
+def group_amax(x: torch.Tensor, reduce_dims: Sequence[int]) -> torch.Tensor:
+    """fp32 keepdim abs-max of ``x`` over ``reduce_dims`` (NaN and Inf propagate): the statistic a scale is made of.
+
+    The codegen pass computes this same reduction as ``aten.amax(aten.abs(x))`` next to ``x``'s producer, where
+    Inductor fuses it into the producer's kernel, and hands it to the quantizer (docs/kernels.md, "Statistics from
+    the producer")."""
+    xf = x.float()
+    dims = _norm_dims(reduce_dims, x.dim())
+    return xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()
+
+
+def scale_from_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 scale ``amax/qmax`` from a group abs-max: groups whose amax is 0 get scale 1, a NaN amax gives a NaN
+    scale and an Inf amax an Inf scale (the module's non-finite policy)."""
+    amax = amax.float()
+    scale = amax / qmax_for(bits)
+    return torch.where(amax > 0, scale, torch.where(torch.isnan(amax), amax, torch.ones_like(scale)))
+
+
 def absmax_scale(x: torch.Tensor, bits: int, reduce_dims: Sequence[int]) -> torch.Tensor:
     """fp32 scale ``amax/qmax`` over ``reduce_dims`` (keepdim); groups whose amax is 0 get scale 1, groups holding a
     NaN get NaN and groups holding an Inf get Inf (the module's non-finite policy)."""
-    xf = x.float()
-    dims = _norm_dims(reduce_dims, x.dim())
-    amax = xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()  # amax propagates NaN (and Inf)
-    scale = amax / qmax_for(bits)
-    return torch.where(amax > 0, scale, torch.where(torch.isnan(amax), amax, torch.ones_like(scale)))
+    return scale_from_amax(group_amax(x, reduce_dims), bits)
+
+
+def check_amax(amax: torch.Tensor, x: torch.Tensor, reduce_dims: Sequence[int]) -> torch.Tensor:
+    """``amax`` as the fp32 keepdim group statistic of ``x`` over ``reduce_dims``; a clear error for a wrong shape."""
+    dims = set(_norm_dims(reduce_dims, x.dim()))
+    want = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    if list(amax.shape) != want:
+        if amax.numel() == 1 and len(dims) == x.dim():
+            return amax.float().reshape(want)
+        raise ValueError(f"amax has shape {list(amax.shape)}; quantizing a {list(x.shape)} tensor over "
+                         f"reduce_dims={list(reduce_dims)} needs the keepdim group abs-max of shape {want} "
+                         f"(x.abs().amax(reduce_dims, keepdim=True))")
+    return amax.float()
 
 
 def to_int8_codes(q: torch.Tensor) -> torch.Tensor:
@@ -67,13 +95,19 @@ def quantize(
     seed: int = 0,
     step: torch.Tensor | int = 0,
     stream: int = 0,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to int8 codes and an fp32 keepdim scale shared over ``reduce_dims``.
 
     ``reduce_dims`` = all dims gives a per-tensor scale; ``[-1]`` one scale per row (token/sample); ``[0]`` on a
-    2-D tensor one scale per column (channel).
+    2-D tensor one scale per column (channel). ``amax``: the keepdim group abs-max (`group_amax`) when the caller
+    already has it (the codegen pass computes it in ``x``'s producer); the scale is made from it as given and codes
+    beyond ``±qmax`` saturate, so with the exact abs-max the result equals ``amax=None`` bit for bit.
     """
-    scale = absmax_scale(x, bits, reduce_dims)
+    if amax is None:
+        scale = absmax_scale(x, bits, reduce_dims)
+    else:
+        scale = scale_from_amax(check_amax(amax, x, reduce_dims), bits)
     q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed, step, stream)
     return to_int8_codes(q), scale
 

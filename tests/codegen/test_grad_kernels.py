@@ -112,3 +112,34 @@ def test_grad_quantizer_in_gemm_prologue(quantizer):
     out, codes, scale = kg.qgemm_fused_quant(g, 4, [-1] if quantizer == "psq" else [0, 1], "stochastic", 3, 55,
                                              STEP, w, sw)
     _eq(codes, ref.codes)
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (2, 9, 17)])
+def test_bhq_with_producer_row_amax(shape):
+    """Row ranges from the producer (the codegen pass's ``aten.amax``): same transform, same output, ``x`` read
+    only by the kernel."""
+    from fqtc.quant.uniform import group_amax
+
+    x = _grad(shape)
+    amax = group_amax(x, [-1])
+    ref = gradq.bhq_dequantize(gradq.bhq(x, 4, [-1], "stochastic", 3, STEP, 55), [-1])
+    _eq(gradq.bhq_dequantize(gradq.bhq(x, 4, [-1], "stochastic", 3, STEP, 55, amax), [-1]), ref)
+    _eq(kgq.bhq(x, 4, [-1], "stochastic", 3, STEP, 55, amax), ref)
+    x[1, 2] = float("nan")  # a non-finite row range: identity transform in both paths
+    a2 = group_amax(x, [-1])
+    assert gradq.bhq_transform(x, [-1], a2)["v"].eq(0).all()
+
+
+@pytest.mark.parametrize("quantizer", ["ptq", "psq"])
+def test_grad_quantize_with_producer_amax(quantizer):
+    from fqtc.quant.uniform import group_amax
+
+    x = _grad((40, 30))
+    dims = [0, 1] if quantizer == "ptq" else [-1]
+    amax = group_amax(x, dims)
+    codes, scale = kgq.grad_quantize(x, quantizer, 4, [-1], "stochastic", 3, STEP, 55, amax)
+    ref = gradq.grad_quantize(x, quantizer, 4, [-1], "stochastic", 3, STEP, 55)
+    _eq(codes, ref.codes)
+    _eq(scale, ref.scale.contiguous())
+    with pytest.raises(ValueError, match="does not take a precomputed amax"):
+        gradq.grad_quantize(x, "aq", 4, [-1], "stochastic", 3, STEP, 55, amax)

@@ -306,3 +306,64 @@ def test_op_impl_fallback_is_counted():
     want = quantize(x, 8, [0, 2])
     _eq(got[0], want[0])
     assert sum(impls.FALLBACKS.values()) == 1
+
+
+# -- statistics from the producer (docs/kernels.md): the group abs-max given, x read once -----------------------
+def _amax(x, dims):
+    from fqtc.quant.uniform import group_amax
+
+    return group_amax(x, dims)
+
+
+@pytest.mark.parametrize("shape,dims", QUANT_CASES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_quantize_with_producer_amax(shape, dims, rounding):
+    """Given the exact group abs-max, every layout gives the reference's bits (and the no-amax result)."""
+    x = _x(shape, torch.bfloat16)
+    n = len(shape)
+    amax = _amax(x, list(range(n)) if sorted(d % n for d in dims) == list(range(n)) else dims)
+    codes, scale = kq.quantize(x, 8, dims, rounding, SEED, STEP, STREAM, amax=amax)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM, amax)
+    _eq(codes, ref_codes)
+    _eq(scale, ref_scale)
+    plain = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    _eq(codes, plain[0])
+    _eq(scale, plain[1])
+
+
+@pytest.mark.parametrize("dims", [[1], [0], [0, 1]])
+def test_quantize_producer_amax_long_groups(monkeypatch, dims):
+    """Groups longer than one tile: with the amax given the kernel skips its amax sweep; a smaller-than-true amax
+    (a stale statistic) saturates codes at +-qmax exactly like the reference."""
+    monkeypatch.setattr(kq, "MAX_BLOCK", 16)
+    monkeypatch.setattr(kq, "TILE_ELEMS", 64)
+    x = _x((45, 70))
+    amax = _amax(x, dims) * 0.5
+    for rounding in ("nearest", "stochastic"):
+        codes, scale = kq.quantize(x, 6, dims, rounding, SEED, STEP, STREAM, amax=amax)
+        ref_codes, ref_scale = quantize(x, 6, dims, rounding, SEED, STEP, STREAM, amax)
+        _eq(codes, ref_codes)
+        _eq(scale, ref_scale)
+        assert (codes.abs() == 31).any()  # saturated
+
+
+@pytest.mark.parametrize("dims", [[-1], [0, 1, 2]])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fused_quant_prologue_with_producer_amax(dims, rounding):
+    """The GEMM prologue with the amax given (A_MODE 1 per tensor, 3 per row): same codes, scales and output."""
+    x = _x((2, 33, 150), torch.bfloat16)
+    b, sb = _codes((2, 150, 40), [-2], 2)
+    amax = _amax(x, dims)
+    out, codes, scale = kg.qgemm_fused_quant(x, 8, dims, rounding, SEED, STREAM, STEP, b, sb, amax=amax)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    _eq(codes, ref_codes)
+    _eq(scale, ref_scale)
+    _eq(out, scaled_gemm(ref_codes, ref_scale, b, sb))
+
+
+def test_producer_amax_bad_shape():
+    x = _x((10, 12))
+    with pytest.raises(ValueError, match="keepdim group abs-max"):
+        kq.quantize(x, 8, [1], "nearest", amax=torch.ones(12))
+    with pytest.raises(ValueError, match="keepdim group abs-max"):
+        quantize(x, 8, [0], "nearest", amax=torch.ones(10, 1))

@@ -193,7 +193,7 @@ def test_cpu_graphs_are_left_alone(graphs):
     gm = copy.deepcopy(graphs.forward)
     assert graph_device(gm) == torch.device("cpu")
     before = [n.target for n in gm.graph.nodes]
-    assert lower_graph(gm) == {"fused": 0, "unfused": 0}
+    assert lower_graph(gm) == {"fused": 0, "unfused": 0, "statistics": 0}
     assert [n.target for n in gm.graph.nodes] == before
     seen = []
     wrap_compiler(lambda g, ex: seen.append(g) or g)(gm, [])
@@ -243,3 +243,120 @@ def test_importing_fqtc_never_needs_triton():
 
     r = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# -- statistics from the producer (docs/kernels.md) --------------------------------------------------------------
+def _amax_source(n):
+    """The ``x`` of an ``aten.amax(aten.abs(x), dims, True)`` node, else None."""
+    if n is None or n.target is not torch.ops.aten.amax.default or n.args[2] is not True:
+        return None
+    ab = n.args[0]
+    return ab.args[0] if ab.target is torch.ops.aten.abs.default else None
+
+
+def test_per_tensor_prologue_takes_the_producer_amax(graphs):
+    """A fused prologue gets ``aten.amax(aten.abs(x))`` of its own input as ``a_amax`` (so the kernel reads ``x``
+    once), over all dims for a per-tensor scale and over the last for a per-row one; the record says so."""
+    gm = copy.deepcopy(graphs.forward)
+    lower_graph(gm, device="cuda")
+    fused = gm.graph.find_nodes(op="call_function", target=fqt.qgemm_fused_quant.default)
+    assert len(fused) == 2
+    for f in fused:
+        amax = f.args[11]
+        assert _amax_source(amax) is f.args[0]
+        assert sorted(amax.args[1]) == list(range(f.args[0].meta["val"].dim()))
+        assert f.meta["fqt"]["codegen"]["statistic"] == "producer"
+    bw = copy.deepcopy(graphs.backward)
+    lower_graph(bw, device="cuda")
+    fused = bw.graph.find_nodes(op="call_function", target=fqt.qgemm_fused_quant.default)
+    assert fused
+    for f in fused:  # per-row grad_output: the rows' abs-max (a prologue row spans all of K)
+        assert _amax_source(f.args[11]) is f.args[0]
+        assert f.args[11].args[1] == [f.args[0].meta["val"].dim() - 1]
+        assert f.meta["fqt"]["codegen"]["statistic"] == "producer"
+
+
+@pytest.fixture(scope="module")
+def bhq_graphs():
+    torch._dynamo.reset()
+    _, cgs = run_and_capture(_mlp(), (torch.randn(6, 16),), {"bits": "W8A8G4", "grad_quantizer": "bhq"})
+    return cgs[0]
+
+
+def test_bhq_takes_the_producer_row_ranges(bhq_graphs):
+    """Every ``fqt::bhq`` gets its rows' abs-max from the producer, and the lowered backward computes the same bits
+    on the reference and on the kernels (Triton interpreter)."""
+    pytest.importorskip("triton")
+    gm = bhq_graphs.backward
+    n_bhq = _count(gm, fqt.bhq.default)
+    assert n_bhq > 0
+    lowered = copy.deepcopy(gm)
+    counts = lower_graph(lowered, device="cuda")
+    bhqs = lowered.graph.find_nodes(op="call_function", target=fqt.bhq.default)
+    assert counts["statistics"] >= len(bhqs) == n_bhq
+    for n in bhqs:
+        assert _amax_source(n.args[7]) is n.args[0]
+        assert sorted(n.args[7].args[1]) == sorted(d % n.args[0].meta["val"].dim() for d in n.args[2])
+        assert n.meta["fqt"]["codegen"]["statistic"] == "producer"
+    args = _inputs_for(gm, seed=4)
+    set_step(3)
+    want = gm(*args)
+    set_step(3)
+    got = _KernelInterpreter(lowered).run(*args)
+    for g, w in zip(got, want):
+        if isinstance(w, torch.Tensor):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_standalone_quantizers_get_a_statistic_only_when_they_would_read_twice():
+    """A per-tensor standalone quantize gets the producer amax; a per-row one whose row fits a tile does not."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    step = g.placeholder("step")
+    q_t = g.call_function(fqt.quantize.default, (x, 8, [0, 1], "nearest", 0, 0, step))
+    q_r = g.call_function(fqt.quantize.default, (x, 8, [1], "nearest", 0, 0, step))
+    g.output((q_t, q_r))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    with mode:
+        x.meta["val"] = torch.empty(33, 40)
+        step.meta["val"] = torch.empty((), dtype=torch.int64)
+        q_t.meta["val"] = fqt.quantize(x.meta["val"], 8, [0, 1], "nearest", 0, 0, step.meta["val"])
+        q_r.meta["val"] = fqt.quantize(x.meta["val"], 8, [1], "nearest", 0, 0, step.meta["val"])
+    counts = lower_graph(gm, device="cuda")
+    assert counts["statistics"] == 1
+    assert len(q_t.args) == 8 and _amax_source(q_t.args[7]) is x
+    assert len(q_r.args) == 7
+    xt = torch.randn(33, 40)
+    out = gm(xt, torch.tensor(0))
+    ref = fqt.quantize(xt, 8, [0, 1], "nearest", 0, 0, torch.tensor(0))
+    torch.testing.assert_close(out[0][0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[0][1], ref[1], rtol=0, atol=0)
+
+
+def test_inductor_fuses_the_statistic_into_the_producer(graphs):
+    """The lowered forward compiled by Inductor (CPU backend here; no GPU): the amax of ``relu(h)`` that feeds the
+    second layer's per-tensor prologue is computed in the same kernel as the ReLU, i.e. ``h``'s activation is
+    not read again for its statistic."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    gm = copy.deepcopy(graphs.forward)
+    lower_graph(gm, device="cuda")
+    args = _inputs_for(graphs.forward, seed=6)
+    set_step(1)
+    want = graphs.forward(*args)
+    torch._dynamo.reset()
+    set_step(1)
+    got, codes = run_and_get_code(torch.compile(gm, backend="inductor"), *args)
+    kernels = re.findall(r"(cpp_fused_\w+) = ", "\n".join(codes))
+    with_producer = [k for k in kernels if "amax" in k and "relu" in k]
+    alone = [k for k in kernels if "amax" in k and "relu" not in k]
+    # layer 2's statistic rides in the ReLU's kernel; layer 1's input is a graph input: a standalone read
+    assert len(with_producer) == 1 and len(alone) == 1, kernels
+    for g_, w in zip(got, want):
+        if isinstance(w, torch.Tensor):
+            torch.testing.assert_close(g_, w, rtol=0, atol=0)

@@ -91,7 +91,9 @@ def _store_states(states: list[Tensor], values: list[Tensor]) -> None:
         return
     for j, i in enumerate(range(0, len(states), 2)):
         signed = states[i].dtype == torch.int8
-        v = values[j] if signed else torch.sqrt(values[j])
+        # sqrt(v) correctly rounded (float64, rounded once): torch's CPU fp32 sqrt is not on every code path (its
+        # result depended on the thread count), ONNX Runtime's is
+        v = values[j] if signed else values[j].double().sqrt().float()
         codes, amax = _lwq.quantize_state(v, signed=signed)
         states[i].copy_(codes)
         states[i + 1].copy_(amax)

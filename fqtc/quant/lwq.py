@@ -300,7 +300,8 @@ def quantize_state(x: torch.Tensor, signed: bool = True, block: int = STATE_BLOC
     amax = xb.abs().amax(dim=1, keepdim=True)
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     levels = 127.0 if signed else 255.0
-    c = torch.round(levels * torch.sqrt(xb.abs() / safe))
+    # sqrt correctly rounded (float64, rounded once): torch's CPU fp32 sqrt is not on every code path
+    c = torch.round(levels * (xb.abs() / safe).double().sqrt().float())
     if signed:
         codes = (torch.sign(xb) * c).to(torch.int8)
     else:

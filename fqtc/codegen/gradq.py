@@ -7,8 +7,8 @@
   ``T^-1 = D^-1 H`` and writes the result rows; no intermediate tensor touches memory. The transform's
   construction (`fqtc.quant.gradq.bhq_transform`: sort the G row ranges, split, pair, closed-form D) is O(G log G)
   work on G scalars and stays in torch; the row ranges themselves come from ``x``'s producer when the codegen pass
-  supplies them (``amax``), so the kernel is the only reader of ``x``. The group reductions ``w = sum_p v_p z_p`` are accumulated in position
-  order, the order of the reference's ``index_add_``, so the fp32 sums are identical.
+  supplies them (``amax``), so the kernel is the only reader of ``x``. The group reductions ``w = sum_p v_p z_p``
+  are accumulated in position order, the order of the reference's ``index_add_``, so the fp32 sums are identical.
 
 AQ (range-proportional group sampling) keeps the reference path; its per-group sampling is host-side logic and
 the CUDA implementation counts it as a fallback (`fqtc.codegen.impls.FALLBACKS`).

@@ -8,7 +8,8 @@ that keys stochastic rounding is the row-major index of ``x``, as in `fqtc.quant
 Traffic (docs/kernels.md): per-row reads ``x`` once when a whole row fits one tile (``C <= MAX_BLOCK``), else twice
 (amax sweep, then quantize); per-column likewise when the whole column fits one tile; per-tensor is two kernels
 (partial amax over ``x``, then quantize), so ``x`` is read twice. Given the group abs-max (``amax``: the
-statistic the codegen pass computes in ``x``'s producer) every layout reads ``x`` once. Writes: codes (1 B, or 0.5 B packed) + scales.
+statistic the codegen pass computes in ``x``'s producer) every layout reads ``x`` once. Writes: codes (1 B, or
+0.5 B packed) + scales.
 """
 
 from __future__ import annotations
@@ -257,6 +258,6 @@ def quantize(
     block_r = _pow2(R, lo=1, hi=max(1, TILE_ELEMS // block_c))
     _quantize_rows_kernel[(triton.cdiv(R, block_r),)](
         xc, codes, scale, scale if amax is None else amax, step_t, R, C, qmax, key0, stream,
-        AMAX_GIVEN=given or kind == "tensor", PER_TENSOR=kind == "tensor", STOCHASTIC=sr, PACK_INT4=pack_int4, SINGLE=C <= block_c,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        AMAX_GIVEN=given or kind == "tensor", PER_TENSOR=kind == "tensor", STOCHASTIC=sr, PACK_INT4=pack_int4,
+        SINGLE=C <= block_c, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return codes, scale

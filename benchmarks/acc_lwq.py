@@ -11,7 +11,10 @@ of the GEMM weights differs:
 - ``L8`` / ``L4`` / ``L2``: `fqtc.prepare` with ``W8A8G8L<b>``: int8 integer weight + b-bit residual;
 - ``int8-SR (no residual)``: the weights *are* int8 codes with a per-row scale (absmax/127, re-computed each step)
   and each update is stochastically rounded onto that grid -- torchao's int8 weight-only quantized training, the
-  baseline LWQ must beat (issue 8).
+  baseline LWQ must beat (issue 8);
+- ``W4 fp32-latent`` / ``W4 L4`` / ``int4-SR (no residual)``: the same three storages with 4-bit integer weights
+  (backend ``W4A8G8``; `fqtc.prepare` with ``W4A8G8L4``; SR onto the per-row absmax/7 grid), where one integer
+  step is 18x coarser and plain SR's rounding noise is correspondingly larger (``W4_CONFIGS``).
 
 Evaluation uses the compiled model under ``torch.no_grad`` (integer GEMMs), on the full Fashion-MNIST test set and
 on fixed KJV validation windows.
@@ -28,10 +31,12 @@ from typing import Any
 import torch
 
 CONFIGS = ["fp32-latent", "L8", "L4", "L2", "int8-SR (no residual)"]
+W4_CONFIGS = ["W4 fp32-latent", "W4 L4", "int4-SR (no residual)"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lwq-models", default="cnn", help="comma list of cnn, gpt, gpt-ft (fine-tuning regime)")
+    p.add_argument("--lwq-models", default="cnn",
+                   help="comma list of cnn, gpt, gpt-ft and cnn-ft (the fine-tuning regimes)")
     p.add_argument("--lwq-epochs", type=float, default=2.0, help="CNN epochs")
     p.add_argument("--lwq-train", type=int, default=None, help="CNN training images (default all 60000)")
     p.add_argument("--lwq-steps", type=int, default=None, help="cap on CNN optimizer steps (reduced runs)")
@@ -39,10 +44,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lwq-fp-conv", action="store_true",
                    help="keep the CNN's convolutions in full precision (the CPU conv reference path is slow)")
     p.add_argument("--lwq-gpt-steps", type=int, default=600)
-    p.add_argument("--lwq-ft-pretrain", type=int, default=600, help="gpt-ft: FP32-latent pre-training steps")
-    p.add_argument("--lwq-ft-steps", type=int, default=300, help="gpt-ft: fine-tuning steps per config")
-    p.add_argument("--lwq-ft-lr", type=float, default=3e-4, help="gpt-ft: fine-tuning AdamW learning rate")
+    p.add_argument("--lwq-ft-pretrain", type=int, default=600, help="gpt-ft, cnn-ft: FP32 pre-training steps")
+    p.add_argument("--lwq-ft-steps", type=int, default=300, help="gpt-ft, cnn-ft: fine-tuning steps per config")
+    p.add_argument("--lwq-ft-lr", type=float, default=3e-4, help="gpt-ft, cnn-ft: fine-tuning AdamW learning rate")
     p.add_argument("--lwq-configs", default=",".join(CONFIGS))
+    p.add_argument("--lwq-mu-interval", type=int, default=100,
+                   help="steps between the LWQ optimizer's importance-level re-selections (100: the paper's "
+                        "schedule, fqtc's default; 0: keep the uniform residual codebook)")
 
 
 def _gemm_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -54,12 +62,12 @@ def _gemm_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 class Int8SR:
     """Weights held as int8 codes x per-row scale; after each optimizer step, stochastically round onto the grid.
 
-    The per-row scale is absmax/127 of the new weight (as torchao's ``quantize_int8_rowwise``); SR draws come from
-    fqtc's counter-based stream so runs are reproducible.
+    The per-row scale is absmax/qmax of the new weight (absmax/127 at 8 bits, as torchao's
+    ``quantize_int8_rowwise``); SR draws come from fqtc's counter-based stream so runs are reproducible.
     """
 
-    def __init__(self, weights: list[torch.nn.Parameter], seed: int) -> None:
-        self.weights, self.seed, self.t = weights, seed, 0
+    def __init__(self, weights: list[torch.nn.Parameter], seed: int, bits: int = 8) -> None:
+        self.weights, self.seed, self.t, self.bits = weights, seed, 0, bits
         self.project()
 
     @torch.no_grad()
@@ -67,7 +75,7 @@ class Int8SR:
         from fqtc.quant.uniform import quantize
 
         for i, w in enumerate(self.weights):
-            q, s = quantize(w, 8, list(range(1, w.dim())), "stochastic", self.seed, self.t, 7919 + i)
+            q, s = quantize(w, self.bits, list(range(1, w.dim())), "stochastic", self.seed, self.t, 7919 + i)
             w.copy_(q.float() * s)
         self.t += 1
 
@@ -78,9 +86,22 @@ def _configure(model: torch.nn.Module, config: str, seed: int):
     hook = None
     if config.startswith("L"):
         fqtc.prepare(model, {"bits": f"W8A8G8{config}", "seed": seed})
+    elif config.startswith("W4 L"):
+        fqtc.prepare(model, {"bits": f"W4A8G8{config[3:]}", "seed": seed})
     elif config.startswith("int8-SR"):
         hook = Int8SR(_gemm_weights(model), seed)
+    elif config.startswith("int4-SR"):
+        hook = Int8SR(_gemm_weights(model), seed, bits=4)
     return hook
+
+
+def _label(config: str, args: Any) -> str:
+    """The config's name in result rows; LWQ configs carry the optimizer's importance-level schedule."""
+    return config + (f" (mu_interval {args.lwq_mu_interval})" if config.split()[-1] in ("L2", "L4", "L8") else "")
+
+
+def _wbits(config: str) -> int:
+    return 4 if config.startswith(("W4 ", "int4")) else 8
 
 
 def _latent_bytes(model: torch.nn.Module) -> float:
@@ -109,7 +130,7 @@ def run_cnn(args: Any, config: str) -> dict:
     fqtc.set_step(0)
     model = SmallCNN(1, (32, 64), 10, 28)
     hook = _configure(model, config, args.seed)
-    opts: dict[str, Any] = {"bits": "W8A8G8", "seed": args.seed}
+    opts: dict[str, Any] = {"bits": f"W{_wbits(config)}A8G8", "seed": args.seed}
     if args.lwq_fp_conv:
         opts["keep_fp"] = ["conv1", "conv2"]
     cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
@@ -118,7 +139,8 @@ def run_cnn(args: Any, config: str) -> dict:
     if args.lwq_steps:
         steps = min(steps, args.lwq_steps)
     lr0 = 0.05
-    opt = SGD(model.parameters(), lr=lr0, momentum=0.9, weight_decay=5e-4, seed=args.seed)
+    opt = SGD(model.parameters(), lr=lr0, momentum=0.9, weight_decay=5e-4, seed=args.seed,
+              mu_interval=args.lwq_mu_interval)
     g = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(len(data.x_train), generator=g)
     t0 = time.time()
@@ -143,7 +165,7 @@ def run_cnn(args: Any, config: str) -> dict:
     with torch.no_grad():
         for i in range(0, len(data.x_test), 1000):
             correct += int((cmodel(data.x_test[i:i + 1000]).argmax(1) == data.y_test[i:i + 1000]).sum())
-    return {"model": "cnn (Fashion-MNIST)" + (", fp conv" if args.lwq_fp_conv else ""), "config": config,
+    return {"model": "cnn (Fashion-MNIST)" + (", fp conv" if args.lwq_fp_conv else ""), "config": _label(config, args),
             "steps": steps, "batch": batch, "test_images": len(data.x_test),
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
             "test_acc_%": 100.0 * correct / len(data.x_test), "gemm_weight_B/param": _latent_bytes(model),
@@ -151,13 +173,13 @@ def run_cnn(args: Any, config: str) -> dict:
 
 
 def _gpt_train(model: torch.nn.Module, cmodel: Any, data: Any, steps: int, lr: float, gen: torch.Generator,
-               seed: int, hook: Any = None) -> None:
+               seed: int, hook: Any = None, mu_interval: int = 100) -> None:
     """``steps`` AdamW steps (weight decay 0.01, batches of 32 x 64 characters); ``hook`` re-projects int8-SR
     weights after each step."""
     from benchmarks.models import lm_loss
     from fqtc.optim import AdamW
 
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=seed)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=seed, mu_interval=mu_interval)
     for _ in range(steps):
         x, y = data.batch("train", 32, 64, gen)
         loss = lm_loss(cmodel(x), y)
@@ -200,9 +222,11 @@ def run_gpt(args: Any, config: str) -> dict:
     hook = _configure(model, config, args.seed)
     cmodel = torch.compile(model, backend=partial(fqt_backend, options={"bits": "W8A8G8", "seed": args.seed}))
     t0 = time.time()
-    _gpt_train(model, cmodel, data, steps, 3e-3, torch.Generator().manual_seed(args.seed), args.seed, hook)
+    _gpt_train(model, cmodel, data, steps, 3e-3, torch.Generator().manual_seed(args.seed), args.seed, hook,
+               args.lwq_mu_interval)
     train_s = time.time() - t0
-    return {"model": "char-GPT (KJV)", "config": config, "steps": steps, "val_loss": _gpt_val_loss(cmodel, data),
+    return {"model": "char-GPT (KJV)", "config": _label(config, args), "steps": steps,
+            "val_loss": _gpt_val_loss(cmodel, data),
             "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
 
 
@@ -238,7 +262,7 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
 
     data = load_kjv(max_chars=400_000 if args.quick else 2_000_000)
     key = (args.seed, args.lwq_ft_pretrain, args.quick)
-    opts = {"bits": "W8A8G8", "seed": args.seed}
+    opts = {"bits": "W8A8G8", "seed": args.seed}  # pre-training: W8 whatever the fine-tuning storage
     if key not in _PRETRAINED:
         fqtc.set_step(0)
         model = _gpt(data, args.seed)
@@ -252,14 +276,15 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
     model.load_state_dict(_PRETRAINED[key])
     hook = _configure(model, config, args.seed)
     fqtc.set_step(10**6)  # fine-tuning's SR streams: the same for every config
+    opts = {"bits": f"W{_wbits(config)}A8G8", "seed": args.seed}
     cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
     t0 = time.time()
     _gpt_train(model, cmodel, data, args.lwq_ft_steps, args.lwq_ft_lr, torch.Generator().manual_seed(args.seed + 1),
-               args.seed, hook)
+               args.seed, hook, args.lwq_mu_interval)
     train_s = time.time() - t0
     weights = _gemm_weight_floats(model)
-    ref_key = key + (args.lwq_ft_steps, args.lwq_ft_lr)
-    if config == "fp32-latent":
+    ref_key = key + (_wbits(config), args.lwq_ft_steps, args.lwq_ft_lr)
+    if config in ("fp32-latent", "W4 fp32-latent"):
         _FT_REFERENCE[ref_key] = weights
     dev = None
     if ref_key in _FT_REFERENCE:
@@ -267,19 +292,105 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
         num = sum(float((weights[k] - ref[k]).pow(2).sum()) for k in ref)
         den = sum(float(ref[k].pow(2).sum()) for k in ref)
         dev = math.sqrt(num / den)
-    return {"model": "char-GPT (KJV), fine-tuning", "config": config, "seed": args.seed,
+    return {"model": "char-GPT (KJV), fine-tuning", "config": _label(config, args), "seed": args.seed,
             "pretrain_steps": args.lwq_ft_pretrain, "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr,
             "val_loss_before_ft": _PRETRAINED_VAL[key], "val_loss": _gpt_val_loss(cmodel, data),
             "w_dev_vs_fp32": dev, "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
 
 
+_CNN_PRETRAINED: dict[tuple, dict] = {}
+_CNN_FT_REFERENCE: dict[tuple, dict] = {}
+
+
+def _accuracy(fn: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        correct = sum(int((fn(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
+    return 100.0 * correct / len(x)
+
+
+def run_cnn_finetune(args: Any, config: str) -> dict:
+    """Fine-tuning under a domain shift: the CNN pre-trained in FP32 on Fashion-MNIST (``--lwq-ft-pretrain`` Adam
+    steps, shared by every config of the process) is fine-tuned on MNIST digits for ``--lwq-ft-steps`` AdamW steps
+    at ``--lwq-ft-lr`` with the config's weight storage (every GEMM weight, convolutions included). The learning
+    has to come from many updates far below one integer grid step (about lr against s = amax/qmax), the regime LWQ
+    is built for. ``w_dev_vs_fp32``: RMS distance of the fine-tuned weights from the fp32-latent run of the same
+    integer width (W8: ``fp32-latent``, W4: ``W4 fp32-latent``), relative to their RMS."""
+    import fqtc
+    from benchmarks.data import load_fashion_mnist, load_mnist
+    from benchmarks.models import SmallCNN
+    from fqtc.backend import fqt_backend
+    from fqtc.optim import AdamW
+
+    batch = 128
+    key = (args.seed, args.lwq_ft_pretrain)
+    if key not in _CNN_PRETRAINED:
+        src = load_fashion_mnist()
+        torch.manual_seed(args.seed)
+        model = SmallCNN(1, (32, 64), 10, 28)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(args.seed)
+        for _ in range(args.lwq_ft_pretrain):
+            idx = torch.randint(0, len(src.x_train), (batch,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(src.x_train[idx]), src.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        _CNN_PRETRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = load_mnist()
+    n_test = args.lwq_test or len(data.x_test)
+    x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
+    torch.manual_seed(args.seed)
+    model = SmallCNN(1, (32, 64), 10, 28)
+    model.load_state_dict(_CNN_PRETRAINED[key])
+    acc_before = _accuracy(model, x_test, y_test)
+    hook = _configure(model, config, args.seed)
+    wbits = _wbits(config)
+    opts: dict[str, Any] = {"bits": f"W{wbits}A8G8", "seed": args.seed}
+    if args.lwq_fp_conv:
+        opts["keep_fp"] = ["conv1", "conv2"]
+    fqtc.set_step(10**6)  # fine-tuning's SR streams: the same for every config
+    cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
+    opt = AdamW(model.parameters(), lr=args.lwq_ft_lr, weight_decay=0.0, seed=args.seed,
+                mu_interval=args.lwq_mu_interval)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.time()
+    losses = []
+    for _ in range(args.lwq_ft_steps):
+        idx = torch.randint(0, len(data.x_train), (batch,), generator=g)
+        loss = torch.nn.functional.cross_entropy(cmodel(data.x_train[idx]), data.y_train[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if hook is not None:
+            hook.project()
+        losses.append(float(loss.detach()))
+    train_s = time.time() - t0
+    weights = _gemm_weight_floats(model)
+    ref_key = key + (wbits, args.lwq_ft_steps, args.lwq_ft_lr, args.lwq_fp_conv)
+    if config in ("fp32-latent", "W4 fp32-latent"):
+        _CNN_FT_REFERENCE[ref_key] = weights
+    dev = None
+    if ref_key in _CNN_FT_REFERENCE:
+        ref = _CNN_FT_REFERENCE[ref_key]
+        dev = math.sqrt(sum(float((weights[k] - ref[k]).pow(2).sum()) for k in ref)
+                        / sum(float(ref[k].pow(2).sum()) for k in ref))
+    return {"model": "cnn Fashion-MNIST -> MNIST fine-tuning" + (", fp conv" if args.lwq_fp_conv else ""),
+            "config": _label(config, args),
+            "seed": args.seed, "pretrain_steps": args.lwq_ft_pretrain,
+            "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr, "test_images": n_test,
+            "acc_before_ft_%": acc_before, "test_acc_%": _accuracy(cmodel, x_test, y_test),
+            "final_train_loss": sum(losses[-50:]) / len(losses[-50:]), "w_dev_vs_fp32": dev,
+            "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
+
+
 def run(args: Any) -> list[dict]:
     rows = []
     configs = [c for c in args.lwq_configs.split(",") if c]
-    if "gpt-ft" in args.lwq_models and "fp32-latent" in configs:  # the reference of w_dev_vs_fp32 runs first
-        configs = ["fp32-latent"] + [c for c in configs if c != "fp32-latent"]
+    if ("gpt-ft" in args.lwq_models or "cnn-ft" in args.lwq_models):  # w_dev_vs_fp32's references run first
+        refs = [c for c in ("fp32-latent", "W4 fp32-latent") if c in configs]
+        configs = refs + [c for c in configs if c not in refs]
     for name in args.lwq_models.split(","):
-        fn = {"cnn": run_cnn, "gpt": run_gpt, "gpt-ft": run_gpt_finetune}[name.strip()]
+        fn = {"cnn": run_cnn, "gpt": run_gpt, "gpt-ft": run_gpt_finetune, "cnn-ft": run_cnn_finetune}[name.strip()]
         for c in configs:
             torch._dynamo.reset()
             row = fn(args, c)

@@ -91,7 +91,8 @@ def _gemm_models(M: int, N: int, K: int, a_dt: str, out_dt: str, bm: int, bn: in
     fused_min = ea * M * K + b_bytes + bias + out_bytes + M * K + 4 * M  # + the activation codes/scales written
     sweep_extra = 0 if l2_ok else ea * M * K
     res.append(KernelModel("gemm/fused_quant/row", shape, fused_min + 4 * M, fused_min + 4 * M, flops, True,
-                           "row " + _PRODUCER.replace("x's", "A's")))
+                           "row " + _PRODUCER.replace("x's", "A's")
+                           + "; A from an extern kernel or graph input: the own-statistic line"))
     res.append(KernelModel("gemm/fused_quant/row (own statistic)", shape, fused_min + sweep_extra, fused_min, flops,
                            False, f"no amax given: row sweep in L2 (wave working set {ws / 2**20:.1f} MiB "
                                   f"{'<=' if l2_ok else '>'} L2 {L2_BYTES / 2**20:.0f} MiB)"))

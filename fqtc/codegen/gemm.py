@@ -292,7 +292,8 @@ def qgemm_fused_quant(
     to ``codes, s = quantize(a, bits, reduce_dims, ..., amax)`` then ``scaled_gemm(codes, s, b, b_scale, bias)``.
 
     ``reduce_dims`` must be per-tensor (all dims) or per-row (``[-1]``). ``amax``: the keepdim group abs-max from
-    ``a``'s producer (the codegen pass always supplies it); without it a per-tensor scale costs one extra read of
+    ``a``'s producer (the codegen pass supplies it per tensor, and per row when ``a``'s producer is an Inductor
+    kernel); without it a per-tensor scale costs one extra read of
     ``a`` (the partial-amax pass) and a per-row scale an amax sweep of the row slab (from L2 while the slabs of a
     wave fit there). With ``requant`` two more outputs follow: the output's codes and scales.
     A row (or tensor) holding a NaN keeps a NaN scale and zero codes (`fqtc.quant.uniform`'s non-finite policy).

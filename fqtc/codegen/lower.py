@@ -22,7 +22,8 @@ After::
 **Statistics from the producer.** A scale whose group does not fit one tile (per tensor; a row longer than the
 quantize kernel's ``MAX_BLOCK``; a column taller than one tile; a GEMM prologue's rows, which span all of K) and
 BHQ's row ranges need the group abs-max before the first element can be quantized; computed inside the kernel
-that is a second read of ``x``. The pass
+that is a second read of ``x``. (A per-row prologue whose input comes from an extern kernel or a graph input keeps
+its in-kernel slab sweep instead, which re-reads the slab from L2 rather than DRAM: `extern_producer`.) The pass
 instead inserts ``amax = aten.amax(aten.abs(x), dims, keepdim=True)`` and passes it as the quantizer's ``amax``
 argument: Inductor, which compiles the rest of the graph, fuses this reduction into the kernel that produces
 ``x`` (its scheduler fuses a pointwise producer into a reduction over the same elements), so the fqt kernel is
@@ -120,6 +121,32 @@ def _insert_amax(graph: fx.Graph, before: fx.Node, x: fx.Node, dims: list[int], 
     return am
 
 
+# Ops Inductor runs as extern kernels (or that are graph inputs): a reduction over their output cannot be fused into
+# the kernel producing it. View ops are looked through: a view of an extern output is still that buffer.
+_EXTERN_TARGETS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                   torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default,
+                   torch.ops.aten.convolution_backward.default}
+_VIEW_TARGETS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default,
+                 torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
+                 torch.ops.aten.expand.default, torch.ops.aten.squeeze.dim, torch.ops.aten.unsqueeze.default}
+
+
+def extern_producer(x: fx.Node) -> bool:
+    """True when ``x`` (views looked through) is a graph input, an fqt op's output or an extern GEMM/conv/SDPA
+    output: Inductor cannot fuse a reduction over it into its producer."""
+    n = x
+    while n.op == "call_function" and n.target in _VIEW_TARGETS:
+        n = n.args[0]
+    if n.op != "call_function":
+        return True
+    if n.target is operator.getitem:
+        n = n.args[0]
+    if getattr(n.target, "namespace", None) == "fqt":
+        return True
+    name = str(n.target)
+    return n.target in _EXTERN_TARGETS or "scaled_dot_product" in name
+
+
 def _stat_dims(n: fx.Node) -> list[int] | None:
     """The group dims of a standalone quantizer node whose kernel would read its input twice (so the statistic
     comes from the producer), else None."""
@@ -194,9 +221,12 @@ def lower_graph(gm: fx.GraphModule, device: str | torch.device | None = None) ->
             fake_mode = getattr(_val(q), "fake_mode", None)
         nd = x.meta["val"].dim()
         per_tensor = len({d % nd for d in dims}) == nd
-        # the statistic from the producer (module docstring): per tensor it would be a second read of x; per row
-        # the kernel's slab sweep re-reads x from L2 only while GROUP_M row slabs fit there (not for long K)
-        amax = _insert_amax(graph, q, x, list(range(nd)) if per_tensor else [nd - 1], fake_mode)
+        # the statistic from the producer (module docstring): per tensor it would be a second read of x anyway;
+        # per row only where Inductor can fold it into x's producer (a standalone reduction would read x from
+        # DRAM, where the kernel's own slab sweep re-reads it from L2)
+        from_producer = per_tensor or not extern_producer(x)
+        amax = (_insert_amax(graph, q, x, list(range(nd)) if per_tensor else [nd - 1], fake_mode)
+                if from_producer else None)
         with graph.inserting_before(q):
             f = graph.call_function(target, (*fargs, b, sb, bias, out_dtype, amax))
             outs = [graph.call_function(operator.getitem, (f, i)) for i in range(3)]
@@ -213,7 +243,7 @@ def lower_graph(gm: fx.GraphModule, device: str | torch.device | None = None) ->
             "node": f.name,
             "replaced": [qn.name, q.name], "quantize": dict(qn.meta.get("fqt", {})),
             "prologue": "per_tensor" if per_tensor else "per_row",
-            "statistic": "producer",
+            "statistic": "producer" if from_producer else "kernel",
         }
         f.meta["fqt"] = rec
         for n in (q, a_codes, a_scale, qn):

@@ -29,7 +29,7 @@ def qgemm_fused_quant(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``codes, s = quantize(a, bits, reduce_dims, rounding, seed, step, stream, a_amax)``;
     ``out = scaled_gemm(codes, s, b, b_scale, bias, out_dtype)``. Returns ``(out, codes, s)``. ``a_amax``: the
-    keepdim group abs-max of ``a`` from its producer (the codegen pass always supplies it)."""
+    keepdim group abs-max of ``a`` from its producer (the codegen pass supplies it, `fqtc.codegen.lower`)."""
     codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed, step, stream, a_amax)
     return _gemm.scaled_gemm(codes, scale, b, b_scale, bias, out_dtype), codes, scale
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fqtc.codegen import cuda_kernels_available, register_cuda_kernels
-from fqtc.codegen.lower import graph_device, lower_graph, wrap_compiler
+from fqtc.codegen.lower import extern_producer, graph_device, lower_graph, wrap_compiler
 from fqtc.ops import set_step
 from tests.helpers import run_and_capture
 
@@ -255,8 +255,8 @@ def _amax_source(n):
 
 
 def test_per_tensor_prologue_takes_the_producer_amax(graphs):
-    """A fused prologue gets ``aten.amax(aten.abs(x))`` of its own input as ``a_amax`` (so the kernel reads ``x``
-    once), over all dims for a per-tensor scale and over the last for a per-row one; the record says so."""
+    """A per-tensor fused prologue gets ``aten.amax(aten.abs(x))`` of its own input as ``a_amax`` (so the kernel reads
+    ``x`` once); the record says so. A per-row one fed by a graph input keeps its in-kernel sweep."""
     gm = copy.deepcopy(graphs.forward)
     lower_graph(gm, device="cuda")
     fused = gm.graph.find_nodes(op="call_function", target=fqt.qgemm_fused_quant.default)
@@ -270,10 +270,37 @@ def test_per_tensor_prologue_takes_the_producer_amax(graphs):
     lower_graph(bw, device="cuda")
     fused = bw.graph.find_nodes(op="call_function", target=fqt.qgemm_fused_quant.default)
     assert fused
-    for f in fused:  # per-row grad_output: the rows' abs-max (a prologue row spans all of K)
-        assert _amax_source(f.args[11]) is f.args[0]
-        assert f.args[11].args[1] == [f.args[0].meta["val"].dim() - 1]
-        assert f.meta["fqt"]["codegen"]["statistic"] == "producer"
+    for f in fused:  # per-row grad_output straight from a graph input (the tangent): the kernel's own row sweep
+        assert extern_producer(f.args[0]) and f.args[11] is None
+        assert f.meta["fqt"]["codegen"]["statistic"] == "kernel"
+
+
+def test_per_row_prologue_takes_the_producer_amax_only_from_a_fusable_producer():
+    """Per-token activation scales: layer 2's input is ReLU(h), a pointwise op Inductor can fold the row amax into,
+    so its prologue gets ``aten.amax`` over the last dim; layer 1's input is a graph input, where a standalone
+    reduction would read it from DRAM, so that prologue keeps its in-kernel sweep (served by L2)."""
+    torch._dynamo.reset()
+    _, cgs = run_and_capture(_mlp(), (torch.randn(4, 16),),
+                             {"bits": "W8A8G8", "rules": [{"operand": "input", "granularity": "token"}]})
+    gm = copy.deepcopy(cgs[0].forward)
+    lower_graph(gm, device="cuda")
+    fused = gm.graph.find_nodes(op="call_function", target=fqt.qgemm_fused_quant.default)
+    assert len(fused) == 2 and {f.meta["fqt"]["codegen"]["prologue"] for f in fused} == {"per_row"}
+    by_stat = {f.meta["fqt"]["codegen"]["statistic"]: f for f in fused}
+    assert set(by_stat) == {"producer", "kernel"}
+    f = by_stat["producer"]
+    assert f.args[0].target is torch.ops.aten.relu.default and not extern_producer(f.args[0])
+    assert _amax_source(f.args[11]) is f.args[0] and f.args[11].args[1] == [1]
+    f = by_stat["kernel"]
+    assert f.args[0].op == "placeholder" and f.args[11] is None
+    args = _inputs_for(cgs[0].forward, seed=8)
+    set_step(2)
+    want = cgs[0].forward(*args)
+    set_step(2)
+    got = _KernelInterpreter(gm).run(*args)
+    for g_, w in zip(got, want):
+        if isinstance(w, torch.Tensor):
+            torch.testing.assert_close(g_, w, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

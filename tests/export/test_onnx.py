@@ -254,3 +254,18 @@ def test_bad_arguments(tmp_path):
     gm = fx_onnx.graph_inputs(_mlp(), (_x(),))[0]["forward"]
     with pytest.raises(ValueError, match="sr='exact'; allowed: random, counter"):
         fx_onnx.export_graph(gm[0], gm[1], str(tmp_path / "f.onnx"), sr="exact")
+
+
+def test_translations_refuse_a_precomputed_amax():
+    """Graphs lowered for CUDA pass the producer's amax to the quantizers (docs/kernels.md); the ONNX translations
+    compute the statistic themselves and refuse such a graph with a clear error instead of ignoring the input."""
+    from fqtc.export import onnx as fonnx
+    from fqtc.export import onnx_gradq
+
+    amax = torch.ones(1)
+    with pytest.raises(NotImplementedError, match="precomputed amax.*export the model itself"):
+        fonnx._quantize(None, 8, [0], "nearest", 0, 0, None, amax)
+    with pytest.raises(NotImplementedError, match="fqt::grad_quantize with a precomputed amax"):
+        fonnx._grad_quantize(None, "psq", 8, [0], "stochastic", 0, 0, None, amax)
+    with pytest.raises(NotImplementedError, match="fqt::bhq with a precomputed amax"):
+        onnx_gradq.bhq(None, 4, [-1], "stochastic", 0, 0, None, amax)

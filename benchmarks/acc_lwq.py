@@ -104,6 +104,14 @@ def _wbits(config: str) -> int:
     return 4 if config.startswith(("W4 ", "int4")) else 8
 
 
+def _cnn_options(args: Any, config: str) -> dict[str, Any]:
+    """Backend options of the CNN modes: the config's integer weight width, convolutions kept FP on request."""
+    opts: dict[str, Any] = {"bits": f"W{_wbits(config)}A8G8", "seed": args.seed}
+    if args.lwq_fp_conv:
+        opts["keep_fp"] = ["conv1", "conv2"]
+    return opts
+
+
 def _latent_bytes(model: torch.nn.Module) -> float:
     from fqtc.optim import training_state_bytes
 
@@ -130,10 +138,7 @@ def run_cnn(args: Any, config: str) -> dict:
     fqtc.set_step(0)
     model = SmallCNN(1, (32, 64), 10, 28)
     hook = _configure(model, config, args.seed)
-    opts: dict[str, Any] = {"bits": f"W{_wbits(config)}A8G8", "seed": args.seed}
-    if args.lwq_fp_conv:
-        opts["keep_fp"] = ["conv1", "conv2"]
-    cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
+    cmodel = torch.compile(model, backend=partial(fqt_backend, options=_cnn_options(args, config)))
     batch = 128
     steps = int(math.ceil(len(data.x_train) / batch * epochs))
     if args.lwq_steps:
@@ -161,14 +166,10 @@ def run_cnn(args: Any, config: str) -> dict:
             hook.project()
         losses.append(float(loss.detach()))
     train_s = time.time() - t0
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(data.x_test), 1000):
-            correct += int((cmodel(data.x_test[i:i + 1000]).argmax(1) == data.y_test[i:i + 1000]).sum())
     return {"model": "cnn (Fashion-MNIST)" + (", fp conv" if args.lwq_fp_conv else ""), "config": _label(config, args),
             "steps": steps, "batch": batch, "test_images": len(data.x_test),
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "test_acc_%": 100.0 * correct / len(data.x_test), "gemm_weight_B/param": _latent_bytes(model),
+            "test_acc_%": _accuracy(cmodel, data.x_test, data.y_test), "gemm_weight_B/param": _latent_bytes(model),
             "train_s": train_s}
 
 
@@ -282,16 +283,8 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
     _gpt_train(model, cmodel, data, args.lwq_ft_steps, args.lwq_ft_lr, torch.Generator().manual_seed(args.seed + 1),
                args.seed, hook, args.lwq_mu_interval)
     train_s = time.time() - t0
-    weights = _gemm_weight_floats(model)
-    ref_key = key + (_wbits(config), args.lwq_ft_steps, args.lwq_ft_lr)
-    if config in ("fp32-latent", "W4 fp32-latent"):
-        _FT_REFERENCE[ref_key] = weights
-    dev = None
-    if ref_key in _FT_REFERENCE:
-        ref = _FT_REFERENCE[ref_key]
-        num = sum(float((weights[k] - ref[k]).pow(2).sum()) for k in ref)
-        den = sum(float(ref[k].pow(2).sum()) for k in ref)
-        dev = math.sqrt(num / den)
+    dev = _w_dev(("gpt",) + key + (_wbits(config), args.lwq_ft_steps, args.lwq_ft_lr), config,
+                 _gemm_weight_floats(model))
     return {"model": "char-GPT (KJV), fine-tuning", "config": _label(config, args), "seed": args.seed,
             "pretrain_steps": args.lwq_ft_pretrain, "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr,
             "val_loss_before_ft": _PRETRAINED_VAL[key], "val_loss": _gpt_val_loss(cmodel, data),
@@ -299,7 +292,36 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
 
 
 _CNN_PRETRAINED: dict[tuple, dict] = {}
-_CNN_FT_REFERENCE: dict[tuple, dict] = {}
+
+
+def _cnn_steps(fn: Any, opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int, gen: torch.Generator,
+               hook: Any = None, batch: int = 128) -> list[float]:
+    """``steps`` optimizer steps on random batches of (x, y) drawn with ``gen``; ``hook`` re-projects SR weights
+    after each step. Returns the training losses."""
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(fn(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if hook is not None:
+            hook.project()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _w_dev(key: tuple, config: str, weights: dict[str, torch.Tensor]) -> float | None:
+    """``w_dev_vs_fp32`` of the fine-tuning modes: the fp32-latent run of an integer width records its weights under
+    ``key``; every run of the same key gets its RMS distance from them relative to their RMS (None before one)."""
+    if config in ("fp32-latent", "W4 fp32-latent"):
+        _FT_REFERENCE[key] = weights
+    ref = _FT_REFERENCE.get(key)
+    if ref is None:
+        return None
+    num = sum(float((weights[k] - ref[k]).pow(2).sum()) for k in ref)
+    den = sum(float(ref[k].pow(2).sum()) for k in ref)
+    return math.sqrt(num / den)
 
 
 def _accuracy(fn: Any, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -321,20 +343,13 @@ def run_cnn_finetune(args: Any, config: str) -> dict:
     from fqtc.backend import fqt_backend
     from fqtc.optim import AdamW
 
-    batch = 128
     key = (args.seed, args.lwq_ft_pretrain)
     if key not in _CNN_PRETRAINED:
         src = load_fashion_mnist()
         torch.manual_seed(args.seed)
         model = SmallCNN(1, (32, 64), 10, 28)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(args.seed)
-        for _ in range(args.lwq_ft_pretrain):
-            idx = torch.randint(0, len(src.x_train), (batch,), generator=g)
-            loss = torch.nn.functional.cross_entropy(model(src.x_train[idx]), src.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _cnn_steps(model, torch.optim.Adam(model.parameters(), lr=1e-3), src.x_train, src.y_train,
+                   args.lwq_ft_pretrain, torch.Generator().manual_seed(args.seed))
         _CNN_PRETRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = load_mnist()
     n_test = args.lwq_test or len(data.x_test)
@@ -344,36 +359,16 @@ def run_cnn_finetune(args: Any, config: str) -> dict:
     model.load_state_dict(_CNN_PRETRAINED[key])
     acc_before = _accuracy(model, x_test, y_test)
     hook = _configure(model, config, args.seed)
-    wbits = _wbits(config)
-    opts: dict[str, Any] = {"bits": f"W{wbits}A8G8", "seed": args.seed}
-    if args.lwq_fp_conv:
-        opts["keep_fp"] = ["conv1", "conv2"]
     fqtc.set_step(10**6)  # fine-tuning's SR streams: the same for every config
-    cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
+    cmodel = torch.compile(model, backend=partial(fqt_backend, options=_cnn_options(args, config)))
     opt = AdamW(model.parameters(), lr=args.lwq_ft_lr, weight_decay=0.0, seed=args.seed,
                 mu_interval=args.lwq_mu_interval)
-    g = torch.Generator().manual_seed(args.seed + 1)
     t0 = time.time()
-    losses = []
-    for _ in range(args.lwq_ft_steps):
-        idx = torch.randint(0, len(data.x_train), (batch,), generator=g)
-        loss = torch.nn.functional.cross_entropy(cmodel(data.x_train[idx]), data.y_train[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if hook is not None:
-            hook.project()
-        losses.append(float(loss.detach()))
+    losses = _cnn_steps(cmodel, opt, data.x_train, data.y_train, args.lwq_ft_steps,
+                        torch.Generator().manual_seed(args.seed + 1), hook)
     train_s = time.time() - t0
-    weights = _gemm_weight_floats(model)
-    ref_key = key + (wbits, args.lwq_ft_steps, args.lwq_ft_lr, args.lwq_fp_conv)
-    if config in ("fp32-latent", "W4 fp32-latent"):
-        _CNN_FT_REFERENCE[ref_key] = weights
-    dev = None
-    if ref_key in _CNN_FT_REFERENCE:
-        ref = _CNN_FT_REFERENCE[ref_key]
-        dev = math.sqrt(sum(float((weights[k] - ref[k]).pow(2).sum()) for k in ref)
-                        / sum(float(ref[k].pow(2).sum()) for k in ref))
+    dev = _w_dev(("cnn",) + key + (_wbits(config), args.lwq_ft_steps, args.lwq_ft_lr, args.lwq_fp_conv), config,
+                 _gemm_weight_floats(model))
     return {"model": "cnn Fashion-MNIST -> MNIST fine-tuning" + (", fp conv" if args.lwq_fp_conv else ""),
             "config": _label(config, args),
             "seed": args.seed, "pretrain_steps": args.lwq_ft_pretrain,

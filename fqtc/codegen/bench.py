@@ -44,7 +44,9 @@ class KernelModel:
         return self.bytes / self.min_bytes
 
 
-_PRODUCER = "amax from the producer (aten.amax fused into x's producer by Inductor)"
+def _producer(of: str = "x") -> str:
+    """Note of a kernel whose statistic comes from its input's producer (`fqtc.codegen.lower`)."""
+    return f"amax from the producer (aten.amax fused into {of}'s producer by Inductor)"
 
 
 def _quantize_models(R: int, C: int, dt: str, max_block: int, tile: int) -> list[KernelModel]:
@@ -53,7 +55,7 @@ def _quantize_models(R: int, C: int, dt: str, max_block: int, tile: int) -> list
     out = []
     # per row: read x once (the row fits one tile, or the row amax comes from the producer), write codes + scales
     given = 0 if C <= max_block else 4 * R  # the producer's statistic: one fp32 per row
-    note = "read-once: the row fits one tile" if not given else f"row > MAX_BLOCK: {_PRODUCER}"
+    note = "read-once: the row fits one tile" if not given else f"row > MAX_BLOCK: {_producer()}"
     b = e * R * C + R * C + 4 * R + given
     out.append(KernelModel("quantize/row", shape, b, b, 0, True, note))
     b = e * R * C + R * C / 2 + 4 * R + given
@@ -62,9 +64,9 @@ def _quantize_models(R: int, C: int, dt: str, max_block: int, tile: int) -> list
     given = 0 if R <= block_r else 4 * C
     b = e * R * C + R * C + 4 * C + given
     out.append(KernelModel("quantize/col", shape, b, b, 0, True,
-                           "read-once: the column fits one tile" if not given else f"column > one tile: {_PRODUCER}"))
+                           "read-once: the column fits one tile" if not given else f"column > one tile: {_producer()}"))
     b = e * R * C + R * C + 4 + 4
-    out.append(KernelModel("quantize/tensor", shape, b, b, 0, True, _PRODUCER))
+    out.append(KernelModel("quantize/tensor", shape, b, b, 0, True, _producer()))
     out.append(KernelModel("quantize/tensor (own statistic)", shape, 2 * e * R * C + R * C + 4, e * R * C + R * C + 4,
                            0, False, "no amax given: partial-amax pass + quantize pass, x read twice"))
     out.append(KernelModel("stat/amax (standalone)", shape, e * R * C + 4, e * R * C + 4, 0, False,
@@ -91,13 +93,13 @@ def _gemm_models(M: int, N: int, K: int, a_dt: str, out_dt: str, bm: int, bn: in
     fused_min = ea * M * K + b_bytes + bias + out_bytes + M * K + 4 * M  # + the activation codes/scales written
     sweep_extra = 0 if l2_ok else ea * M * K
     res.append(KernelModel("gemm/fused_quant/row", shape, fused_min + 4 * M, fused_min + 4 * M, flops, True,
-                           "row " + _PRODUCER.replace("x's", "A's")
+                           "row " + _producer("A")
                            + "; A from an extern kernel or graph input: the own-statistic line"))
     res.append(KernelModel("gemm/fused_quant/row (own statistic)", shape, fused_min + sweep_extra, fused_min, flops,
                            False, f"no amax given: row sweep in L2 (wave working set {ws / 2**20:.1f} MiB "
                                   f"{'<=' if l2_ok else '>'} L2 {L2_BYTES / 2**20:.0f} MiB)"))
     res.append(KernelModel("gemm/fused_quant/tensor", shape, fused_min + 4, fused_min + 4, flops, True,
-                           "per-tensor " + _PRODUCER.replace("x's", "A's")))
+                           "per-tensor " + _producer("A")))
     res.append(KernelModel("gemm/fused_quant/tensor (own statistic)", shape, fused_min + ea * M * K, fused_min, flops,
                            False, "no amax given: a partial-amax pass over A before any tile is quantized"))
     unfused = (ea * M * K + M * K + 4 * M) + (M * K + 4 * M + b_bytes + bias + out_bytes)
@@ -121,7 +123,7 @@ def _grad_lwq_models(M: int, N: int, K: int, g_dt: str) -> list[KernelModel]:
     # the transform is built from the row ranges, which come from g's producer (4 bytes per row)
     bhq_min = eg * M * K + 4 * M * K + 4 * M
     res.append(KernelModel("gradq/bhq", shape, bhq_min, bhq_min, 0, True,
-                           "row ranges: " + _PRODUCER.replace("x's", "g's")))
+                           "row ranges: " + _producer("g")))
     res.append(KernelModel("gradq/bhq (own statistic)", shape, bhq_min - 4 * M + eg * M * K, bhq_min - 4 * M, 0,
                            False, "no row ranges given: one more read of g to build the transform"))
     wshape = f"{N}x{K} W4L4 grad:{g_dt}"

@@ -37,7 +37,7 @@ from fqtc.codegen import tl_numerics as tn
 from fqtc.codegen.tuning import BucketTuner, autotune_enabled, bucket
 from fqtc.quant.gemm import scale_along_k
 from fqtc.quant.rng import GOLDEN, mix32_int
-from fqtc.quant.uniform import qmax_for
+from fqtc.quant.uniform import check_amax, qmax_for
 
 # Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), the default of each shape class:
 # - large: 128x128x64, 4 stages, 8 warps: the Triton matmul tutorial's int8 configs for H100-class GPUs;
@@ -308,8 +308,6 @@ def qgemm_fused_quant(
         raise ValueError(f"the quantizing prologue supports per-tensor or per-row (reduce_dims=[-1]) scales, got "
                          f"reduce_dims={list(reduce_dims)} on a {n}-d input; quantize separately for other layouts")
     if amax is not None:
-        from fqtc.quant.uniform import check_amax
-
         amax = check_amax(amax, a, list(reduce_dims)).contiguous().reshape(-1)
         mode = 1 if mode == 1 else 3
     elif mode == 1:

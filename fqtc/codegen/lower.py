@@ -42,6 +42,7 @@ import torch.fx as fx
 from fqtc.ops.fused import FUSABLE_GRAD_QUANTIZERS
 from fqtc.passes.common import copy_meta, graph_fake_mode, node_order, set_fake_val
 from fqtc.quant.gemm import not_integer_reason
+from fqtc.quant.gradq import AMAX_QUANTIZERS
 
 fqt = torch.ops.fqt
 # fqt::grad_quantize exists when the gradient quantizers (issue 3) are installed
@@ -150,8 +151,6 @@ def extern_producer(x: fx.Node) -> bool:
 def _stat_dims(n: fx.Node) -> list[int] | None:
     """The group dims of a standalone quantizer node whose kernel would read its input twice (so the statistic
     comes from the producer), else None."""
-    from fqtc.quant.gradq import AMAX_QUANTIZERS
-
     try:
         from fqtc.codegen.quantize import reads_twice
     except ImportError:  # no Triton: no kernels, the reference implementations run

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from fqtc.codegen import tl_numerics as tn
 from fqtc.quant.rng import GOLDEN, mix32_int
-from fqtc.quant.uniform import qmax_for
+from fqtc.quant.uniform import check_amax, qmax_for
 
 # Tuning constants. A program holds TILE_ELEMS fp32 values in registers: 8192 / (4 warps * 32 lanes) = 64 values
 # per thread, the register budget Liger-Kernel's row kernels use; MAX_BLOCK bounds the single-tile (read-once)
@@ -228,8 +228,6 @@ def quantize(
         if n == 0 or shape[-1] % 2:
             raise ValueError(f"pack_int4 packs pairs along the last dim; shape {list(shape)} has an odd last dim")
     if amax is not None:
-        from fqtc.quant.uniform import check_amax
-
         amax = check_amax(amax, x, list(range(n)) if kind == "tensor" else reduce_dims).contiguous().reshape(-1)
     xc = x.contiguous()
     codes = torch.empty((*shape[:-1], shape[-1] // 2) if pack_int4 else shape, dtype=torch.int8, device=x.device)

@@ -99,8 +99,10 @@ def _codes(y: Tensor, bits: int, rounding: str, seed: int, step: Tensor | int, s
 
 def _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax=None) -> GradQuant:
     # amax: the keepdim group abs-max computed by the caller (the producer's statistic, docs/kernels.md)
-    scale = group_scale(x, bits, reduce_dims) if amax is None else scale_from_amax(check_amax(amax, x, reduce_dims),
-                                                                                    bits)
+    if amax is None:
+        scale = group_scale(x, bits, reduce_dims)
+    else:
+        scale = scale_from_amax(check_amax(amax, x, reduce_dims), bits)
     return GradQuant(_codes(x.float() / scale, bits, rounding, seed, step, stream), scale, {})
 
 

@@ -118,6 +118,21 @@ class _KernelInterpreter(torch.fx.Interpreter):
         return fn(*args, **kwargs)
 
 
+def _assert_kernels_match(gm, lowered, seed, step=0):
+    """The lowered graph executed on the kernels (`_KernelInterpreter`) computes the bits the unlowered graph
+    computes on the reference, on random inputs; returns the interpreter (its kernel call count)."""
+    args = _inputs_for(gm, seed=seed)
+    set_step(step)
+    want = gm(*args)
+    set_step(step)
+    interp = _KernelInterpreter(lowered)
+    got = interp.run(*args)
+    for g, w in zip(got, want):
+        if isinstance(w, torch.Tensor):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    return interp
+
+
 @pytest.mark.parametrize("which", ["forward", "backward"])
 def test_lowered_graph_on_kernels_is_bit_identical(graphs, which):
     """End to end: the lowered graph executed on the Triton kernels equals the unlowered graph on the reference."""
@@ -125,16 +140,8 @@ def test_lowered_graph_on_kernels_is_bit_identical(graphs, which):
     gm = getattr(graphs, which)
     lowered = copy.deepcopy(gm)
     lower_graph(lowered, device="cuda")
-    args = _inputs_for(gm, seed=1)
-    set_step(5)
-    want = gm(*args)
-    set_step(5)
-    interp = _KernelInterpreter(lowered)
-    got = interp.run(*args)
+    interp = _assert_kernels_match(gm, lowered, seed=1, step=5)
     assert interp.calls >= _count(lowered, fqt.qgemm.default) + _count(lowered, fqt.qgemm_fused_quant.default) > 0
-    for g, w in zip(got, want):
-        if isinstance(w, torch.Tensor):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -164,16 +171,11 @@ def test_grad_quantizer_chain_fuses(psq_graphs):
         if n.meta["fqt"].get("integer_gemm") is False:  # PSQ's per-row scale lies along grad_weight's K
             assert n.meta["fqt"]["codegen"]["kernel"] == "reference"
             assert "reduction axis" in n.meta["fqt"]["codegen"]["reason"]
-    args = _inputs_for(gm, seed=2)
-    want = gm(*args)
     with pytest.warns(UserWarning, match="reduction axis"):  # those GEMMs: reference, warned once per reason
         from fqtc.codegen import impls
 
         impls.FALLBACKS.clear()
-        got = _KernelInterpreter(lowered).run(*args)
-    for g, w in zip(got, want):
-        if isinstance(w, torch.Tensor):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        _assert_kernels_match(gm, lowered, seed=2)
 
 
 def test_fused_op_reference_equals_chain():
@@ -293,14 +295,7 @@ def test_per_row_prologue_takes_the_producer_amax_only_from_a_fusable_producer()
     assert _amax_source(f.args[11]) is f.args[0] and f.args[11].args[1] == [1]
     f = by_stat["kernel"]
     assert f.args[0].op == "placeholder" and f.args[11] is None
-    args = _inputs_for(cgs[0].forward, seed=8)
-    set_step(2)
-    want = cgs[0].forward(*args)
-    set_step(2)
-    got = _KernelInterpreter(gm).run(*args)
-    for g_, w in zip(got, want):
-        if isinstance(w, torch.Tensor):
-            torch.testing.assert_close(g_, w, rtol=0, atol=0)
+    _assert_kernels_match(cgs[0].forward, gm, seed=8, step=2)
 
 
 @pytest.fixture(scope="module")
@@ -325,14 +320,7 @@ def test_bhq_takes_the_producer_row_ranges(bhq_graphs):
         assert _amax_source(n.args[7]) is n.args[0]
         assert sorted(n.args[7].args[1]) == sorted(d % n.args[0].meta["val"].dim() for d in n.args[2])
         assert n.meta["fqt"]["codegen"]["statistic"] == "producer"
-    args = _inputs_for(gm, seed=4)
-    set_step(3)
-    want = gm(*args)
-    set_step(3)
-    got = _KernelInterpreter(lowered).run(*args)
-    for g, w in zip(got, want):
-        if isinstance(w, torch.Tensor):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    _assert_kernels_match(gm, lowered, seed=4, step=3)
 
 
 def test_standalone_quantizers_get_a_statistic_only_when_they_would_read_twice():

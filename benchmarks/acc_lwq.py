@@ -16,6 +16,12 @@ of the GEMM weights differs:
   (backend ``W4A8G8``; `fqtc.prepare` with ``W4A8G8L4``; SR onto the per-row absmax/7 grid), where one integer
   step is 18x coarser and plain SR's rounding noise is correspondingly larger (``W4_CONFIGS``).
 
+LWQ configs take two suffixes: ``"W4 L4 mu3"`` pins the residual codebook at importance level 3 (encoded at that
+level, optimizer ``mu_interval=0``), and ``"W4 L4 paper"`` / ``"W4 L4 fqtc"`` picks the optimizer's importance-level
+rule (``mu_rule``) for that config instead of ``--lwq-mu-rule``. LWQ rows report ``upd_over_s``, the mean update in
+integer steps (``|dw| / s``, the inverse of the rule's rho) over all steps and over the last 10% of them, and
+``mu_end``, each latent weight's final importance level.
+
 Evaluation uses the compiled model under ``torch.no_grad`` (integer GEMMs), on the full Fashion-MNIST test set and
 on fixed KJV validation windows.
 """
@@ -51,6 +57,40 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lwq-mu-interval", type=int, default=100,
                    help="steps between the LWQ optimizer's importance-level re-selections (100: the paper's "
                         "schedule, fqtc's default; 0: keep the uniform residual codebook)")
+    p.add_argument("--lwq-mu-rule", default="fqtc", choices=["fqtc", "paper"],
+                   help="the LWQ optimizer's importance-level thresholds (mu_rule): fqtc's calibrated ones "
+                        "(default) or the paper's")
+
+
+class UpdateLog:
+    """Per-step LWQ statistics of a latent optimizer: mean ``|dw| / s`` (the update in integer steps, the inverse of
+    the importance rule's rho) over the latent GEMM weights, and the importance levels they end with."""
+
+    def __init__(self) -> None:
+        self.upd: list[float] = []
+        self.mu: list[int] = []
+
+    def record(self, opt: Any) -> None:
+        from fqtc.optim.latent import LatentWeight
+
+        vals, mus = [], []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if isinstance(p, LatentWeight) and "stats" in st:
+                    vals.append(float(st["stats"][0]))
+                    mus.append(int(p.mu))
+        if vals:
+            self.upd.append(sum(vals) / len(vals))
+            self.mu = mus
+
+    def row(self) -> dict[str, Any]:
+        """Result columns: mean update / step over all steps and over the last 10%; final mu per latent weight."""
+        if not self.upd:
+            return {}
+        tail = self.upd[-max(1, len(self.upd) // 10):]
+        return {"upd_over_s": sum(self.upd) / len(self.upd), "upd_over_s_last10%": sum(tail) / len(tail),
+                "mu_end": "".join(str(m) for m in self.mu)}
 
 
 def _gemm_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -84,10 +124,13 @@ def _configure(model: torch.nn.Module, config: str, seed: int):
     import fqtc
 
     hook = None
-    if config.startswith("L"):
-        fqtc.prepare(model, {"bits": f"W8A8G8{config}", "seed": seed})
-    elif config.startswith("W4 L"):
-        fqtc.prepare(model, {"bits": f"W4A8G8{config[3:]}", "seed": seed})
+    name, mu = _pinned_mu(config)
+    if name.startswith("L"):
+        fqtc.prepare(model, {"bits": f"W8A8G8{name}", "seed": seed})
+    elif name.startswith("W4 L"):
+        fqtc.prepare(model, {"bits": f"W4A8G8{name[3:]}", "seed": seed})
+    if mu is not None:
+        _repin(model, mu, seed)
     elif config.startswith("int8-SR"):
         hook = Int8SR(_gemm_weights(model), seed)
     elif config.startswith("int4-SR"):
@@ -95,9 +138,55 @@ def _configure(model: torch.nn.Module, config: str, seed: int):
     return hook
 
 
+def _pinned_mu(config: str) -> tuple[str, int | None]:
+    """``"W4 L4 mu3"`` -> ``("W4 L4", 3)``: an LWQ config whose residual codebook is pinned at importance level 3
+    (encoded at that level, optimizer ``mu_interval=0``); other configs -> ``(config, None)``."""
+    head, _, last = _rule(config)[0].rpartition(" ")
+    if head and last.startswith("mu") and last[2:].isdigit():
+        return head, int(last[2:])
+    return _rule(config)[0], None
+
+
+def _rule(config: str) -> tuple[str, str | None]:
+    """``"W4 L4 paper"`` -> ``("W4 L4", "paper")``: an LWQ config run with the named importance-level rule instead
+    of ``--lwq-mu-rule``; other configs -> ``(config, None)``."""
+    head, _, last = config.rpartition(" ")
+    if head and last in ("paper", "fqtc"):
+        return head, last
+    return config, None
+
+
+def _mu_rule(args: Any, config: str) -> str:
+    return _rule(config)[1] or args.lwq_mu_rule
+
+
+def _repin(model: torch.nn.Module, mu: int, seed: int) -> None:
+    """Re-encode every LatentWeight of ``model`` with the residual codebook of level ``mu``."""
+    from fqtc.optim.latent import LatentWeight
+
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, LatentWeight):
+            enc = LatentWeight.from_float(w.dequantize(), w.wbits, w.lbits, seed=seed, stream=w.stream, mu=mu)
+            for a, b in zip(w._inner(), enc._inner()):
+                a.copy_(b)
+
+
+def _mu_interval(args: Any, config: str) -> int:
+    """The optimizer's importance-level schedule for ``config``: 0 (fixed) when the config pins mu."""
+    return 0 if _pinned_mu(config)[1] is not None else args.lwq_mu_interval
+
+
 def _label(config: str, args: Any) -> str:
     """The config's name in result rows; LWQ configs carry the optimizer's importance-level schedule."""
-    return config + (f" (mu_interval {args.lwq_mu_interval})" if config.split()[-1] in ("L2", "L4", "L8") else "")
+    name, mu = _pinned_mu(config)
+    if mu is not None:
+        return f"{name} (mu fixed at {mu})"
+    if name.split()[-1] not in ("L2", "L4", "L8"):
+        return config
+    if args.lwq_mu_interval == 0:
+        return name + " (mu_interval 0)"
+    return name + f" (mu_interval {args.lwq_mu_interval}, {_mu_rule(args, config)} rule)"
 
 
 def _wbits(config: str) -> int:
@@ -145,11 +234,12 @@ def run_cnn(args: Any, config: str) -> dict:
         steps = min(steps, args.lwq_steps)
     lr0 = 0.05
     opt = SGD(model.parameters(), lr=lr0, momentum=0.9, weight_decay=5e-4, seed=args.seed,
-              mu_interval=args.lwq_mu_interval)
+              mu_interval=_mu_interval(args, config), mu_rule=_mu_rule(args, config))
     g = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(len(data.x_train), generator=g)
     t0 = time.time()
     losses = []
+    log = UpdateLog()
     for t in range(steps):
         start = (t * batch) % len(perm)
         if start + batch > len(perm):
@@ -161,6 +251,7 @@ def run_cnn(args: Any, config: str) -> dict:
         loss = torch.nn.functional.cross_entropy(cmodel(data.x_train[idx]), data.y_train[idx])
         loss.backward()
         opt.step()
+        log.record(opt)
         opt.zero_grad()
         if hook is not None:
             hook.project()
@@ -170,22 +261,25 @@ def run_cnn(args: Any, config: str) -> dict:
             "steps": steps, "batch": batch, "test_images": len(data.x_test),
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
             "test_acc_%": _accuracy(cmodel, data.x_test, data.y_test), "gemm_weight_B/param": _latent_bytes(model),
-            "train_s": train_s}
+            **log.row(), "train_s": train_s}
 
 
 def _gpt_train(model: torch.nn.Module, cmodel: Any, data: Any, steps: int, lr: float, gen: torch.Generator,
-               seed: int, hook: Any = None, mu_interval: int = 100) -> None:
+               seed: int, hook: Any = None, mu_interval: int = 100, log: UpdateLog | None = None,
+               mu_rule: str = "fqtc") -> None:
     """``steps`` AdamW steps (weight decay 0.01, batches of 32 x 64 characters); ``hook`` re-projects int8-SR
     weights after each step."""
     from benchmarks.models import lm_loss
     from fqtc.optim import AdamW
 
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=seed, mu_interval=mu_interval)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=seed, mu_interval=mu_interval, mu_rule=mu_rule)
     for _ in range(steps):
         x, y = data.batch("train", 32, 64, gen)
         loss = lm_loss(cmodel(x), y)
         loss.backward()
         opt.step()
+        if log is not None:
+            log.record(opt)
         opt.zero_grad()
         if hook is not None:
             hook.project()
@@ -224,7 +318,7 @@ def run_gpt(args: Any, config: str) -> dict:
     cmodel = torch.compile(model, backend=partial(fqt_backend, options={"bits": "W8A8G8", "seed": args.seed}))
     t0 = time.time()
     _gpt_train(model, cmodel, data, steps, 3e-3, torch.Generator().manual_seed(args.seed), args.seed, hook,
-               args.lwq_mu_interval)
+               _mu_interval(args, config), mu_rule=_mu_rule(args, config))
     train_s = time.time() - t0
     return {"model": "char-GPT (KJV)", "config": _label(config, args), "steps": steps,
             "val_loss": _gpt_val_loss(cmodel, data),
@@ -280,22 +374,23 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
     opts = {"bits": f"W{_wbits(config)}A8G8", "seed": args.seed}
     cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
     t0 = time.time()
+    log = UpdateLog()
     _gpt_train(model, cmodel, data, args.lwq_ft_steps, args.lwq_ft_lr, torch.Generator().manual_seed(args.seed + 1),
-               args.seed, hook, args.lwq_mu_interval)
+               args.seed, hook, _mu_interval(args, config), log, _mu_rule(args, config))
     train_s = time.time() - t0
     dev = _w_dev(("gpt",) + key + (_wbits(config), args.lwq_ft_steps, args.lwq_ft_lr), config,
                  _gemm_weight_floats(model))
     return {"model": "char-GPT (KJV), fine-tuning", "config": _label(config, args), "seed": args.seed,
             "pretrain_steps": args.lwq_ft_pretrain, "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr,
             "val_loss_before_ft": _PRETRAINED_VAL[key], "val_loss": _gpt_val_loss(cmodel, data),
-            "w_dev_vs_fp32": dev, "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
+            "w_dev_vs_fp32": dev, "gemm_weight_B/param": _latent_bytes(model), **log.row(), "train_s": train_s}
 
 
 _CNN_PRETRAINED: dict[tuple, dict] = {}
 
 
 def _cnn_steps(fn: Any, opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int, gen: torch.Generator,
-               hook: Any = None, batch: int = 128) -> list[float]:
+               hook: Any = None, batch: int = 128, log: UpdateLog | None = None) -> list[float]:
     """``steps`` optimizer steps on random batches of (x, y) drawn with ``gen``; ``hook`` re-projects SR weights
     after each step. Returns the training losses."""
     losses = []
@@ -304,6 +399,8 @@ def _cnn_steps(fn: Any, opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int, 
         loss = torch.nn.functional.cross_entropy(fn(x[idx]), y[idx])
         loss.backward()
         opt.step()
+        if log is not None:
+            log.record(opt)
         opt.zero_grad()
         if hook is not None:
             hook.project()
@@ -362,10 +459,11 @@ def run_cnn_finetune(args: Any, config: str) -> dict:
     fqtc.set_step(10**6)  # fine-tuning's SR streams: the same for every config
     cmodel = torch.compile(model, backend=partial(fqt_backend, options=_cnn_options(args, config)))
     opt = AdamW(model.parameters(), lr=args.lwq_ft_lr, weight_decay=0.0, seed=args.seed,
-                mu_interval=args.lwq_mu_interval)
+                mu_interval=_mu_interval(args, config), mu_rule=_mu_rule(args, config))
     t0 = time.time()
+    log = UpdateLog()
     losses = _cnn_steps(cmodel, opt, data.x_train, data.y_train, args.lwq_ft_steps,
-                        torch.Generator().manual_seed(args.seed + 1), hook)
+                        torch.Generator().manual_seed(args.seed + 1), hook, log=log)
     train_s = time.time() - t0
     dev = _w_dev(("cnn",) + key + (_wbits(config), args.lwq_ft_steps, args.lwq_ft_lr, args.lwq_fp_conv), config,
                  _gemm_weight_floats(model))
@@ -375,7 +473,7 @@ def run_cnn_finetune(args: Any, config: str) -> dict:
             "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr, "test_images": n_test,
             "acc_before_ft_%": acc_before, "test_acc_%": _accuracy(cmodel, x_test, y_test),
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:]), "w_dev_vs_fp32": dev,
-            "gemm_weight_B/param": _latent_bytes(model), "train_s": train_s}
+            "gemm_weight_B/param": _latent_bytes(model), **log.row(), "train_s": train_s}
 
 
 def run(args: Any) -> list[dict]:

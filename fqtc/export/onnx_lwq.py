@@ -47,18 +47,19 @@ __all__ = ["LWQ_TRANSLATIONS", "lwq_step", "update_graph"]
 def lwq_step(
     q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str, hparams: list[float],
     shape: list[int], wbits: int, lbits: int, seed: int, stream: int, step: Tensor, skip: Tensor, refresh: bool,
-    mu_interval: int,
+    mu_interval: int, mu_thresholds: list[float] | None = None,
 ) -> list[Tensor]:
     """``fqt::lwq_update`` without mutation: ``[q', r', s', mu', stats, *states']`` (same arguments)."""
     q2, r2, s2, mu2 = q.clone(), r.clone(), s.clone(), mu.clone()
     st2 = [t.clone() for t in states]
     stats = torch.ops.fqt.lwq_update.default(q2, r2, s2, mu2, grad, st2, kind, hparams, shape, wbits, lbits, seed,
-                                             stream, step, skip, refresh, mu_interval)
+                                             stream, step, skip, refresh, mu_interval, None, mu_thresholds)
     return [q2, r2, s2, mu2, stats, *st2]
 
 
 @lwq_step.register_fake
-def _(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip, refresh, mu_interval):
+def _(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip, refresh, mu_interval,
+      mu_thresholds=None):
     return [torch.empty_like(q), torch.empty_like(r), torch.empty_like(s), torch.empty_like(mu),
             q.new_empty(2, dtype=torch.float32), *[torch.empty_like(t) for t in states]]
 
@@ -324,7 +325,7 @@ def encode(t, wbits: int, lbits: int, levels, u):
 
 
 def _lwq_step(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip, refresh,
-              mu_interval):
+              mu_interval, mu_thresholds=None):
     """fqt::lwq_step = fqt::lwq_update (fqtc/ops/lwq.py) in standard ops, line by line."""
     import onnx
 
@@ -351,7 +352,7 @@ def _lwq_step(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, see
                        _c(float("inf"), f64))
         rho = op.Div(op.Mul(rho, _c(8.0, f64)), _c(float(_lwq.residual_max(lbits)), f64))  # select_mu
         sel = op.Constant(value_int=0)
-        for thr in _lwq.MU_THRESHOLDS:
+        for thr in (_lwq.MU_THRESHOLDS if mu_thresholds is None else mu_thresholds):
             sel = op.Add(sel, op.Cast(op.Greater(rho, _c(thr, f64)), to=i64))
         now = op.Or(op.Equal(step, _i64(1)), op.Equal(op.Mod(step, _i64(mu_interval)), _i64(0)))
         mu_new = op.Where(now, sel, mu_old)
@@ -468,7 +469,7 @@ def update_graph(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None
             if e["latent"]:
                 res = torch.ops.fqt.lwq_step.default(
                     *own, grad, bufs, kind, e["hp"], e["shape"], e["wbits"], e["lbits"], group["seed"], e["stream"],
-                    step, found_inf, group["refresh"], group["mu_interval"])
+                    step, found_inf, group["refresh"], group["mu_interval"], group.get("mu_thresholds"))
                 outs += [*res[:4], step, *res[5:], res[4]]
             else:
                 p = own[0]

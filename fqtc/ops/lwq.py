@@ -157,7 +157,7 @@ def plain_update(p: Tensor, g: Tensor, states: list[Tensor], kind: str, hp: list
 def lwq_update(
     q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str, hparams: list[float],
     shape: list[int], wbits: int, lbits: int, seed: int, stream: int, step: Tensor, skip: Tensor,
-    refresh: bool, mu_interval: int, lr: Tensor | None = None,
+    refresh: bool, mu_interval: int, lr: Tensor | None = None, mu_thresholds: list[float] | None = None,
 ) -> Tensor:
     """Fused LWQ optimizer step of one latent parameter: decode -> optimizer math -> re-encode (SR residual).
 
@@ -168,7 +168,7 @@ def lwq_update(
     ``step`` (0-d int64) is the optimizer's step number, from 1: it keys the residual's random stream together
     with (seed, stream) and drives bias correction. ``skip`` (0-d bool) leaves everything unchanged (a step with
     inf/nan gradients). The importance level ``mu`` is re-selected every ``mu_interval`` steps from
-    rho = mean(s) / mean|dw| (0 disables it).
+    rho = mean(s) / mean|dw| (0 disables it), against ``mu_thresholds`` (None: `fqtc.quant.lwq.MU_THRESHOLDS`).
     """
     stats = torch.zeros(2, dtype=torch.float32, device=q.device)
     if bool(skip):
@@ -186,7 +186,7 @@ def lwq_update(
     if mu_interval > 0 and (t == 1 or t % mu_interval == 0):
         mean_delta = float(delta.mean())
         rho = float(s.mean()) / mean_delta if mean_delta > 0 else float("inf")
-        mu_new = _lwq.select_mu(rho, lbits)
+        mu_new = _lwq.select_mu(rho, lbits, _lwq.MU_THRESHOLDS if mu_thresholds is None else mu_thresholds)
     qn, rn, sn, sat = _lwq.encode_latent(w_new, s, wbits, lbits, mu_new, seed, step, stream, refresh=refresh)
     q.copy_(_lwq.store_codes(qn, wbits).view(q.shape))
     r.copy_(_lwq.store_codes(rn, lbits).view(r.shape))
@@ -200,5 +200,5 @@ def lwq_update(
 
 @lwq_update.register_fake
 def _(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip, refresh, mu_interval,
-      lr=None):
+      lr=None, mu_thresholds=None):
     return q.new_empty(2, dtype=torch.float32)

@@ -13,16 +13,19 @@ Optimizer states are fp32 (``state_bits=32``) or 8-bit block-quantized (``state_
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from fqtc.ops import lwq as _ops
 from fqtc.optim.latent import LatentWeight
+from fqtc.quant import lwq as _lwq
 
 # Paper: the importance level is re-selected every 100 steps (papers.md section 3).
 DEFAULT_MU_INTERVAL = 100
+# fqtc's calibrated rho thresholds (`fqtc.quant.lwq.MU_THRESHOLDS`); "paper" selects the paper's.
+DEFAULT_MU_RULE = "fqtc"
 
 
 class LatentOptimizer(torch.optim.Optimizer):
@@ -82,7 +85,7 @@ class LatentOptimizer(torch.optim.Optimizer):
                     stats = torch.ops.fqt.lwq_update.default(
                         p.q, p.r, p.s, p.mu, p.grad, state["buffers"], self.kind, hp, list(p.shape), p.wbits,
                         p.lbits, group["seed"], p.stream, state["step"], found_inf, group["refresh"],
-                        group["mu_interval"], lr_t)
+                        group["mu_interval"], lr_t, group.get("mu_thresholds"))
                     state["stats"] = stats
                 else:
                     self._plain_step(p, state, hp, found_inf, lr_t)
@@ -122,9 +125,14 @@ def _check_lr(name: str, lr: Any) -> None:
                          f"shape {list(lr.shape)} dtype {lr.dtype}")
 
 
-def _common_defaults(state_bits: int, seed: int, refresh: bool, mu_interval: int) -> dict[str, Any]:
+def _common_defaults(state_bits: int, seed: int, refresh: bool, mu_interval: int,
+                     mu_rule: str | Sequence[float] = DEFAULT_MU_RULE) -> dict[str, Any]:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int (the stochastic-rounding stream key), got {seed!r}")
     if not isinstance(mu_interval, int) or mu_interval < 0:
         raise ValueError(f"mu_interval must be a non-negative int (0 keeps mu fixed), got {mu_interval!r}")
-    return {"state_bits": state_bits, "seed": seed, "refresh": bool(refresh), "mu_interval": mu_interval}
+    # the group holds the resolved thresholds (saved with the optimizer's state dict); a group loaded from a
+    # checkpoint without them uses the op's default, fqtc's rule
+    thresholds = list(_lwq.mu_thresholds(mu_rule))
+    return {"state_bits": state_bits, "seed": seed, "refresh": bool(refresh), "mu_interval": mu_interval,
+            "mu_thresholds": thresholds}

@@ -23,8 +23,11 @@ rounding variance ``integral w(S) (S - l_k)(l_{k+1} - S) dS`` is, at high resolu
 Fitting ``lam`` so that ``S(M/2) = b2`` reproduces the table's other knot ``b1`` to within 0.005 (tests/quant/
 test_lwq.py), which is why we believe this is the curve the polyline approximates.
 
-**Importance level.** ``mu`` is chosen from ``rho = (grid step) / (typical per-step update)`` with the paper's
-thresholds: mu = 1, 2, 3 for rho > 16.2, 36.5, 75.8, else 0 (the authors' code can never reach mu = 3; ours can).
+**Importance level.** ``mu`` is chosen from ``rho = (grid step) / (typical per-step update)``: mu = 1, 2, 3 for
+rho above three thresholds, else 0. The paper's are 16.2, 36.5, 75.8 (`PAPER_MU_THRESHOLDS`; the authors' code can
+never reach mu = 3, ours can); fqtc's default, `MU_THRESHOLDS` = 250, 500, 1000, keeps the paper's doubling ladder
+but starts it at updates 15x smaller, because with int4 weights the coarse-centre codebooks lost to the uniform one
+at rho ~ 400 and won at rho >= 1000 (benchmarks/README.md, "Choosing the importance level").
 For L != 4 bits, rho is scaled by 8/M first (the last segment's step is 2^-mu / (2M)).
 
 **Scale refresh.** A row whose latent weight would round to +-qmax gets a new scale ``amax / (headroom * qmax)``
@@ -56,7 +59,13 @@ POLYLINE_KNOTS: dict[int, tuple[float, float]] = {
     3: (0.43306, 0.46875),
 }
 # rho thresholds for mu = 1, 2, 3 (papers.md section 3, "importance guidance")
-MU_THRESHOLDS: tuple[float, float, float] = (16.2, 36.5, 75.8)
+PAPER_MU_THRESHOLDS: tuple[float, float, float] = (16.2, 36.5, 75.8)
+# fqtc's default: the paper's doubling ladder moved to updates 15x smaller, measured on int4 fine-tuning
+# (benchmarks/README.md, "Choosing the importance level"): coarse-centre codebooks (mu >= 2) help once updates are
+# below ~1/1000 of an integer step and hurt at ~1/400, where the paper's thresholds already pick mu = 3.
+MU_THRESHOLDS: tuple[float, float, float] = (250.0, 500.0, 1000.0)
+# Named rules accepted by the optimizers' ``mu_rule``.
+MU_RULES: dict[str, tuple[float, float, float]] = {"fqtc": MU_THRESHOLDS, "paper": PAPER_MU_THRESHOLDS}
 # A refreshed row's largest latent weight sits at headroom * qmax: room to grow before the next refresh.
 DEFAULT_HEADROOM = 0.9
 # Elements per fp32 absmax of an 8-bit optimizer state: 4/256 = 0.016 bytes/param of scales.
@@ -146,12 +155,31 @@ def weighted_sr_variance(levels: torch.Tensor, mu: int, n: int = 20000) -> float
     return float((torch.exp(3 * lam * x) * var).mean())
 
 
-def select_mu(rho: float, lbits: int = 4) -> int:
-    """Importance level from rho = grid step / typical per-step update (papers.md thresholds; 0 for no update)."""
+def mu_thresholds(rule: str | Sequence[float]) -> tuple[float, float, float]:
+    """The rho thresholds of an importance-level rule: ``"fqtc"`` (default, `MU_THRESHOLDS`), ``"paper"``
+    (`PAPER_MU_THRESHOLDS`) or three increasing positive numbers (rho above the k-th selects mu = k)."""
+    if isinstance(rule, str):
+        if rule not in MU_RULES:
+            raise ValueError(f"unknown importance-level rule {rule!r}: use one of {sorted(MU_RULES)} or three "
+                             "increasing positive rho thresholds, e.g. (250, 500, 1000)")
+        return MU_RULES[rule]
+    try:
+        t = tuple(float(x) for x in rule)
+    except (TypeError, ValueError):
+        t = ()
+    if len(t) != 3 or not all(math.isfinite(x) and x > 0 for x in t) or not t[0] < t[1] < t[2]:
+        raise ValueError(f"importance-level thresholds must be three increasing positive finite numbers (rho above "
+                         f"the k-th selects mu = k), got {rule!r}")
+    return t  # type: ignore[return-value]
+
+
+def select_mu(rho: float, lbits: int = 4, thresholds: Sequence[float] = MU_THRESHOLDS) -> int:
+    """Importance level from rho = grid step / typical per-step update: the number of ``thresholds`` rho exceeds
+    (fqtc's calibrated ones by default, `PAPER_MU_THRESHOLDS` for the paper's); 0 for no update."""
     if not math.isfinite(rho):
         return 3 if rho > 0 else 0
     rho = rho * 8.0 / residual_max(lbits)
-    return sum(rho > t for t in MU_THRESHOLDS)
+    return sum(rho > t for t in thresholds)
 
 
 # -- packing ----------------------------------------------------------------------------------------------------

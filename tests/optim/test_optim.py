@@ -183,6 +183,34 @@ def test_optimizer_rejects_bad_state_bits():
         SGD(_mlp().parameters(), lr=0.1, state_bits=4)
 
 
+@pytest.mark.parametrize("rule,want_mu", [("fqtc", 0), ("paper", 3), ((10.0, 20.0, 120.0), 3),
+                                          ((100.0, 140.0, 160.0), 2)])
+def test_mu_rule_maps_rho_to_the_importance_level(rule, want_mu):
+    """One SGD step whose update is 1/150 of the mean grid step (rho = 150): the paper's thresholds (16.2, 36.5,
+    75.8) pick mu = 3, fqtc's (250, 500, 1000) keep the uniform codebook, custom thresholds are honoured."""
+    model = fqtc.prepare(_mlp(), {"bits": "W8A8G8L4"})
+    lin = model[0]
+    lr = float(lin.weight.s.mean()) / 150.0
+    opt = SGD([lin.weight], lr=lr, mu_interval=1, **({} if rule == "fqtc" else {"mu_rule": rule}))
+    assert opt.param_groups[0]["mu_thresholds"] == list(fqtc.quant.lwq.mu_thresholds(rule))
+    lin.weight.grad = torch.ones(lin.weight.shape)
+    opt.step()
+    assert int(lin.weight.mu) == want_mu
+    rho = 1.0 / float(opt.state[lin.weight]["stats"][0])  # mean |dw|/s, the op's statistic: rho within rounding
+    assert 140 < rho < 160
+    # the rule travels with the optimizer's state dict
+    opt2 = SGD([lin.weight], lr=lr, mu_interval=1, mu_rule="paper" if rule == "fqtc" else "fqtc")
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["mu_thresholds"] == list(fqtc.quant.lwq.mu_thresholds(rule))
+
+
+def test_optimizer_rejects_unknown_mu_rule():
+    with pytest.raises(ValueError, match="unknown importance-level rule 'papers'"):
+        AdamW(_mlp().parameters(), lr=1e-3, mu_rule="papers")
+    with pytest.raises(ValueError, match="three increasing positive"):
+        SGD(_mlp().parameters(), lr=1e-3, mu_rule=(3.0, 2.0, 1.0))
+
+
 # -- memory -----------------------------------------------------------------------------------------------------
 def test_training_state_memory_w8_l4_sgd_momentum_8bit():
     """Issue 8 acceptance: <= 2.55 bytes/param (1 + 0.5 + 1 plus scales) for W8+L4 with 8-bit SGD momentum,

@@ -124,8 +124,25 @@ def test_polyline_within_stated_error_of_optimal(mu):
 
 
 def test_select_mu_thresholds_reach_every_level():
-    assert [lwq.select_mu(r) for r in (1.0, 16.0, 16.3, 36.6, 75.9, 1e4)] == [0, 0, 1, 2, 3, 3]
-    assert lwq.select_mu(float("inf")) == 3
+    paper = lwq.PAPER_MU_THRESHOLDS
+    assert [lwq.select_mu(r, 4, paper) for r in (1.0, 16.0, 16.3, 36.6, 75.9, 1e4)] == [0, 0, 1, 2, 3, 3]
+    # fqtc's default rule: the same ladder from rho = 250 (tiny updates) up
+    assert [lwq.select_mu(r) for r in (75.9, 249.0, 251.0, 501.0, 1001.0, 1e6)] == [0, 0, 1, 2, 3, 3]
+    assert lwq.select_mu(float("inf")) == 3 and lwq.select_mu(float("inf"), 4, paper) == 3
+    assert lwq.select_mu(0.0) == 0
+    # L != 4: rho is scaled by 8/M (M = 4 for L3), the same against either rule
+    assert lwq.select_mu(130.0, 3) == 1 and lwq.select_mu(8.2, 3, paper) == 1
+
+
+def test_mu_thresholds_resolves_rules_and_rejects_bad_ones():
+    assert lwq.mu_thresholds("fqtc") == lwq.MU_THRESHOLDS == (250.0, 500.0, 1000.0)
+    assert lwq.mu_thresholds("paper") == lwq.PAPER_MU_THRESHOLDS == (16.2, 36.5, 75.8)
+    assert lwq.mu_thresholds([1, 2, 3.5]) == (1.0, 2.0, 3.5)
+    with pytest.raises(ValueError, match="unknown importance-level rule 'papr'.*'fqtc', 'paper'"):
+        lwq.mu_thresholds("papr")
+    for bad in ([1.0, 2.0], [3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")], 5.0, ["a", "b", "c"]):
+        with pytest.raises(ValueError, match="three increasing positive finite numbers"):
+            lwq.mu_thresholds(bad)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 33, 1001])

@@ -42,6 +42,16 @@ class LatentOptimizer(torch.optim.Optimizer):
         self.found_inf: Tensor = torch.zeros((), dtype=torch.bool)
         self.last_stats: dict[int, Tensor] = {}
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch.optim's; a group may set its own importance-level rule, as ``mu_rule`` (a name or three
+        thresholds) or as resolved ``mu_thresholds``. Both are checked here: an unknown rule must not be ignored."""
+        if "mu_rule" in param_group:
+            param_group = {**param_group, "mu_thresholds": list(_lwq.mu_thresholds(param_group["mu_rule"]))}
+            del param_group["mu_rule"]
+        elif "mu_thresholds" in param_group:
+            param_group = {**param_group, "mu_thresholds": list(_lwq.mu_thresholds(param_group["mu_thresholds"]))}
+        super().add_param_group(param_group)
+
     def _hparams(self, group: dict[str, Any]) -> list[float]:
         raise NotImplementedError
 

@@ -209,6 +209,18 @@ def test_optimizer_rejects_unknown_mu_rule():
         AdamW(_mlp().parameters(), lr=1e-3, mu_rule="papers")
     with pytest.raises(ValueError, match="three increasing positive"):
         SGD(_mlp().parameters(), lr=1e-3, mu_rule=(3.0, 2.0, 1.0))
+    m = _mlp()
+    with pytest.raises(ValueError, match="unknown importance-level rule 'papers'"):  # per group, too
+        SGD([{"params": m[0].parameters(), "mu_rule": "papers"}], lr=1e-3)
+    with pytest.raises(ValueError, match="three increasing positive"):
+        SGD([{"params": m[0].parameters(), "mu_thresholds": [1.0]}], lr=1e-3)
+
+
+def test_param_group_sets_its_own_mu_rule():
+    m = _mlp()
+    opt = AdamW([{"params": m[0].parameters(), "mu_rule": "paper"}, {"params": m[2].parameters()}], lr=1e-3)
+    assert [g["mu_thresholds"] for g in opt.param_groups] == [[16.2, 36.5, 75.8], [250.0, 500.0, 1000.0]]
+    assert all("mu_rule" not in g for g in opt.param_groups)
 
 
 # -- memory -----------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lwq-configs", default=",".join(CONFIGS))
     p.add_argument("--lwq-mu-interval", type=int, default=100,
                    help="steps between the LWQ optimizer's importance-level re-selections (100: the paper's "
-                        "schedule, fqtc's default; 0: keep the uniform residual codebook)")
+                        "interval, fqtc's default; 0: keep the uniform residual codebook)")
     p.add_argument("--lwq-mu-rule", default="fqtc", choices=["fqtc", "paper"],
                    help="the LWQ optimizer's importance-level thresholds (mu_rule): fqtc's calibrated ones "
                         "(default) or the paper's")
@@ -93,6 +93,17 @@ class UpdateLog:
                 "mu_end": "".join(str(m) for m in self.mu)}
 
 
+def _step(loss: torch.Tensor, opt: Any, hook: Any = None, log: UpdateLog | None = None) -> None:
+    """Backward and one optimizer step; ``log`` records the LWQ statistics, ``hook`` re-projects SR weights."""
+    loss.backward()
+    opt.step()
+    if log is not None:
+        log.record(opt)
+    opt.zero_grad()
+    if hook is not None:
+        hook.project()
+
+
 def _gemm_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     from fqtc.optim.latent import GEMM_MODULES
 
@@ -123,7 +134,6 @@ class Int8SR:
 def _configure(model: torch.nn.Module, config: str, seed: int):
     import fqtc
 
-    hook = None
     name, mu = _pinned_mu(config)
     if name.startswith("L"):
         fqtc.prepare(model, {"bits": f"W8A8G8{name}", "seed": seed})
@@ -131,20 +141,19 @@ def _configure(model: torch.nn.Module, config: str, seed: int):
         fqtc.prepare(model, {"bits": f"W4A8G8{name[3:]}", "seed": seed})
     if mu is not None:
         _repin(model, mu, seed)
-    elif config.startswith("int8-SR"):
-        hook = Int8SR(_gemm_weights(model), seed)
-    elif config.startswith("int4-SR"):
-        hook = Int8SR(_gemm_weights(model), seed, bits=4)
-    return hook
+    if config.startswith(("int8-SR", "int4-SR")):
+        return Int8SR(_gemm_weights(model), seed, bits=_wbits(config))
+    return None
 
 
 def _pinned_mu(config: str) -> tuple[str, int | None]:
     """``"W4 L4 mu3"`` -> ``("W4 L4", 3)``: an LWQ config whose residual codebook is pinned at importance level 3
     (encoded at that level, optimizer ``mu_interval=0``); other configs -> ``(config, None)``."""
-    head, _, last = _rule(config)[0].rpartition(" ")
+    name = _rule(config)[0]
+    head, _, last = name.rpartition(" ")
     if head and last.startswith("mu") and last[2:].isdigit():
         return head, int(last[2:])
-    return _rule(config)[0], None
+    return name, None
 
 
 def _rule(config: str) -> tuple[str, str | None]:
@@ -249,12 +258,7 @@ def run_cnn(args: Any, config: str) -> dict:
         for group in opt.param_groups:  # cosine decay to 0
             group["lr"] = 0.5 * lr0 * (1 + math.cos(math.pi * t / steps))
         loss = torch.nn.functional.cross_entropy(cmodel(data.x_train[idx]), data.y_train[idx])
-        loss.backward()
-        opt.step()
-        log.record(opt)
-        opt.zero_grad()
-        if hook is not None:
-            hook.project()
+        _step(loss, opt, hook, log)
         losses.append(float(loss.detach()))
     train_s = time.time() - t0
     return {"model": "cnn (Fashion-MNIST)" + (", fp conv" if args.lwq_fp_conv else ""), "config": _label(config, args),
@@ -275,14 +279,7 @@ def _gpt_train(model: torch.nn.Module, cmodel: Any, data: Any, steps: int, lr: f
     opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=seed, mu_interval=mu_interval, mu_rule=mu_rule)
     for _ in range(steps):
         x, y = data.batch("train", 32, 64, gen)
-        loss = lm_loss(cmodel(x), y)
-        loss.backward()
-        opt.step()
-        if log is not None:
-            log.record(opt)
-        opt.zero_grad()
-        if hook is not None:
-            hook.project()
+        _step(lm_loss(cmodel(x), y), opt, hook, log)
 
 
 def _gpt_val_loss(cmodel: Any, data: Any) -> float:
@@ -397,13 +394,7 @@ def _cnn_steps(fn: Any, opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int, 
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         loss = torch.nn.functional.cross_entropy(fn(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        if log is not None:
-            log.record(opt)
-        opt.zero_grad()
-        if hook is not None:
-            hook.project()
+        _step(loss, opt, hook, log)
         losses.append(float(loss.detach()))
     return losses
 

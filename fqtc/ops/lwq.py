@@ -186,7 +186,7 @@ def lwq_update(
     if mu_interval > 0 and (t == 1 or t % mu_interval == 0):
         mean_delta = float(delta.mean())
         rho = float(s.mean()) / mean_delta if mean_delta > 0 else float("inf")
-        mu_new = _lwq.select_mu(rho, lbits, _lwq.MU_THRESHOLDS if mu_thresholds is None else mu_thresholds)
+        mu_new = _lwq.select_mu(rho, lbits, mu_thresholds)
     qn, rn, sn, sat = _lwq.encode_latent(w_new, s, wbits, lbits, mu_new, seed, step, stream, refresh=refresh)
     q.copy_(_lwq.store_codes(qn, wbits).view(q.shape))
     r.copy_(_lwq.store_codes(rn, lbits).view(r.shape))

@@ -45,11 +45,10 @@ class LatentOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch.optim's; a group may set its own importance-level rule, as ``mu_rule`` (a name or three
         thresholds) or as resolved ``mu_thresholds``. Both are checked here: an unknown rule must not be ignored."""
-        if "mu_rule" in param_group:
-            param_group = {**param_group, "mu_thresholds": list(_lwq.mu_thresholds(param_group["mu_rule"]))}
-            del param_group["mu_rule"]
-        elif "mu_thresholds" in param_group:
-            param_group = {**param_group, "mu_thresholds": list(_lwq.mu_thresholds(param_group["mu_thresholds"]))}
+        if "mu_rule" in param_group or "mu_thresholds" in param_group:
+            param_group = dict(param_group)
+            rule = param_group.pop("mu_rule", param_group.get("mu_thresholds"))
+            param_group["mu_thresholds"] = list(_lwq.mu_thresholds(rule))
         super().add_param_group(param_group)
 
     def _hparams(self, group: dict[str, Any]) -> list[float]:

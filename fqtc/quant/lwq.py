@@ -173,13 +173,13 @@ def mu_thresholds(rule: str | Sequence[float]) -> tuple[float, float, float]:
     return t  # type: ignore[return-value]
 
 
-def select_mu(rho: float, lbits: int = 4, thresholds: Sequence[float] = MU_THRESHOLDS) -> int:
+def select_mu(rho: float, lbits: int = 4, thresholds: Sequence[float] | None = None) -> int:
     """Importance level from rho = grid step / typical per-step update: the number of ``thresholds`` rho exceeds
-    (fqtc's calibrated ones by default, `PAPER_MU_THRESHOLDS` for the paper's); 0 for no update."""
+    (None: fqtc's `MU_THRESHOLDS`; `PAPER_MU_THRESHOLDS` for the paper's); 0 for no update."""
     if not math.isfinite(rho):
         return 3 if rho > 0 else 0
     rho = rho * 8.0 / residual_max(lbits)
-    return sum(rho > t for t in thresholds)
+    return sum(rho > t for t in (MU_THRESHOLDS if thresholds is None else thresholds))
 
 
 # -- packing ----------------------------------------------------------------------------------------------------

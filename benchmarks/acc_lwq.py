@@ -264,7 +264,7 @@ def run_cnn(args: Any, config: str) -> dict:
     return {"model": "cnn (Fashion-MNIST)" + (", fp conv" if args.lwq_fp_conv else ""), "config": _label(config, args),
             "steps": steps, "batch": batch, "test_images": len(data.x_test),
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "test_acc_%": _accuracy(cmodel, data.x_test, data.y_test), "gemm_weight_B/param": _latent_bytes(model),
+            **_evaluate(cmodel, data.x_test, data.y_test), "gemm_weight_B/param": _latent_bytes(model),
             **log.row(), "train_s": train_s}
 
 
@@ -412,10 +412,15 @@ def _w_dev(key: tuple, config: str, weights: dict[str, torch.Tensor]) -> float |
     return math.sqrt(num / den)
 
 
-def _accuracy(fn: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+def _evaluate(fn: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Test accuracy (%) and mean cross-entropy (nats; a finer measure than accuracy on a few thousand images)."""
+    correct, loss = 0, 0.0
     with torch.no_grad():
-        correct = sum(int((fn(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
-    return 100.0 * correct / len(x)
+        for i in range(0, len(x), 1000):
+            logits = fn(x[i:i + 1000])
+            correct += int((logits.argmax(1) == y[i:i + 1000]).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, y[i:i + 1000], reduction="sum"))
+    return {"test_acc_%": 100.0 * correct / len(x), "test_loss": loss / len(x)}
 
 
 def run_cnn_finetune(args: Any, config: str) -> dict:
@@ -445,7 +450,7 @@ def run_cnn_finetune(args: Any, config: str) -> dict:
     torch.manual_seed(args.seed)
     model = SmallCNN(1, (32, 64), 10, 28)
     model.load_state_dict(_CNN_PRETRAINED[key])
-    acc_before = _accuracy(model, x_test, y_test)
+    acc_before = _evaluate(model, x_test, y_test)["test_acc_%"]
     hook = _configure(model, config, args.seed)
     fqtc.set_step(10**6)  # fine-tuning's SR streams: the same for every config
     cmodel = torch.compile(model, backend=partial(fqt_backend, options=_cnn_options(args, config)))
@@ -462,7 +467,7 @@ def run_cnn_finetune(args: Any, config: str) -> dict:
             "config": _label(config, args),
             "seed": args.seed, "pretrain_steps": args.lwq_ft_pretrain,
             "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr, "test_images": n_test,
-            "acc_before_ft_%": acc_before, "test_acc_%": _accuracy(cmodel, x_test, y_test),
+            "acc_before_ft_%": acc_before, **_evaluate(cmodel, x_test, y_test),
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:]), "w_dev_vs_fp32": dev,
             "gemm_weight_B/param": _latent_bytes(model), **log.row(), "train_s": train_s}
 

@@ -53,6 +53,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lwq-ft-pretrain", type=int, default=600, help="gpt-ft, cnn-ft: FP32 pre-training steps")
     p.add_argument("--lwq-ft-steps", type=int, default=300, help="gpt-ft, cnn-ft: fine-tuning steps per config")
     p.add_argument("--lwq-ft-lr", type=float, default=3e-4, help="gpt-ft, cnn-ft: fine-tuning AdamW learning rate")
+    p.add_argument("--lwq-ft-eval-at", default="",
+                   help="gpt-ft: comma list of fine-tuning steps after which the validation loss is also recorded "
+                        "(columns val_loss@N); the evaluations do not change the training trajectory")
     p.add_argument("--lwq-configs", default=",".join(CONFIGS))
     p.add_argument("--lwq-mu-interval", type=int, default=100,
                    help="steps between the LWQ optimizer's importance-level re-selections (100: the paper's "
@@ -270,16 +273,25 @@ def run_cnn(args: Any, config: str) -> dict:
 
 def _gpt_train(model: torch.nn.Module, cmodel: Any, data: Any, steps: int, lr: float, gen: torch.Generator,
                seed: int, hook: Any = None, mu_interval: int = 100, log: UpdateLog | None = None,
-               mu_rule: str = "fqtc") -> None:
+               mu_rule: str = "fqtc", eval_at: tuple[int, ...] = ()) -> dict[str, float]:
     """``steps`` AdamW steps (weight decay 0.01, batches of 32 x 64 characters); ``hook`` re-projects int8-SR
-    weights after each step."""
+    weights after each step. Returns ``{"val_loss@N": ...}`` for each N in ``eval_at``: the evaluation's forward
+    calls would advance fqtc's stochastic-rounding step counter, so it is restored afterwards and the trajectory
+    stays the one of a run without evaluations."""
+    import fqtc
     from benchmarks.models import lm_loss
     from fqtc.optim import AdamW
 
     opt = AdamW(model.parameters(), lr=lr, weight_decay=0.01, seed=seed, mu_interval=mu_interval, mu_rule=mu_rule)
-    for _ in range(steps):
+    curve = {}
+    for t in range(1, steps + 1):
         x, y = data.batch("train", 32, 64, gen)
         _step(lm_loss(cmodel(x), y), opt, hook, log)
+        if t in eval_at:
+            step = fqtc.get_step()
+            curve[f"val_loss@{t}"] = _gpt_val_loss(cmodel, data)
+            fqtc.set_step(step)
+    return curve
 
 
 def _gpt_val_loss(cmodel: Any, data: Any) -> float:
@@ -372,14 +384,16 @@ def run_gpt_finetune(args: Any, config: str) -> dict:
     cmodel = torch.compile(model, backend=partial(fqt_backend, options=opts))
     t0 = time.time()
     log = UpdateLog()
-    _gpt_train(model, cmodel, data, args.lwq_ft_steps, args.lwq_ft_lr, torch.Generator().manual_seed(args.seed + 1),
-               args.seed, hook, _mu_interval(args, config), log, _mu_rule(args, config))
+    eval_at = tuple(int(n) for n in args.lwq_ft_eval_at.split(",") if n.strip())
+    curve = _gpt_train(model, cmodel, data, args.lwq_ft_steps, args.lwq_ft_lr,
+                       torch.Generator().manual_seed(args.seed + 1), args.seed, hook, _mu_interval(args, config), log,
+                       _mu_rule(args, config), eval_at)
     train_s = time.time() - t0
     dev = _w_dev(("gpt",) + key + (_wbits(config), args.lwq_ft_steps, args.lwq_ft_lr), config,
                  _gemm_weight_floats(model))
     return {"model": "char-GPT (KJV), fine-tuning", "config": _label(config, args), "seed": args.seed,
             "pretrain_steps": args.lwq_ft_pretrain, "ft_steps": args.lwq_ft_steps, "ft_lr": args.lwq_ft_lr,
-            "val_loss_before_ft": _PRETRAINED_VAL[key], "val_loss": _gpt_val_loss(cmodel, data),
+            "val_loss_before_ft": _PRETRAINED_VAL[key], **curve, "val_loss": _gpt_val_loss(cmodel, data),
             "w_dev_vs_fp32": dev, "gemm_weight_B/param": _latent_bytes(model), **log.row(), "train_s": train_s}
 
 

@@ -1,21 +1,94 @@
 """Integer GEMM with scales in the epilogue: the reference every GEMM kernel is tested against.
 
-``int_gemm(a, b)`` computes the exact int32 product of int8 codes. On CPU it runs as fp32 GEMM on the codes in
-K-chunks of at most 1024: every partial sum is an integer below 1024*127^2 < 2^24, so fp32 is exact, and it runs
-at fp32 speed (``torch._int_mm`` is 50-100x slower than fp32 on AVX2 CPUs, docs/architecture.md).
+``int_gemm(a, b)`` computes the exact int32 product of int8 codes. On CPU two exact implementations exist and one
+is chosen per machine (docs/kernels.md, "The CPU integer GEMM"):
+
+* ``"int_mm"``: ``torch._int_mm`` (oneDNN/MKL int8 GEMM, int32 accumulation). On CPUs with int8 dot-product
+  instructions (AVX-512 VNNI, AVX-VNNI, AMX) it is 3-5x faster than fp32 ``mm``; on AVX2-only CPUs it is a slow
+  generic loop, 50-100x slower than fp32.
+* ``"fp32"``: fp32 GEMM on the codes in K-chunks of at most 1024. Every partial sum is an integer below
+  1024*127^2 < 2^24, so fp32 is exact, and it runs at fp32 speed.
+
+Both give the same int32 result bit for bit, so the choice changes speed, never the numbers. `cpu_gemm_path` makes
+it once per process: the CPU must report int8 dot-product instructions, and a small probe must show ``_int_mm``
+exact and faster than fp32 ``mm``. ``FQTC_CPU_INT_GEMM=int_mm|fp32`` overrides it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import time
+
 import torch
 
 K_CHUNK = 1024  # 1024 * 127 * 127 = 16,516,096 < 2**24: exact partial sums in fp32
+# int32 accumulation holds K products of magnitude <= 128*128 while K*2^14 < 2^31
+INT32_K_LIMIT = (1 << 31) // (128 * 128) - 1
+CPU_GEMM_PATHS = ("int_mm", "fp32")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni")
 
 
-def int_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int32 ``a @ b`` for int8 codes (2-D ``mm`` or 3-D batched)."""
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"int_gemm expects int8 codes, got {a.dtype} and {b.dtype}")
+def cpu_int8_dot_flags() -> list[str]:
+    """The int8 dot-product instruction sets the CPU reports (``/proc/cpuinfo`` flags; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [fl for fl in _VNNI_FLAGS if fl in have]
+    except OSError:
+        pass
+    return []
+
+
+def _median_ms(fn, reps: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2] * 1e3
+
+
+@functools.lru_cache(maxsize=1)
+def probe_cpu_gemm() -> dict:
+    """Decide the CPU integer GEMM once per process: capability, int8-dot flags and a ~10 ms probe.
+
+    Returns ``{"path", "reason", "capability", "flags", "int_mm_ms", "fp32_ms"}`` (what `fqtc.explain` and the
+    benchmarks print beside their timings)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_int8_dot_flags()
+    info: dict = {"capability": cap, "flags": flags, "int_mm_ms": None, "fp32_ms": None}
+    forced = os.environ.get("FQTC_CPU_INT_GEMM")
+    if forced:
+        if forced not in CPU_GEMM_PATHS:
+            raise ValueError(f"FQTC_CPU_INT_GEMM={forced!r}: allowed values are {', '.join(CPU_GEMM_PATHS)}")
+        return {**info, "path": forced, "reason": "forced by FQTC_CPU_INT_GEMM"}
+    if not flags:
+        return {**info, "path": "fp32", "reason": f"no int8 dot-product instructions (capability {cap})"}
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (128, 512), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (512, 256), dtype=torch.int8, generator=g)
+    if not torch.equal(torch._int_mm(a, b), _fp32_gemm(a, b)):
+        return {**info, "path": "fp32", "reason": "torch._int_mm is not exact on this CPU"}
+    af, bf = a.float(), b.float()
+    info["int_mm_ms"] = _median_ms(lambda: torch._int_mm(a, b))
+    info["fp32_ms"] = _median_ms(lambda: torch.mm(af, bf))
+    if info["int_mm_ms"] < info["fp32_ms"]:
+        return {**info, "path": "int_mm", "reason": f"int8 dot products ({', '.join(flags)}): _int_mm "
+                f"{info['int_mm_ms']:.3f} ms vs fp32 mm {info['fp32_ms']:.3f} ms"}
+    return {**info, "path": "fp32", "reason": f"_int_mm {info['int_mm_ms']:.3f} ms is not faster than fp32 mm "
+            f"{info['fp32_ms']:.3f} ms"}
+
+
+def cpu_gemm_path() -> str:
+    """``"int_mm"`` or ``"fp32"``: the exact CPU integer GEMM this process uses (`probe_cpu_gemm`)."""
+    return probe_cpu_gemm()["path"]
+
+
+def _fp32_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     k = a.shape[-1]
     if k <= K_CHUNK:
         return torch.matmul(a.float(), b.float()).to(torch.int32)
@@ -24,6 +97,45 @@ def int_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         part = torch.matmul(a[..., k0 : k0 + K_CHUNK].float(), b[..., k0 : k0 + K_CHUNK, :].float()).to(torch.int32)
         acc = part if acc is None else acc + part
     return acc
+
+
+def _int_mm_2d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # int32 accumulation is exact while K*128^2 < 2^31 (K <= INT32_K_LIMIT); the int32 result type of both paths
+    # carries the same bound
+    return torch._int_mm(a, b)
+
+
+def _int_mm_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dim() == 2 and b.dim() == 2:
+        return _int_mm_2d(a, b)
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if b.dim() == 2 or all(s == 1 for s in b.shape[:-2]):
+        # a shared right operand (x[B,T,K] @ W[K,N]): one GEMM over all rows
+        b2 = b.reshape(b.shape[-2], b.shape[-1])
+        a_full = a.expand(*batch, *a.shape[-2:])
+        out = _int_mm_2d(a_full.reshape(-1, a.shape[-1]), b2)
+        return out.view(*batch, a.shape[-2], b.shape[-1])
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=torch.int32, device=a.device)
+    for i in range(a3.shape[0]):  # attention's bmm: one int8 GEMM per (batch, head)
+        out[i] = _int_mm_2d(a3[i], b3[i])
+    return out.view(*batch, a.shape[-2], b.shape[-1])
+
+
+def int_gemm(a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """Exact int32 ``a @ b`` for int8 codes (2-D ``mm`` or batched, batch dims broadcast).
+
+    ``path`` (CPU only): ``"int_mm"`` or ``"fp32"``; None takes this machine's choice (`cpu_gemm_path`). Both are
+    exact, so the result does not depend on it. Other devices run the fp32-chunked form (the CUDA graphs use the
+    Triton kernels in `fqtc.codegen` instead)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int_gemm expects int8 codes, got {a.dtype} and {b.dtype}")
+    if path is not None and path not in CPU_GEMM_PATHS:
+        raise ValueError(f"unknown integer GEMM path {path!r}; allowed: {', '.join(CPU_GEMM_PATHS)}")
+    if a.device.type == "cpu" and (path or cpu_gemm_path()) == "int_mm":
+        return _int_mm_gemm(a, b)
+    return _fp32_gemm(a, b)
 
 
 def scale_along_k(a_scale: torch.Tensor | None, b_scale: torch.Tensor | None) -> bool:

@@ -116,8 +116,9 @@ def test_stochastic_rounding_deterministic_per_seed_and_step():
     assert not torch.equal(a, quantize(x, 4, [1], "stochastic", seed=1, step=3, stream=9)[0])
 
 
+@pytest.mark.parametrize("path", ["int_mm", "fp32"])
 @pytest.mark.parametrize("shape", [(7, 13, 5), (64, 1024, 32), (5, 2500, 9), (3, 6, 70, 11)])
-def test_int_gemm_exact_vs_int64(shape):
+def test_int_gemm_exact_vs_int64(shape, path):
     torch.manual_seed(0)
     if len(shape) == 3:
         m, k, n = shape
@@ -130,10 +131,48 @@ def test_int_gemm_exact_vs_int64(shape):
     # worst case too: all +127 products (the chunking bound 1024*127^2 < 2^24)
     a[..., 0, :] = 127
     b[..., :, 0] = 127
+    a[..., 1, :] = -128  # full int8 range, as torch._int_mm is documented for
+    b[..., :, 1] = -128
     ref = torch.matmul(a.long(), b.long())
-    out = int_gemm(a, b)
+    out = int_gemm(a, b, path)
     assert out.dtype == torch.int32
     assert torch.equal(out.long(), ref)
+
+
+@pytest.mark.parametrize("sa,sb", [((2, 3, 17, 40), (40, 9)), ((2, 3, 17, 40), (2, 3, 40, 9)),
+                                   ((2, 1, 17, 40), (1, 3, 40, 9)), ((4, 17, 40), (1, 40, 9))])
+def test_int_gemm_paths_equal_on_same_codes(sa, sb):
+    """The two CPU integer GEMMs (torch._int_mm and fp32 emulation) give the same int32 on the same codes, also on
+    transposed (non-contiguous) operands and broadcast batch dims: the bits do not depend on the machine."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, sa, dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, sb, dtype=torch.int8, generator=g)
+    bt = torch.randint(-128, 128, sb, dtype=torch.int8, generator=g).transpose(-1, -2).contiguous().transpose(-1, -2)
+    for rhs in (b, bt):
+        ref = torch.matmul(a.long(), rhs.long())
+        assert torch.equal(int_gemm(a, rhs, "int_mm").long(), ref)
+        assert torch.equal(int_gemm(a, rhs, "fp32"), int_gemm(a, rhs, "int_mm"))
+
+
+def test_cpu_gemm_choice_recorded_and_overridable(monkeypatch):
+    from fqtc.quant import gemm
+
+    info = gemm.probe_cpu_gemm()
+    assert info["path"] in gemm.CPU_GEMM_PATHS and info["reason"]
+    if not gemm.cpu_int8_dot_flags():  # an AVX2-only CPU never takes the slow _int_mm path
+        assert info["path"] == "fp32"
+    gemm.probe_cpu_gemm.cache_clear()
+    try:
+        monkeypatch.setenv("FQTC_CPU_INT_GEMM", "fp32")
+        assert gemm.cpu_gemm_path() == "fp32"
+        gemm.probe_cpu_gemm.cache_clear()
+        monkeypatch.setenv("FQTC_CPU_INT_GEMM", "int8")
+        with pytest.raises(ValueError, match="FQTC_CPU_INT_GEMM"):
+            gemm.cpu_gemm_path()
+    finally:
+        gemm.probe_cpu_gemm.cache_clear()
+    with pytest.raises(ValueError, match="unknown integer GEMM path"):
+        int_gemm(torch.zeros(2, 2, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.int8), "fast")
 
 
 def test_scaled_gemm_matches_dequantized_product():

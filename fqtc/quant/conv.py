@@ -27,12 +27,13 @@ without an integer reduction.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fqtc.quant.gemm import K_CHUNK
+from fqtc.quant.gemm import INT32_K_LIMIT, K_CHUNK, cpu_gemm_path, int_gemm
 
 # (role, operand) -> the one tensor dim along which that operand's scale may vary and stay in the epilogue.
 # output:      x[N,Ci,H,W] reduces over (Ci,kh,kw) -> per sample;   W[Co,Ci/g,kh,kw] reduces over (Ci/g,kh,kw) -> per Co
@@ -54,6 +55,14 @@ def scale_ok(role: str, operand: str, scale_shape: Sequence[int]) -> bool:
     return all(int(s) == 1 for d, s in enumerate(scale_shape) if d != free)
 
 
+CONV_PATHS = ("onednn", "int_mm", "fp32")
+CONV_ROLES = ("output", "grad_input", "grad_weight")
+# oneDNN's fp32 output is exact while both its uint8-domain accumulator sum((x+128)*w) and the zero-point
+# compensation 128*sum(w) stay within 2^24, whichever of them it converts to fp32 first: 512*255*128 < 2^24.
+# (At 585 taps of x=127, w=-127 its 3x3 kernel is off by one: it compensates in fp32.)
+ONEDNN_K_CHUNK = 512
+
+
 def _exact_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float64
 
@@ -64,13 +73,20 @@ def _check_codes(*ts: torch.Tensor) -> None:
             raise TypeError(f"integer conv expects int8 codes, got {t.dtype}")
 
 
-def _chunks(n: int, k_per_channel: int) -> list[tuple[int, int]]:
-    """Channel ranges whose reduction length ``channels * k_per_channel`` stays <= K_CHUNK (at least 1 channel)."""
-    step = max(1, K_CHUNK // max(1, k_per_channel))
-    if k_per_channel > K_CHUNK:
+def _chunks(n: int, k_per_channel: int, limit: int = K_CHUNK) -> list[tuple[int, int]]:
+    """Channel ranges whose reduction length ``channels * k_per_channel`` stays <= ``limit`` (at least 1 channel)."""
+    step = max(1, limit // max(1, k_per_channel))
+    if k_per_channel > limit:
         raise ValueError(f"a single channel's kernel window ({k_per_channel} taps) exceeds the exact fp32 bound "
                          f"K_CHUNK={K_CHUNK}; use a smaller kernel")
     return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
+
+
+def _even_chunks(n: int, k_per_channel: int, limit: int) -> list[tuple[int, int]]:
+    """`_chunks` with the same number of chunks but equal sizes (64 channels x 9 taps, limit 512: 32 + 32)."""
+    count = len(_chunks(n, k_per_channel, limit))
+    size = -(-n // count)
+    return [(c0, min(n, c0 + size)) for c0 in range(0, n, size)]
 
 
 def _group_slice(t: torch.Tensor, groups: int, c0: int, c1: int, dim: int) -> torch.Tensor:
@@ -81,10 +97,152 @@ def _group_slice(t: torch.Tensor, groups: int, c0: int, c1: int, dim: int) -> to
     return v.reshape(*shape[:dim], groups * (c1 - c0), *shape[dim + 1:])
 
 
-def int_conv2d(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-               dilation: Sequence[int], groups: int) -> torch.Tensor:
-    """Exact int32 ``conv2d(x, w)`` for int8 codes ``x[N,Ci,H,W]``, ``w[Co,Ci/g,kh,kw]``."""
-    _check_codes(x, w)
+def _onednn_available() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def _onednn_conv(xu: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """oneDNN int8 conv of ``xu`` (uint8 = code + 128, zero point 128) and int8 ``w``; fp32 output, scales 1.0.
+
+    The accumulator is int32 (u8 x s8 dot products; padding is filled with the zero point, i.e. code 0); its
+    conversion to fp32 is exact while
+    ``|acc| <= 2^24``. The zero-point compensation ``128*sum(w)`` may be subtracted after that conversion (measured:
+    the 3x3 kernel is off by one at 585 taps of ``x=127, w=-127``), so callers chunk the reduction to
+    `ONEDNN_K_CHUNK` taps, where the uint8-domain sum is below 2^24 too. The output is channels_last."""
+    co = w.shape[0]
+    ones = torch.ones(co, dtype=torch.float32)
+    zps = torch.zeros(co, dtype=torch.int64)
+    st, pd, dl = [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation]
+    packed = torch.ops.onednn.qconv_prepack(w.contiguous(), ones, 1.0, 128, st, pd, dl, groups, list(xu.shape))
+    return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, packed, ones, zps, None, st, pd, dl, groups, 1.0, 0,
+                                              torch.float32, "none", [], None)
+
+
+def _to_u8_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """int8 codes -> uint8 ``code + 128`` in channels_last: flipping the sign bit adds 128 modulo 256."""
+    return x.view(torch.uint8).bitwise_xor(128).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=1)
+def probe_onednn_conv() -> str | None:
+    """Why oneDNN's int8 conv cannot be used on this machine, or None when it can (checked once per process).
+
+    Without int8 dot-product instructions oneDNN multiplies u8 x s8 pairs with ``vpmaddubsw``, which saturates the
+    int16 pair sums; so the path follows the GEMM's choice (`fqtc.quant.gemm.cpu_gemm_path` is ``"int_mm"`` only
+    where the CPU has VNNI/AMX) and full-range probes must equal the exact result, including constant extremes at
+    `ONEDNN_K_CHUNK` taps (the largest reduction `_onednn_chunked` hands it)."""
+    if not _onednn_available():
+        return "torch.ops.onednn.qconv2d_pointwise is not available in this torch build"
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.randint(-128, 128, (2, 16, 7, 7), dtype=torch.int8, generator=g),
+         torch.randint(-128, 128, (8, 16, 3, 3), dtype=torch.int8, generator=g), (2, 2), (1, 1), (1, 1), 1),
+        (torch.randint(-128, 128, (2, 8, 7, 7), dtype=torch.int8, generator=g),
+         torch.randint(-128, 128, (8, 1, 3, 3), dtype=torch.int8, generator=g), (1, 1), (2, 2), (2, 2), 8),
+    ]
+    for xv, wv in ((127, -127), (-128, -128), (127, 127)):  # the extremes at the chunk bound, 3x3 and 1x1
+        cases.append((torch.full((1, ONEDNN_K_CHUNK // 9, 5, 5), xv, dtype=torch.int8),
+                      torch.full((2, ONEDNN_K_CHUNK // 9, 3, 3), wv, dtype=torch.int8), (1, 1), (0, 0), (1, 1), 1))
+        cases.append((torch.full((1, ONEDNN_K_CHUNK, 2, 2), xv, dtype=torch.int8),
+                      torch.full((2, ONEDNN_K_CHUNK, 1, 1), wv, dtype=torch.int8), (1, 1), (0, 0), (1, 1), 1))
+    try:
+        for x, w, st, pd, dl, gr in cases:
+            got = _onednn_conv(_to_u8_nhwc(x), w, st, pd, dl, gr).double()
+            if not torch.equal(got, F.conv2d(x.double(), w.double(), None, st, pd, dl, gr)):
+                return "oneDNN's int8 conv is not exact on this CPU"
+    except RuntimeError as e:  # no oneDNN int8 kernel for this CPU / build
+        return f"oneDNN's int8 conv failed: {e}"
+    return None
+
+
+def conv_path(role: str, weight_size: Sequence[int], stride: Sequence[int], groups: int,
+              device: torch.device | str = "cpu") -> str:
+    """The exact implementation this process uses for one conv GEMM: ``"onednn"``, ``"int_mm"`` or ``"fp32"``.
+
+    ``role`` is ``"output"``, ``"grad_input"`` or ``"grad_weight"``. Off the CPU it is ``"fp32"`` (the float64
+    reference). On the CPU it follows `fqtc.quant.gemm.cpu_gemm_path` (``FQTC_CPU_INT_GEMM=fp32`` forces
+    ``"fp32"``), then the per-shape rules measured in docs/kernels.md ("The CPU integer convolution"):
+
+    * ``grad_weight``: the int8 implicit GEMM for ``groups == 1`` (2-3x faster than fp32); grouped and depthwise
+      stay fp32-emulated (per-group GEMMs with ``K = C/groups*kh*kw`` are 2x (grouped) to 10x (depthwise) slower).
+    * ``output`` / ``grad_input``, ``groups == 1``: oneDNN's int8 conv when its reduction ``K`` (``C_in*kh*kw``,
+      resp. ``C_out*kh*kw``) fits one `ONEDNN_K_CHUNK` call, else the int8 implicit GEMM (oneDNN's exact chunks
+      of <= 512 taps cost more than one int8 GEMM over all of ``K``).
+    * ``output`` / ``grad_input``, grouped and depthwise: oneDNN (as fast as or faster than fp32-emulated).
+
+    Where oneDNN's conv is unavailable or inexact (`probe_onednn_conv`), ``groups == 1`` runs the implicit GEMM
+    (``grad_input`` only for stride 1: its zero-inserted input wastes ``1 - 1/stride^2`` of the MACs) and the rest
+    fp32-emulated."""
+    if role not in CONV_ROLES:
+        raise ValueError(f"unknown conv role {role!r}; allowed: {', '.join(CONV_ROLES)}")
+    if torch.device(device).type != "cpu" or cpu_gemm_path() != "int_mm":
+        return "fp32"
+    if role == "grad_weight":
+        return "int_mm" if groups == 1 else "fp32"
+    co, cig, kh, kw = (int(v) for v in weight_size)
+    k = (cig if role == "output" else co // groups) * kh * kw
+    if probe_onednn_conv() is None and (groups != 1 or k <= ONEDNN_K_CHUNK):
+        return "onednn"
+    if groups != 1 or (role == "grad_input" and any(int(s) != 1 for s in stride)):
+        return "fp32"
+    return "int_mm"
+
+
+def _resolve(path: str | None, role: str, device: torch.device, weight_size: Sequence[int],
+             stride: Sequence[int], groups: int) -> str:
+    if path is None:
+        return conv_path(role, weight_size, stride, groups, device)
+    if path not in CONV_PATHS:
+        raise ValueError(f"unknown integer conv path {path!r}; allowed: {', '.join(CONV_PATHS)}")
+    if device.type != "cpu":
+        return "fp32"
+    return path
+
+
+def _nhwc_padded(x: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
+    """``x[N,C,H,W]`` as a zero-padded contiguous ``[N, H+2p0, W+2p1, C]`` (code 0 is the value 0)."""
+    n, c, h, w = x.shape
+    xp = x.new_zeros((n, h + 2 * padding[0], w + 2 * padding[1], c))
+    xp[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = x.permute(0, 2, 3, 1)
+    return xp
+
+
+def _im2col(xp: torch.Tensor, kh: int, kw: int, ho: int, wo: int, stride: Sequence[int], dilation: Sequence[int],
+            c0: int, c1: int) -> torch.Tensor:
+    """int8 im2col ``[N*Ho*Wo, kh*kw*(c1-c0)]`` (tap-major, channel-minor) of padded NHWC ``xp``, channels [c0, c1).
+
+    `F.unfold` has no int8 kernel; a strided view ``[N,Ho,Wo,kh,kw,C]`` of ``xp`` gathers every window and one
+    ``reshape`` copies it."""
+    n = xp.shape[0]
+    sn, sh, sw, sc = xp.stride()
+    v = xp.as_strided((n, ho, wo, kh, kw, xp.shape[3]),
+                      (sn, stride[0] * sh, stride[1] * sw, dilation[0] * sh, dilation[1] * sw, sc))
+    return v[..., c0:c1].reshape(n * ho * wo, kh * kw * (c1 - c0))
+
+
+def _int_mm_conv(xp: torch.Tensor, w: torch.Tensor, ho: int, wo: int, stride: Sequence[int],
+                 dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """int32 ``[N*Ho*Wo, Co]`` conv of padded NHWC int8 ``xp`` with ``w[Co,Ci/g,kh,kw]``: im2col + one int8 GEMM
+    per group (``torch._int_mm`` accumulates in int32: exact while K*2^14 < 2^31, K = Ci/g*kh*kw)."""
+    co, cig, kh, kw = w.shape
+    cog = co // groups
+    wm = w.permute(2, 3, 1, 0)  # [kh, kw, Ci/g, Co]: the im2col's (tap, channel) order
+    parts = [int_gemm(_im2col(xp, kh, kw, ho, wo, stride, dilation, gi * cig, (gi + 1) * cig),
+                      wm[..., gi * cog:(gi + 1) * cog].reshape(kh * kw * cig, cog), path="int_mm")
+             for gi in range(groups)]
+    return parts[0] if groups == 1 else torch.cat(parts, 1)
+
+
+def _nchw(acc: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    return acc.view(n, h, w, acc.shape[1]).permute(0, 3, 1, 2).contiguous()
+
+
+def _out_hw(h: int, k: int, s: int, p: int, d: int) -> int:
+    return (h + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _fp32_conv2d(x, w, stride, padding, dilation, groups):
     dt = _exact_dtype(x.device)
     cin_g, kk = w.shape[1], w.shape[2] * w.shape[3]
     acc = None
@@ -96,10 +254,86 @@ def int_conv2d(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding:
     return acc
 
 
+def _onednn_chunked(xu: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """int32 NCHW conv through `_onednn_conv`, input channels chunked so every reduction is <= ONEDNN_K_CHUNK."""
+    cin_g, kk = w.shape[1], w.shape[2] * w.shape[3]
+    acc = None
+    for c0, c1 in _even_chunks(cin_g, kk, ONEDNN_K_CHUNK):
+        xs = xu if (c0, c1) == (0, cin_g) else _group_slice(xu, groups, c0, c1, 1).contiguous(
+            memory_format=torch.channels_last)
+        part = _onednn_conv(xs, w[:, c0:c1], stride, padding, dilation, groups).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc.contiguous()
+
+
+def int_conv2d(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int, path: str | None = None) -> torch.Tensor:
+    """Exact int32 ``conv2d(x, w)`` for int8 codes ``x[N,Ci,H,W]``, ``w[Co,Ci/g,kh,kw]``.
+
+    ``path`` forces an implementation (`CONV_PATHS`); None takes `conv_path`. All paths give the same int32."""
+    _check_codes(x, w)
+    path = _resolve(path, "output", x.device, w.shape, stride, groups)
+    if path == "onednn":
+        return _onednn_chunked(_to_u8_nhwc(x), w, stride, padding, dilation, groups)
+    if path == "int_mm":
+        ho = _out_hw(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
+        wo = _out_hw(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
+        return _nchw(_int_mm_conv(_nhwc_padded(x, padding), w, ho, wo, stride, dilation, groups), x.shape[0], ho, wo)
+    return _fp32_conv2d(x, w, stride, padding, dilation, groups)
+
+
+def _zero_inserted(g: torch.Tensor, input_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int], fill: int) -> torch.Tensor:
+    """The transposed conv's input as a plain conv's: ``g[N,Co,Ho,Wo]`` with ``stride-1`` zeros between its
+    positions, placed at offset ``P = d*(k-1) - p`` in an NHWC buffer of ``H + d*(k-1)`` rows (``fill`` elsewhere).
+
+    ``grad_input[ih] = sum_k g[oh] w[k]`` over ``oh*s - p + k*d = ih``; with ``k' = K-1-k`` that is
+    ``sum_k' buf[ih + k'*d] * flip(w)[k']`` for ``buf[P + oh*s] = g[oh]``: a stride-1 conv with dilation ``d``
+    producing exactly ``H`` rows. Positions of ``g`` falling outside the buffer (``P < 0``, or a padding wider than
+    the kernel's reach) only ever meet the padding and are dropped."""
+    n, co, ho, wo = g.shape
+    lens, sl_buf, sl_g = [], [], []
+    for ax, o in ((0, ho), (1, wo)):
+        k, s, d = int(kernel[ax]), int(stride[ax]), int(dilation[ax])
+        off = d * (k - 1) - int(padding[ax])
+        length = int(input_size[2 + ax]) + d * (k - 1)
+        lo = max(0, -(off // s) if off < 0 else 0)  # first oh with off + oh*s >= 0
+        hi = min(o, (length - 1 - off) // s + 1)   # one past the last oh with off + oh*s < length
+        lens.append(length)
+        sl_g.append(slice(lo, max(lo, hi)))
+        sl_buf.append(slice(off + lo * s, off + lo * s + max(0, hi - lo - 1) * s + 1, s))
+    buf = g.new_full((n, lens[0], lens[1], co), fill)
+    if sl_g[0].stop > sl_g[0].start and sl_g[1].stop > sl_g[1].start:
+        buf[:, sl_buf[0], sl_buf[1]] = g[:, :, sl_g[0], sl_g[1]].permute(0, 2, 3, 1)
+    return buf
+
+
+def _flipped_transposed(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """``w[Co,Ci/g,kh,kw]`` as the weight of the transposed conv: ``[Ci, Co/g, kh, kw]``, spatially flipped."""
+    co, cig, kh, kw = w.shape
+    wt = w.reshape(groups, co // groups, cig, kh, kw).transpose(1, 2).reshape(groups * cig, co // groups, kh, kw)
+    return wt.flip(2, 3).contiguous()
+
+
 def int_conv2d_input(input_size: Sequence[int], w: torch.Tensor, g: torch.Tensor, stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
-    """Exact int32 gradient of ``conv2d`` w.r.t. its input (a transposed conv) for int8 ``w`` and ``g[N,Co,Ho,Wo]``."""
+                     padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     path: str | None = None) -> torch.Tensor:
+    """Exact int32 gradient of ``conv2d`` w.r.t. its input (a transposed conv) for int8 ``w`` and ``g[N,Co,Ho,Wo]``.
+
+    ``path`` forces an implementation (`CONV_PATHS`); None takes `conv_path`. All paths give the same int32."""
     _check_codes(w, g)
+    path = _resolve(path, "grad_input", g.device, w.shape, stride, groups)
+    if path in ("onednn", "int_mm"):
+        n, ci, h, wd = (int(v) for v in input_size)
+        wt = _flipped_transposed(w, groups)
+        one = (1, 1)
+        if path == "onednn":
+            # uint8 zero-inserted buffer filled with the zero point 128 (code 0), channels_last as oneDNN wants
+            buf = _zero_inserted(g.view(torch.uint8).bitwise_xor(128), input_size, w.shape[2:], stride, padding,
+                                 dilation, 128)
+            return _onednn_chunked(buf.permute(0, 3, 1, 2), wt, one, (0, 0), dilation, groups)
+        buf = _zero_inserted(g, input_size, w.shape[2:], stride, padding, dilation, 0)
+        return _nchw(_int_mm_conv(buf, wt, h, wd, one, dilation, groups), n, h, wd)
     dt = _exact_dtype(g.device)
     cout, kk = w.shape[0], w.shape[2] * w.shape[3]
     cout_g = cout // groups
@@ -113,14 +347,43 @@ def int_conv2d_input(input_size: Sequence[int], w: torch.Tensor, g: torch.Tensor
     return acc
 
 
+def _int_mm_conv2d_weight(x: torch.Tensor, size: list[int], g: torch.Tensor, stride, padding, dilation,
+                          groups: int) -> torch.Tensor:
+    """grad_weight as ``g^T[Co, N*Ho*Wo] @ im2col(x)[N*Ho*Wo, kh*kw*Ci/g]`` per group, int32 accumulation; the
+    reduction is split every `INT32_K_LIMIT` positions so no single GEMM exceeds the int32-exact length."""
+    co, cig, kh, kw = size
+    n, _, ho, wo = g.shape
+    m, cog = n * ho * wo, co // groups
+    xp = _nhwc_padded(x, padding)
+    gt = g.transpose(0, 1).reshape(co, m)  # [Co, N*Ho*Wo]: copies g once
+    parts = []
+    for gi in range(groups):
+        cols = _im2col(xp, kh, kw, ho, wo, stride, dilation, gi * cig, (gi + 1) * cig)
+        acc = None
+        for m0 in range(0, m, INT32_K_LIMIT):
+            part = int_gemm(gt[gi * cog:(gi + 1) * cog, m0:m0 + INT32_K_LIMIT].contiguous(),
+                            cols[m0:m0 + INT32_K_LIMIT], path="int_mm")
+            acc = part if acc is None else acc + part
+        parts.append(acc)
+    acc = parts[0] if groups == 1 else torch.cat(parts, 0)
+    return acc.view(co, kh, kw, cig).permute(0, 3, 1, 2).contiguous()
+
+
 def int_conv2d_weight(x: torch.Tensor, weight_size: Sequence[int], g: torch.Tensor, stride: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
-    """Exact int32 gradient of ``conv2d`` w.r.t. its weight for int8 ``x`` and ``g``, reduced over N*Ho*Wo."""
+                      padding: Sequence[int], dilation: Sequence[int], groups: int,
+                      path: str | None = None) -> torch.Tensor:
+    """Exact int32 gradient of ``conv2d`` w.r.t. its weight for int8 ``x`` and ``g``, reduced over N*Ho*Wo.
+
+    ``path`` forces an implementation (`CONV_PATHS`; ``"onednn"`` has no weight-gradient kernel and runs
+    ``"int_mm"``); None takes `conv_path`. All paths give the same int32."""
     _check_codes(x, g)
     n, positions = x.shape[0], g.shape[2] * g.shape[3]
     if g.shape[0] != n:
         raise ValueError(f"grad_output has {g.shape[0]} samples, the input {n}")
     size = [int(v) for v in weight_size]
+    path = _resolve(path, "grad_weight", x.device, size, stride, groups)
+    if path in ("onednn", "int_mm") and n > 0:
+        return _int_mm_conv2d_weight(x, size, g, stride, padding, dilation, groups)
     dt = _exact_dtype(x.device)
     if dt == torch.float64 or positions > K_CHUNK:  # float64: exact for any realistic reduction length
         return torch.nn.grad.conv2d_weight(x.double(), size, g.double(), stride, padding, dilation,

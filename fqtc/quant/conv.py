@@ -2,21 +2,40 @@
 
 A convolution site has the same three GEMMs as a linear site (docs/architecture.md): ``output = conv(x, W)``,
 ``grad_input = conv_transpose(g, W)`` and ``grad_weight = conv_weight(x, g)`` (implicit GEMMs). With int8 codes
-each is an exact integer sum, computed here without an int8 kernel:
+each is an exact integer sum. On the CPU three exact implementations exist (`CONV_PATHS`); `conv_path` picks one
+per process and conv shape (docs/kernels.md, "The CPU integer convolution", has the measurements). All return the
+same int32, so the choice changes speed, never the numbers:
 
-* ``output`` and ``grad_input`` run ``F.conv2d`` / the transposed convolution on the codes cast to fp32. Every
-  output element is a sum of ``K`` products of magnitude <= 127^2, and every partial sum an integer of magnitude
-  <= K*127^2. With ``K <= K_CHUNK = 1024`` that is < 2^24, so fp32 represents every partial sum exactly, whatever
-  the summation order or blocking of the conv algorithm (direct or im2col+GEMM; CPU conv does not use Winograd or
-  FFT). ``K`` is ``(C_in/groups)*kh*kw`` for ``output`` and ``(C_out/groups)*kh*kw`` for ``grad_input``; larger
-  ``K`` is split into channel chunks whose int32 results are added.
-* ``grad_weight`` reduces over ``N*H_out*W_out`` (times nothing else: one product per sample and position), far
-  above 1024 in total, so it runs ``conv2d_weight`` in fp32 on chunks of samples whose reduction length
-  ``n_chunk*H_out*W_out`` stays <= K_CHUNK (exact by the same bound) and adds the chunks' int32 results. When one
-  sample alone has more than K_CHUNK output positions it runs in float64 (exact for K < 2^38). On the CPU this is
-  an order of magnitude faster than im2col followed by the K-chunked `fqtc.quant.gemm.int_gemm`, which it replaces.
+* ``"onednn"`` (``output``, ``grad_input``): oneDNN's int8 conv (``torch.ops.onednn.qconv2d_pointwise``) on
+  uint8 activations ``code + 128`` with zero point 128 and int8 weights, fp32 output with all scales 1.0. Its
+  products are integer dot products accumulated in int32 (VNNI/AMX; without them oneDNN's ``vpmaddubsw`` saturates
+  int16 pair sums, so the path is only taken where `fqtc.quant.gemm.cpu_gemm_path` found int8 dot products and
+  `probe_onednn_conv` checks it). The only rounding step is the fp32 output: exact while the uint8-domain sum
+  ``|sum((x+128)*w)| <= K*255*128`` and the result stay within 2^24, i.e. ``K <= ONEDNN_K_CHUNK = 512`` taps per
+  call (oneDNN may subtract the zero-point compensation after the fp32 conversion: at 585 taps it is off by one);
+  larger reductions are split into channel chunks added in int32. ``grad_input`` is a plain stride-1 conv with
+  dilation ``d`` of the flipped, transposed weight over ``g`` with ``stride-1`` zeros inserted
+  (`_zero_inserted`).
+* ``"int_mm"`` (all three): an int8 im2col built from a strided view of the zero-padded NHWC codes (``F.unfold``
+  has no int8 kernel) times the weight matrix through ``torch._int_mm`` (`fqtc.quant.gemm.int_gemm`), int32
+  accumulation: exact while ``K*2^14 < 2^31`` (``K`` < 131072; ``grad_weight`` splits its ``N*H_out*W_out``
+  reduction at `fqtc.quant.gemm.INT32_K_LIMIT`). ``grad_weight = g^T[C_out, N*Ho*Wo] @ im2col(x)``; ``grad_input``
+  is the zero-inserted conv above.
+* ``"fp32"`` (the reference, and the path where the GEMM is fp32-emulated): ``output`` and ``grad_input`` run
+  ``F.conv2d`` / the transposed convolution on the codes cast to fp32. Every output element is a sum of ``K``
+  products of magnitude <= 128^2, every partial sum an integer of magnitude <= K*128^2; with
+  ``K <= K_CHUNK = 1024`` that is <= 2^24, so fp32 represents every partial sum exactly, whatever the summation
+  order or blocking of the conv algorithm (direct or im2col+GEMM; CPU conv does not use Winograd or FFT). ``K`` is
+  ``(C_in/groups)*kh*kw`` for ``output`` and ``(C_out/groups)*kh*kw`` for ``grad_input``; larger ``K`` is split
+  into channel chunks whose int32 results are added. ``grad_weight`` reduces over ``N*H_out*W_out``, so it runs
+  ``conv2d_weight`` in fp32 on chunks of samples whose reduction length ``n_chunk*H_out*W_out`` stays <= K_CHUNK
+  and adds the chunks' int32 results; when one sample alone has more than K_CHUNK output positions it runs in
+  float64 (exact for K < 2^38).
 * On devices other than CPU the reference runs in float64 (exact for K < 2^38): GPU conv libraries may use TF32,
   Winograd or FFT algorithms, which are not exact on integer inputs. Fused kernels in `fqtc.codegen` replace it.
+
+Every path returns the int32 sum exactly while it fits int32 (``K*2^14 < 2^31``); beyond that no int32 result is
+exact and the paths may differ.
 
 Scales: an operand's scale must be constant along that GEMM's reduction axes for it to move to the epilogue. The
 allowed varying dim per (role, operand) is `SCALE_FREE_DIM` (e.g. weights per output channel for ``output``,
@@ -164,29 +183,26 @@ def conv_path(role: str, weight_size: Sequence[int], stride: Sequence[int], grou
     reference). On the CPU it follows `fqtc.quant.gemm.cpu_gemm_path` (``FQTC_CPU_INT_GEMM=fp32`` forces
     ``"fp32"``), then the per-shape rules measured in docs/kernels.md ("The CPU integer convolution"):
 
-    * ``grad_weight``: the int8 implicit GEMM for ``groups == 1`` (2-3x faster than fp32); grouped and depthwise
-      stay fp32-emulated (per-group GEMMs with ``K = C/groups*kh*kw`` are 2x (grouped) to 10x (depthwise) slower).
-    * ``output`` / ``grad_input``, ``groups == 1``: oneDNN's int8 conv when its reduction ``K`` (``C_in*kh*kw``,
-      resp. ``C_out*kh*kw``) fits one `ONEDNN_K_CHUNK` call, else the int8 implicit GEMM (oneDNN's exact chunks
-      of <= 512 taps cost more than one int8 GEMM over all of ``K``).
-    * ``output`` / ``grad_input``, grouped and depthwise: oneDNN (as fast as or faster than fp32-emulated).
-
-    Where oneDNN's conv is unavailable or inexact (`probe_onednn_conv`), ``groups == 1`` runs the implicit GEMM
-    (``grad_input`` only for stride 1: its zero-inserted input wastes ``1 - 1/stride^2`` of the MACs) and the rest
-    fp32-emulated."""
+    * grouped and depthwise convs (``groups > 1``), all three roles: fp32-emulated. Per-group int8 GEMMs have
+      ``K = C/groups*kh*kw`` (9 for depthwise) and are 2x (grouped) to 30x (depthwise) slower; oneDNN's int8 conv
+      ties fp32 on depthwise ``output`` at best and is 1.3-1.8x slower on grouped/depthwise ``grad_input``.
+    * ``grad_weight``: the int8 implicit GEMM (2-3x faster than fp32-emulated).
+    * ``grad_input`` with stride > 1: fp32-emulated (the int8 paths convolve a zero-inserted gradient, wasting
+      ``1 - 1/stride^2`` of the MACs, and measured slower).
+    * ``output`` and stride-1 ``grad_input``: oneDNN's int8 conv when its reduction ``K`` (``C_in*kh*kw``, resp.
+      ``C_out*kh*kw``) fits one exact `ONEDNN_K_CHUNK` call and `probe_onednn_conv` passes, else the int8
+      implicit GEMM (several exact 512-tap oneDNN calls cost more than one int8 GEMM over all of ``K``)."""
     if role not in CONV_ROLES:
         raise ValueError(f"unknown conv role {role!r}; allowed: {', '.join(CONV_ROLES)}")
-    if torch.device(device).type != "cpu" or cpu_gemm_path() != "int_mm":
+    if torch.device(device).type != "cpu" or cpu_gemm_path() != "int_mm" or groups != 1:
         return "fp32"
     if role == "grad_weight":
-        return "int_mm" if groups == 1 else "fp32"
-    co, cig, kh, kw = (int(v) for v in weight_size)
-    k = (cig if role == "output" else co // groups) * kh * kw
-    if probe_onednn_conv() is None and (groups != 1 or k <= ONEDNN_K_CHUNK):
-        return "onednn"
-    if groups != 1 or (role == "grad_input" and any(int(s) != 1 for s in stride)):
+        return "int_mm"
+    if role == "grad_input" and any(int(s) != 1 for s in stride):
         return "fp32"
-    return "int_mm"
+    co, cig, kh, kw = (int(v) for v in weight_size)
+    k = (cig if role == "output" else co) * kh * kw
+    return "onednn" if k <= ONEDNN_K_CHUNK and probe_onednn_conv() is None else "int_mm"
 
 
 def _resolve(path: str | None, role: str, device: torch.device, weight_size: Sequence[int],

@@ -95,7 +95,7 @@ def test_int_mm_weight_grad_splits_long_reductions(monkeypatch):
 
 def test_path_follows_the_gemm_choice(monkeypatch):
     """FQTC_CPU_INT_GEMM=fp32 (the GEMM's emulated path) makes every conv fp32-emulated; with int_mm, grouped and
-    depthwise grad_weight stay fp32-emulated and the rest run an int8 kernel."""
+    depthwise convs and strided grad_input stay fp32-emulated and the rest run an int8 kernel."""
     gemm.probe_cpu_gemm.cache_clear()
     try:
         monkeypatch.setenv("FQTC_CPU_INT_GEMM", "fp32")
@@ -110,7 +110,10 @@ def test_path_follows_the_gemm_choice(monkeypatch):
         assert qc.conv_path("grad_input", (8, 8, 3, 3), (1, 1), 1) == ("onednn" if onednn else "int_mm")
         assert qc.conv_path("output", (8, 128, 3, 3), (1, 1), 1) == "int_mm"  # K = 1152 > ONEDNN_K_CHUNK
         assert qc.conv_path("grad_input", (128, 8, 3, 3), (1, 1), 1) == "int_mm"
-        assert qc.conv_path("output", (8, 1, 3, 3), (1, 1), 8) == ("onednn" if onednn else "fp32")
+        assert qc.conv_path("grad_input", (8, 8, 3, 3), (2, 2), 1) == "fp32"
+        for role in qc.CONV_ROLES:  # depthwise and grouped stay fp32-emulated
+            assert qc.conv_path(role, (8, 1, 3, 3), (1, 1), 8) == "fp32"
+            assert qc.conv_path(role, (8, 2, 3, 3), (1, 1), 4) == "fp32"
         assert qc.conv_path("output", (8, 8, 3, 3), (1, 1), 1, device="meta") == "fp32"
         with pytest.raises(ValueError):
             qc.conv_path("forward", (8, 8, 3, 3), (1, 1), 1)

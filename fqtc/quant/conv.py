@@ -185,7 +185,8 @@ def conv_path(role: str, weight_size: Sequence[int], stride: Sequence[int], grou
 
     * grouped and depthwise convs (``groups > 1``), all three roles: fp32-emulated. Per-group int8 GEMMs have
       ``K = C/groups*kh*kw`` (9 for depthwise) and are 2x (grouped) to 30x (depthwise) slower; oneDNN's int8 conv
-      ties fp32 on depthwise ``output`` at best and is 1.3-1.8x slower on grouped/depthwise ``grad_input``.
+      is no consistent win there (0.75-1.7x the fp32-emulated time across two runs, 1.7x slower for a strided
+      depthwise ``grad_input``).
     * ``grad_weight``: the int8 implicit GEMM (2-3x faster than fp32-emulated).
     * ``grad_input`` with stride > 1: fp32-emulated (the int8 paths convolve a zero-inserted gradient, wasting
       ``1 - 1/stride^2`` of the MACs, and measured slower).

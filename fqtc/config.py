@@ -285,8 +285,11 @@ DEFAULT_GRANULARITY: dict[tuple[str, str], str] = {
 _OPTION_KEYS = (
     "bits", "seed", "rounding", "forward_rounding", "grad_rounding", "rules", "keep_fp",
     "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration", "auto_objective",
-    "auto_min_bits",
+    "auto_min_bits", "save_fp",
 )
+# Saved-for-backward activations option ``save_fp`` can keep in fp32 (fqtc/passes/save_act.py), or "all".
+SAVE_FP_KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "gelu", "silu", "softmax", "log_softmax", "tanh",
+                                  "sigmoid")
 # Objectives of the automatic gradient-bit policy (issue 5, docs/bit_assignment.md): "relative" sums each parameter
 # tensor's noise-to-signal ratio, "absolute" sums the added variance over all parameter-gradient elements.
 AUTO_OBJECTIVES: tuple[str, ...] = ("relative", "absolute")
@@ -320,6 +323,8 @@ class FQTConfig:
             variance summed over all parameter-gradient elements (dominated by the layers with large gradients).
         auto_min_bits: with ``bits="auto"``: the fewest bits the solver may give any gradient quantizer (2..8, at
             most ``budget``; default 2). Rules may still set fewer.
+        save_fp: kinds of saved-for-backward activations kept in fp32 instead of 8-bit codes (debug switch,
+            docs/saved_activations.md): any of `SAVE_FP_KINDS` or ``"all"``.
     """
 
     bits: BitConfig = field(default_factory=BitConfig)
@@ -336,8 +341,13 @@ class FQTConfig:
     calibration: Any = field(default=None, compare=False, repr=False)
     auto_objective: str = "relative"
     auto_min_bits: int = MIN_BITS
+    save_fp: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        sf = (self.save_fp,) if isinstance(self.save_fp, str) else self.save_fp
+        if not isinstance(sf, (tuple, list)) or any(k not in SAVE_FP_KINDS + ("all",) for k in sf):
+            raise _bad("save_fp", self.save_fp, "a list of " + ", ".join(SAVE_FP_KINDS) + ", or 'all'")
+        object.__setattr__(self, "save_fp", tuple(sf))
         if self.budget is not None:
             b = self.budget
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not (MIN_BITS <= b <= MAX_BITS):
@@ -398,7 +408,7 @@ class FQTConfig:
                 raise _bad("rounding", r, ", ".join(ROUNDINGS))
             kw["forward_rounding"] = kw["grad_rounding"] = r
         for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler", "budget",
-                  "calibration", "auto_objective", "auto_min_bits"):
+                  "calibration", "auto_objective", "auto_min_bits", "save_fp"):
             if k in options:
                 kw[k] = options[k]
         for k in ("budget", "auto_objective", "auto_min_bits"):

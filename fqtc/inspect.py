@@ -8,6 +8,8 @@ what inspect shows is what the compiled graphs do:
 - ``report.sites``: one `Site` per GEMM (``output``/``grad_input``/``grad_weight``) with its bits, quantizer,
   rounding, status (``quantized``/``partial``/``full_precision``) and the reason; no silent fallback (issue 7);
 - ``report.memory``: bytes of the tensors saved for backward, fqt vs the same model compiled with ``bits="fp"``;
+- ``report.saved``: one row per non-GEMM saved activation (`fqtc.passes.save_act`): op, bits, storage, bytes
+  saved vs fp32;
 - ``report.sites[i].sqnr_db`` (``sqnr=True``): the SQNR of each GEMM's output against the same product of the
   unquantized operands, measured on the example inputs;
 - ``str(report)`` (a rich table), ``to_dict()``/``to_json()``, ``graph("forward"|"backward"|"joint")``,
@@ -210,6 +212,7 @@ class Report:
     memory: Memory | None
     counters: list[dict[str, int]]
     graphs: list[Any] = field(default_factory=list, repr=False)
+    saved: list[dict[str, Any]] = field(default_factory=list)  # non-GEMM saved activations, `_saved_activations`
 
     # -- serialisation -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -222,7 +225,7 @@ class Report:
             d["sqnr_db"] = clean(d["sqnr_db"])
             sites.append(d)
         return {"config": self.config, "sites": sites, "memory": self.memory.to_dict() if self.memory else None,
-                "counters": self.counters}
+                "counters": self.counters, "saved": self.saved}
 
     def to_json(self, **kwargs: Any) -> str:
         kwargs.setdefault("indent", 2)
@@ -241,7 +244,7 @@ class Report:
         if d.get("memory"):
             m = d["memory"]
             mem = Memory([SavedTensor(**t) for t in m["fqt"]], [SavedTensor(**t) for t in m["fp32"]])
-        return Report(d["config"], sites, mem, list(d.get("counters") or []))
+        return Report(d["config"], sites, mem, list(d.get("counters") or []), saved=list(d.get("saved") or []))
 
     @staticmethod
     def from_json(text: str) -> "Report":
@@ -277,6 +280,9 @@ class Report:
                     f"activations (not graph inputs) fqt {m.fqt_activation_bytes} B vs FP32 "
                     f"{m.fp32_activation_bytes} B"
                 )
+            for r in self.saved:
+                console.print(f"saved activation {r['node']} ({r['op']}, {r['storage']}): {r['bytes']} B vs "
+                              f"fp32 {r['fp32_bytes']} B")
         return cap.get()
 
     def graph(self, which: str = "joint", index: int = 0) -> str:
@@ -511,6 +517,8 @@ def _gemm_sqnr(cg: Any, graph_args: dict[str, list]) -> dict[str, float]:
             if n.target in TRANSPOSES:
                 chain.append(n)
             n = resolve(n.args[0])
+        if (n.meta.get("fqt") or {}).get("kind") == "codes_decode":  # codes carrying a ReLU mask (save_act)
+            n = nodes.get(n.meta["fqt"]["codes"], n)
         if n.target is not operator.getitem or not isinstance(n.args[0], fx.Node):
             return None
         q = resolve(n.args[0])
@@ -602,5 +610,22 @@ def explain(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, 
             mem = Memory([t for cg in cgs for t in _saved_tensors(cg)],
                          [t for cg in fp_cgs for t in _saved_tensors(cg)])
     counters = [dict(cg.result.counters) if cg.result else {} for cg in cgs]
-    return Report(config.short_str(), sites, mem, counters, cgs)
+    return Report(config.short_str(), sites, mem, counters, cgs, _saved_activations(cgs))
+
+
+def _saved_activations(cgs: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per non-GEMM saved activation the passes rewrote (records of kind ``saved_activation`` and
+    ``relu_mask``, fqtc/passes/save_act.py): op, bits, storage, fp32 bytes and the bytes now saved instead."""
+    rows = []
+    for i, cg in enumerate(cgs):
+        for n in (cg.joint.graph.nodes if cg.joint is not None else ()):
+            rec = n.meta.get("fqt") or {}
+            if rec.get("kind") not in ("saved_activation", "relu_mask"):
+                continue
+            storage = rec.get("storage") or (f"int{rec['bits']} codes + scale over dims {rec.get('reduce_dims')}, "
+                                             f"{rec.get('rounding')}")
+            rows.append({"graph": i, "node": n.name, "op": rec.get("op"), "bits": rec.get("bits"),
+                         "storage": storage, "shape": rec.get("shape"), "fp32_bytes": rec.get("fp32_bytes"),
+                         "bytes": rec.get("bytes")})
+    return rows
 

@@ -15,6 +15,7 @@ from fqtc.passes.conv import rewrite_convs, site_keys_in_order
 from fqtc.passes.lwq import mark_latent_weights
 from fqtc.passes.rewrite import rewrite
 from fqtc.passes.save import tag_saves
+from fqtc.passes.save_act import quantize_saved_activations
 from fqtc.passes.sites import GemmSite, find_sites
 
 
@@ -45,6 +46,7 @@ def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]
         if not any(f"fqt: {d} matched no GEMM operand" in str(w.message) for d in conv_rules):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     counters.update(tag_saves(gm))
+    counters.update(quantize_saved_activations(gm, config))  # 8-bit non-GEMM saved tensors, packed masks
     records = [p.node.meta["fqt"] for p in plans]
     # the rewritten GEMM's record lives on the qgemm node now; re-read it from there
     by_orig = {n.meta["fqt"].get("original_node"): n.meta["fqt"] for n in gm.graph.nodes

@@ -10,12 +10,13 @@ Before::  quantize(W, ...)            # saved for backward as int8 by the partit
 After::   quantize(W, ...)            # meta["recompute"] = MUST_RECOMPUTE -> recomputed in backward
 
 ReLU's backward (``threshold_backward(g, y, 0)``) would keep the fp32 ReLU output alive only to read its sign: it
-is rewritten to ``where(mask, g, 0)`` with the bool ``mask = y > 0`` computed in forward (1 byte per element,
-exact). Other elementwise backward ops (GELU, norms) still save what they need in fp32; inspect's memory figures
-report them.
+is rewritten to ``where(mask, g, 0)`` with the bool ``mask = ~(y <= 0)`` computed in forward (exact); ReLU6
+(``hardtanh_backward``) likewise. `fqtc.passes.save_act` then folds each mask into the sign bit of the int8 codes
+the next GEMM saves, or packs it 8 per byte, and quantizes what the other elementwise and normalization backward
+ops read (GELU, SiLU, softmax, norms) to 8 bits.
 
 Before::  y = relu(x) ... threshold_backward(g, detach(y), 0)        # saves fp32 y
-After::   y = relu(x); m = gt(y, 0) ... where(m, g, 0.0)              # saves bool m
+After::   y = relu(x); m = ~(y <= 0) ... where(m, g, 0.0)            # saves bool m
 """
 
 from __future__ import annotations
@@ -35,29 +36,54 @@ def _is_forward(n: fx.Node) -> bool:
     return n.op == "placeholder" or n.meta.get("partitioner_tag", "is_forward") == "is_forward"
 
 
+def _mask_of(tb: fx.Node) -> tuple[fx.Node, tuple, str] | None:
+    """(source tensor, mask key, op) of a ReLU / ReLU6 backward, or None when it is not a constant threshold."""
+    if tb.target == aten.threshold_backward.default:
+        _, y, thr = tb.args
+        return (strip_operand(y)[0], (float(thr),), "relu") if isinstance(thr, (int, float)) else None
+    _, x, lo, hi = tb.args
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+        return strip_operand(x)[0], (float(lo), float(hi)), "hardtanh"
+    return None
+
+
 def compress_relu_masks(gm: fx.GraphModule) -> int:
-    """threshold_backward(g, y, t) -> where(y > t, g, 0) with the bool mask computed (and saved) in forward."""
+    """threshold_backward(g, y, t) -> where(mask, g, 0) with the bool ``mask = ~(y <= t)`` computed (and saved) in
+    forward; hardtanh_backward(g, x, lo, hi) (ReLU6) likewise with ``mask = ~((x <= lo) | (x >= hi))``. The negated
+    comparisons are what ATen's kernels compute, so a NaN passes its gradient through exactly as in eager. Each mask
+    node's ``meta["fqt"]`` is a ``relu_mask`` record; `save_act` may then fold it into int8 codes or pack it."""
     graph = gm.graph
     fake_mode = graph_fake_mode(graph)
-    masks: dict[tuple[fx.Node, float], fx.Node] = {}
+    masks: dict[tuple, fx.Node] = {}
     count = 0
-    for tb in list(graph.find_nodes(op="call_function", target=aten.threshold_backward.default)):
-        grad, y, thr = tb.args
-        base, _ = strip_operand(y)
-        if not _is_forward(base) or not isinstance(thr, (int, float)):
+    targets = (aten.threshold_backward.default, aten.hardtanh_backward.default)
+    for tb in [n for t in targets for n in graph.find_nodes(op="call_function", target=t)]:
+        found = _mask_of(tb)
+        if found is None or not _is_forward(found[0]):
             continue
-        key = (base, float(thr))
+        base, params, op = found
+        key = (base, op, params)
         if key not in masks:
-            with graph.inserting_after(base):
-                m = graph.call_function(aten.gt.Scalar, (base, thr))
-            copy_meta(m, base)
-            m.meta["partitioner_tag"] = "is_forward"
+            with graph.inserting_before(base.next):  # in creation order, right after the source
+                made = [graph.call_function(aten.le.Scalar, (base, params[0]))]
+                if op == "hardtanh":
+                    made.append(graph.call_function(aten.ge.Scalar, (base, params[1])))
+                    made.append(graph.call_function(aten.logical_or.default, (made[0], made[1])))
+                made.append(graph.call_function(aten.logical_not.default, (made[-1],)))
+            for n in made:
+                copy_meta(n, base)
+                n.meta["partitioner_tag"] = "is_forward"
+                set_fake_val(n, fake_mode)
+            m = made[-1]
             m.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             m.meta["ac_graph_id"] = 0
-            set_fake_val(m, fake_mode)
+            val = m.meta["val"]
+            m.meta["fqt"] = {"kind": "relu_mask", "op": op, "source": base.name, "bits": 1,
+                             "shape": list(val.shape), "fp32_bytes": int(val.numel()) * 4,
+                             "bytes": int(val.numel()), "storage": "bool"}
             masks[key] = m
         with graph.inserting_before(tb):
-            w = graph.call_function(aten.where.ScalarOther, (masks[key], grad, 0.0))
+            w = graph.call_function(aten.where.ScalarOther, (masks[key], tb.args[0], 0.0))
         copy_meta(w, tb)
         set_fake_val(w, fake_mode)
         tb.replace_all_uses_with(w)

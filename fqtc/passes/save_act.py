@@ -1,0 +1,535 @@
+"""Pass 5b: every activation the backward of a non-GEMM op reads is saved in 8 bits (or as packed mask bits).
+
+After `save` the GEMMs' backward already reads int8 codes; what is left in fp32 are the tensors the backward
+formulas of the elementwise and normalization ops read. This pass quantizes each of them in forward with
+``fqt::quantize`` (8 bits, a scale per row / channel), tags codes and scale ``CheckpointPolicy.MUST_SAVE`` so the
+partitioner saves those instead of the fp32 tensor, and dequantizes (``codes.float() * scale``) in backward right
+before the backward op. ReLU / ReLU6 masks (`save.compress_relu_masks`) are then folded into the sign bit of the
+int8 codes the next GEMM saves anyway, or else packed 8 per byte.
+
+Before::  y = gelu(x) ...                               gelu_backward(g, x)          # saves fp32 x
+After::   y = gelu(x); q = quantize(x, 8, [-1], ...) ... gelu_backward(g, q[0].float() * q[1])   # int8 + row scales
+
+| backward op | saved value | scale | rounding | transform |
+|---|---|---|---|---|
+| ``native_batch_norm_backward`` (train) | input - batch mean | per channel | nearest | mean 0 in backward |
+| ``native_batch_norm_backward`` (eval) | input | per channel | nearest | |
+| ``native_layer_norm_backward`` | input - row mean | per row (token) | nearest | mean 0 in backward |
+| ``gelu_backward``, ``silu_backward`` | input | per row | nearest | |
+| ``tanh_backward``, ``sigmoid_backward`` | output | per row | nearest | |
+| ``_softmax_backward_data`` | output P | per row (softmax dim) | stochastic | |
+| ``_log_softmax_backward_data`` | exp(output) = P | per row (softmax dim) | stochastic | ``g - P * sum(g)`` |
+| ``threshold_backward`` (ReLU), ``hardtanh_backward`` (ReLU6) | bool mask | - | exact | sign bit / 8 per byte |
+
+**Rounding.** Stochastic rounding makes ``E[dequant(quant(v))] = v`` (`fqtc.quant.uniform`), which makes a
+gradient unbiased only where it is linear in the saved value: ``log_softmax``'s ``g - P * sum(g)`` is linear in P;
+softmax's ``P * (g - sum(g * P))`` is linear up to the diagonal term ``P_i^2 g_i``, whose bias is the rounding
+variance ``<= s^2/4`` (negligible). The other formulas are nonlinear in the saved value (GELU'(x), SiLU'(x),
+``1 - y^2``, ``y (1 - y)``, the normalizations' ``x_hat * mean(g x_hat)``), so stochastic rounding would not remove
+their bias and would double the error variance (uniform noise ``s^2/6`` on average vs ``s^2/12`` for nearest,
+Croci et al., "Stochastic rounding: implementation, error analysis and applications", R. Soc. Open Sci. 2022):
+they round to nearest.
+
+**Centering.** BatchNorm / LayerNorm backward read their input only through ``x_hat = (x - mean) * rstd``. The
+pass quantizes ``x - mean`` (one subtraction in forward) and hands the backward op a zero mean: the quantization
+step then scales with the spread of the group, not with its offset (a channel with mean 5 and std 1 quantized
+uncentered would lose ~2.5 bits), and LayerNorm's per-token mean no longer has to be saved.
+
+**Error statement (8 bits, symmetric, scale ``s = amax/127`` per group).** Each saved value ``v`` is replaced by
+``v + e`` with ``|e| <= s/2`` (nearest) or ``|e| < s``, ``E[e] = 0`` (stochastic); relative to the group's abs-max
+the error is at most ``1/254`` (nearest). Measured gradient SQNR of this one quantizer against the same compiled
+model with the tensor kept fp32 (option ``save_fp``), tests/passes/test_saved_activations.py, minimum over input and
+weight gradients: BatchNorm 44 dB, LayerNorm 47 dB, GELU 42 dB, SiLU 45 dB, tanh 46 dB, sigmoid 47 dB, softmax
+31 dB, log_softmax 44 dB (docs/saved_activations.md has the table and the tested floors). Attention softmaxes whose
+input is re-computable from saved Q/K codes are not saved at all (`recompute_attention_probs`, exact). Masks are exact. Non-finite values are never hidden: a
+group holding a NaN / Inf gets a NaN / Inf scale (`fqtc.quant.uniform`) so its dequantized values, and the
+gradients computed from them, are NaN.
+
+**Masks.** A ReLU mask is 1 bit of information. When the activation the next GEMM quantizes is the ReLU/ReLU6
+output itself, its int8 codes are non-negative (the output is >= 0) and the code's sign bit is free: the pass saves
+``where(mask, codes, ~codes)`` and backward decodes ``mask = e >= 0``, ``codes = where(mask, e, ~e)`` (exact for
+every code in [0, 127]), so the mask costs 0 bytes. Otherwise the mask is packed 8 per byte (``uint8``).
+
+Option ``save_fp`` (`fqtc.config.FQTConfig`) keeps chosen kinds in fp32 (debugging; the SQNR tests use it as the
+reference). With ``bits="fp"`` (no quantized activations) the pass quantizes nothing, so the FP path stays exact.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from fqtc.config import SAVE_FP_KINDS, FQTConfig
+from fqtc.passes.common import (
+    IDENTITIES,
+    copy_meta,
+    get_or_insert_step,
+    graph_fake_mode,
+    module_of,
+    node_order,
+    set_fake_val,
+    stable_stream,
+)
+
+aten = torch.ops.aten
+fqt = torch.ops.fqt
+
+SAVED_BITS = 8
+
+
+@dataclass(frozen=True)
+class _Handler:
+    kind: str
+    arg: int  # index of the saved fp32 tensor among the backward op's args
+    rounding: str
+    reduce_dims: Callable[[fx.Node, int], list[int]]  # (backward node, ndim) -> dims sharing one scale
+
+
+def _rows(bn: fx.Node, ndim: int) -> list[int]:
+    """One scale per row of the feature (last) dim; per (sample, channel) plane for conv feature maps."""
+    if ndim <= 1:
+        return list(range(ndim))
+    return list(range(2, ndim)) if ndim >= 4 else [ndim - 1]
+
+
+def _softmax_dim(bn: fx.Node, ndim: int) -> list[int]:
+    return [bn.args[2] % ndim] if ndim else []
+
+
+def _ln_dims(bn: fx.Node, ndim: int) -> list[int]:
+    return list(range(ndim - len(bn.args[2]), ndim))
+
+
+def _bn_dims(bn: fx.Node, ndim: int) -> list[int]:
+    return [d for d in range(ndim) if d != 1]
+
+
+HANDLERS: dict[object, _Handler] = {
+    aten.native_batch_norm_backward.default: _Handler("batch_norm", 1, "nearest", _bn_dims),
+    aten.native_layer_norm_backward.default: _Handler("layer_norm", 1, "nearest", _ln_dims),
+    aten.gelu_backward.default: _Handler("gelu", 1, "nearest", _rows),
+    aten.silu_backward.default: _Handler("silu", 1, "nearest", _rows),
+    aten.tanh_backward.default: _Handler("tanh", 1, "nearest", _rows),
+    aten.sigmoid_backward.default: _Handler("sigmoid", 1, "nearest", _rows),
+    aten._softmax_backward_data.default: _Handler("softmax", 1, "stochastic", _softmax_dim),
+    aten._log_softmax_backward_data.default: _Handler("log_softmax", 1, "stochastic", _softmax_dim),
+}
+
+
+def _is_forward(n: fx.Node) -> bool:
+    return n.op == "placeholder" or n.meta.get("partitioner_tag", "is_forward") == "is_forward"
+
+
+def _strip_identities(n: fx.Node) -> fx.Node:
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in IDENTITIES:
+        n = n.args[0]
+    return n
+
+
+def _backward_readers(src: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(backward node, arg index) pairs reading ``src`` directly or through detach/alias chains."""
+    out, frontier = [], [src]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target in IDENTITIES:
+                frontier.append(u)
+                continue
+            if _is_forward(u):
+                continue
+            idx = [i for i, a in enumerate(u.args) if a is n]
+            out.append((u, idx[0] if idx else -1))
+    return out
+
+
+def _call(graph: fx.Graph, fake_mode, target, args: tuple, meta_from: fx.Node, kwargs: dict | None = None,
+          forward: bool | None = None) -> fx.Node:
+    n = graph.call_function(target, args, kwargs or {})
+    copy_meta(n, meta_from)
+    if forward is not None:
+        n.meta["partitioner_tag"] = "is_forward" if forward else "is_backward"
+    set_fake_val(n, fake_mode)
+    return n
+
+
+def _must_save(n: fx.Node) -> None:
+    n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    n.meta["ac_graph_id"] = 0
+
+
+def _nbytes(val: object) -> int:
+    return int(val.numel()) * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+def _static(val: object) -> bool:
+    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
+
+
+def save_fp_kinds(config: FQTConfig) -> frozenset[str]:
+    """The kinds option ``save_fp`` keeps in fp32 ("all" expanded)."""
+    kinds = config.save_fp
+    return frozenset(SAVE_FP_KINDS) if "all" in kinds else frozenset(kinds)
+
+
+def quantize_saved_activations(gm: fx.GraphModule, config: FQTConfig) -> dict[str, int]:
+    """Rewrite the joint graph so the backward ops in `HANDLERS` read 8-bit codes saved in forward, then fold or
+    pack the ReLU masks. Returns counters ``saved_activations_8bit``, ``relu_masks_in_codes``,
+    ``relu_masks_packed``. Every new quantizer's ``meta["fqt"]`` is a record of kind ``saved_activation``
+    (op, bits, rounding, reduce_dims, base, shape, fp32_bytes, bytes) that `fqtc.inspect` reports."""
+    graph = gm.graph
+    fake_mode = graph_fake_mode(graph)
+    keep = save_fp_kinds(config)
+    count = recomputed = 0
+    if config.bits.activation is not None:
+        if "softmax" not in keep:
+            recomputed = recompute_attention_probs(gm)
+        count = _quantize(gm, fake_mode, config, keep)
+    folded, packed = _compact_masks(gm, fake_mode)
+    if count or folded or packed:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return {"saved_activations_8bit": count, "attention_probs_recomputed": recomputed, "relu_masks_in_codes": folded,
+            "relu_masks_packed": packed}
+
+
+def _quantize(gm: fx.GraphModule, fake_mode, config: FQTConfig, keep: frozenset[str]) -> int:
+    graph = gm.graph
+    groups: dict[tuple[fx.Node, str], list[fx.Node]] = {}
+    for n in list(graph.nodes):
+        h = HANDLERS.get(n.target) if n.op == "call_function" else None
+        if h is None or h.kind in keep or _is_forward(n):
+            continue
+        src = _strip_identities(n.args[h.arg])
+        val = src.meta.get("val") if isinstance(src, fx.Node) else None
+        # only activations produced in forward (graph inputs are alive anyway) in fp32
+        if src.op == "placeholder" or not _is_forward(src) or not isinstance(val, torch.Tensor) \
+                or val.dtype != torch.float32 or not _static(val):
+            continue
+        perm = _dense_order(val)
+        if perm is not None and not val.permute(perm).is_contiguous():
+            continue  # overlapping or sliced storage: no layout-preserving way back from contiguous codes
+        if h.kind == "log_softmax" and (n.args[3] != torch.float32 or n.args[0].meta["val"].dtype != torch.float32):
+            continue
+        groups.setdefault((src, h.kind), []).append(n)
+    step = None
+    count = 0
+    for (src, kind), bnodes in groups.items():
+        handled = set(bnodes)
+        # a backward reader this pass does not rewrite keeps the fp32 tensor alive: quantizing would add bytes
+        if any(u not in handled for u, _ in _backward_readers(src)):
+            continue
+        h = HANDLERS[bnodes[0].target]
+        if h.kind in ("batch_norm", "layer_norm") and any(not _same_stats(b, bnodes[0], h.kind) for b in bnodes):
+            continue
+        if step is None:
+            step = get_or_insert_step(graph, fake_mode, src.meta["val"].device)
+        _rewrite_group(graph, fake_mode, config, step, src, h, bnodes)
+        count += 1
+    return count
+
+
+def _dense_order(val: torch.Tensor) -> list[int] | None:
+    """None for a contiguous tensor; else the dim order (outermost first) in which it is contiguous."""
+    if val.is_contiguous():
+        return None
+    perm = sorted(range(val.dim()), key=lambda d: (-val.stride(d), -val.shape[d]))
+    return perm
+
+
+def _same_stats(a: fx.Node, b: fx.Node, kind: str) -> bool:
+    idx = (3, 4) if kind == "layer_norm" else (5, 6, 7)
+    return all(a.args[i] is b.args[i] for i in idx)
+
+
+def _centering(bn: fx.Node, kind: str) -> tuple[fx.Node | None, fx.Node | None, int | None]:
+    """(mean node, stats node used for the zero mean in backward, mean arg index) of a normalization to center."""
+    if kind == "layer_norm":
+        return bn.args[3], bn.args[4], 3
+    if kind == "batch_norm" and bn.args[7] is True and isinstance(bn.args[5], fx.Node):
+        return bn.args[5], bn.args[6], 5
+    return None, None, None
+
+
+def _rewrite_group(graph: fx.Graph, fake_mode, config: FQTConfig, step: fx.Node, src: fx.Node, h: _Handler,
+                   bnodes: list[fx.Node]) -> None:
+    bn0 = bnodes[0]
+    val = src.meta["val"]
+    ndim = val.dim()
+    dims = h.reduce_dims(bn0, ndim)
+    perm = _dense_order(val)
+    qdims = dims if perm is None else sorted(perm.index(d) for d in dims)
+    mean, stat, mean_idx = _centering(bn0, h.kind)
+    if mean is not None and not (_is_forward(mean) and _is_forward(stat)):
+        mean = None
+    module, _ = module_of(src)
+    stream = stable_stream("saved_activation", h.kind, module, src.name)
+    order = node_order(graph)
+    anchor = src if mean is None or order[src] > order[mean] else mean
+    # inserting_before(anchor.next) keeps the new nodes in creation order (inserting_after would reverse them)
+    with graph.inserting_before(anchor.next):
+        x = src
+        if h.kind == "log_softmax":  # save P = exp(log P): backward g - P * sum(g) is linear in P
+            x = _call(graph, fake_mode, aten.exp.default, (src,), src, forward=True)
+        elif mean is not None:
+            m = mean
+            if h.kind == "batch_norm":  # (C,) -> (1, C, 1, ...) against (N, C, ...)
+                m = _call(graph, fake_mode, aten.view.default, (mean, [1, -1] + [1] * (ndim - 2)), src,
+                          forward=True)
+            x = _call(graph, fake_mode, aten.sub.Tensor, (src, m), src, forward=True)
+        if perm is not None:  # quantize a contiguous view: the op's fake codes are contiguous, so must the real be
+            x = _call(graph, fake_mode, aten.permute.default, (x, perm), src, forward=True)
+        q = _call(graph, fake_mode, fqt.quantize.default,
+                  (x, SAVED_BITS, qdims, h.rounding, config.seed, stream, step), src, forward=True)
+        codes = _call(graph, fake_mode, operator.getitem, (q, 0), src, forward=True)
+        scale = _call(graph, fake_mode, operator.getitem, (q, 1), src, forward=True)
+    for n in (codes, scale):
+        _must_save(n)
+    q.meta["fqt"] = {
+        "kind": "saved_activation", "op": h.kind, "bits": SAVED_BITS, "rounding": h.rounding, "reduce_dims": dims,
+        "base": src.name, "backward": [b.name for b in bnodes], "module": module, "stream": stream,
+        "centered": mean is not None, "shape": list(val.shape), "fp32_bytes": _nbytes(val),
+        "bytes": _nbytes(codes.meta["val"]) + _nbytes(scale.meta["val"]),
+    }
+    first = min(bnodes, key=lambda b: node_order(graph)[b])
+    with graph.inserting_before(first):
+        f = _call(graph, fake_mode, aten._to_copy.default, (codes,), first, {"dtype": torch.float32},
+                  forward=False)
+        deq = _call(graph, fake_mode, aten.mul.Tensor, (f, scale), first, forward=False)
+        if perm is not None:  # back to the fp32 tensor's own strides, which the backward graph was traced with
+            inv = [perm.index(d) for d in range(ndim)]
+            deq = _call(graph, fake_mode, aten.permute.default, (deq, inv), first, forward=False)
+        zero = None
+        if mean is not None:
+            zero = _call(graph, fake_mode, aten.zeros_like.default, (stat,), first, forward=False)
+    for bn in bnodes:
+        if h.kind == "log_softmax":
+            g, dim = bn.args[0], bn.args[2]
+            with graph.inserting_before(bn):
+                s = _call(graph, fake_mode, aten.sum.dim_IntList, (g, [dim], True), bn)
+                p_s = _call(graph, fake_mode, aten.mul.Tensor, (deq, s), bn)
+                out = _call(graph, fake_mode, aten.sub.Tensor, (g, p_s), bn)
+            bn.replace_all_uses_with(out)
+            graph.erase_node(bn)
+            continue
+        args = list(bn.args)
+        args[h.arg] = deq
+        if zero is not None:
+            args[mean_idx] = zero
+        bn.args = tuple(args)
+
+
+# -- masks ---------------------------------------------------------------------------------------------------------
+_NONNEG = (aten.relu.default,)
+
+
+def _nonnegative(n: fx.Node) -> bool:
+    """Is ``n``'s output >= 0 (or NaN) by construction, so its int8 codes never use the sign bit?"""
+    if n.op != "call_function":
+        return False
+    if n.target in _NONNEG:
+        return True
+    if n.target in (aten.hardtanh.default, aten.clamp.default) and len(n.args) > 1:
+        lo = n.args[1]
+        return isinstance(lo, (int, float)) and lo >= 0
+    return False
+
+
+def _foldable_codes(src: fx.Node, mask_val: torch.Tensor, used: set[fx.Node]) -> fx.Node | None:
+    """Forward int8 codes of a non-negative tensor computed from ``src`` (itself or its ReLU/ReLU6) that backward
+    reads and whose forward views do not reach backward; None if there is none."""
+    bases = [src] + [u for u in src.users if u.op == "call_function"]
+    for b in bases:
+        if not _nonnegative(b):
+            continue
+        for q in b.users:
+            if q.target != fqt.quantize.default or q.args[0] is not b or not _is_forward(q) or q.args[1] > 8:
+                continue
+            codes = [u for u in q.users if u.target is operator.getitem and u.args[1] == 0]
+            if len(codes) != 1 or codes[0] in used:
+                continue
+            c = codes[0]
+            if tuple(c.meta["val"].shape) != tuple(mask_val.shape):
+                continue
+            bw = [u for u in c.users if not _is_forward(u)]
+            fw_views_to_bw = any(not _is_forward(w) for u in c.users if _is_forward(u) for w in u.users)
+            if bw and not fw_views_to_bw:
+                return c
+    return None
+
+
+def _compact_masks(gm: fx.GraphModule, fake_mode) -> tuple[int, int]:
+    graph = gm.graph
+    folded = packed = 0
+    used: set[fx.Node] = set()
+    by_name = {n.name: n for n in graph.nodes}
+    masks = [n for n in graph.nodes if (n.meta.get("fqt") or {}).get("kind") == "relu_mask"]
+    for m in masks:
+        bw_users = [u for u in m.users if not _is_forward(u)]
+        val = m.meta.get("val")
+        if not bw_users or any(_is_forward(u) for u in m.users) or not _static(val):
+            continue
+        c = _foldable_codes(by_name[m.meta["fqt"]["source"]], val, used)
+        if c is not None:
+            _fold_into_codes(graph, fake_mode, m, c, bw_users)
+            used.add(c)
+            folded += 1
+        elif val.numel() >= 8:
+            _pack_bits(graph, fake_mode, m, bw_users)
+            packed += 1
+    return folded, packed
+
+
+def _fold_into_codes(graph: fx.Graph, fake_mode, m: fx.Node, c: fx.Node, mask_users: list[fx.Node]) -> None:
+    order = node_order(graph)
+    fw_users = [u for u in c.users if _is_forward(u)]
+    anchor = max([m, c, *fw_users], key=lambda n: order[n])  # after the forward GEMM: keeps quantize->qgemm fusable
+    code_users = [u for u in c.users if not _is_forward(u)]
+    with graph.inserting_before(anchor.next):
+        nc = _call(graph, fake_mode, aten.bitwise_not.default, (c,), c, forward=True)
+        e = _call(graph, fake_mode, aten.where.self, (m, c, nc), c, forward=True)
+    _must_save(e)
+    m.meta.pop("recompute", None)
+    m.meta.pop("ac_graph_id", None)
+    m.meta["fqt"].update(storage="sign bit of int8 codes", codes=c.name, encoded=e.name, bytes=0)
+    e.meta["fqt"] = {"kind": "mask_codes", "mask": m.name, "codes": c.name}
+    first = min(mask_users + code_users, key=lambda n: node_order(graph)[n])
+    with graph.inserting_before(first):
+        m2 = _call(graph, fake_mode, aten.ge.Scalar, (e, 0), first, forward=False)
+        ne = _call(graph, fake_mode, aten.bitwise_not.default, (e,), first, forward=False)
+        c2 = _call(graph, fake_mode, aten.where.self, (m2, e, ne), first, forward=False)
+    c2.meta["fqt"] = {"kind": "codes_decode", "codes": c.name}
+    for u in mask_users:
+        u.replace_input_with(m, m2)
+    for u in code_users:
+        u.replace_input_with(c, c2)
+
+
+def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]) -> None:
+    val = m.meta["val"]
+    shape, numel, dev = list(val.shape), int(val.numel()), val.device
+    pad = (-numel) % 8
+    with graph.inserting_before(m.next):
+        flat = _call(graph, fake_mode, aten.view.default, (m, [-1]), m, forward=True)
+        u8 = _call(graph, fake_mode, aten._to_copy.default, (flat,), m, {"dtype": torch.uint8}, forward=True)
+        if pad:
+            u8 = _call(graph, fake_mode, aten.constant_pad_nd.default, (u8, [0, pad], 0), m, forward=True)
+        rows = _call(graph, fake_mode, aten.view.default, (u8, [-1, 8]), m, forward=True)
+        sh = _call(graph, fake_mode, aten.arange.default, (8,), m, {"dtype": torch.uint8, "device": dev},
+                   forward=True)
+        bits = _call(graph, fake_mode, aten.bitwise_left_shift.Tensor, (rows, sh), m, forward=True)
+        # the eight shifted bits are disjoint, so their uint8 sum is their bitwise OR (no carry)
+        p = _call(graph, fake_mode, aten.sum.dim_IntList, (bits, [1], False), m, {"dtype": torch.uint8},
+                  forward=True)
+    _must_save(p)
+    m.meta.pop("recompute", None)
+    m.meta.pop("ac_graph_id", None)
+    m.meta["fqt"].update(storage="packed 8 per byte", packed=p.name, bytes=_nbytes(p.meta["val"]))
+    p.meta["fqt"] = {"kind": "mask_packed", "mask": m.name}
+    first = min(mask_users, key=lambda n: node_order(graph)[n])
+    with graph.inserting_before(first):
+        sh2 = _call(graph, fake_mode, aten.arange.default, (8,), first, {"dtype": torch.uint8, "device": dev},
+                    forward=False)
+        col = _call(graph, fake_mode, aten.unsqueeze.default, (p, 1), first, forward=False)
+        r = _call(graph, fake_mode, aten.bitwise_right_shift.Tensor, (col, sh2), first, forward=False)
+        a = _call(graph, fake_mode, aten.bitwise_and.Scalar, (r, 1), first, forward=False)
+        b = _call(graph, fake_mode, aten.ne.Scalar, (a, 0), first, forward=False)
+        f = _call(graph, fake_mode, aten.view.default, (b, [-1]), first, forward=False)
+        if pad:
+            f = _call(graph, fake_mode, aten.slice.Tensor, (f, 0, 0, numel), first, forward=False)
+        m2 = _call(graph, fake_mode, aten.view.default, (f, shape), first, forward=False)
+    for u in mask_users:
+        u.replace_input_with(m, m2)
+
+
+# -- attention probabilities -----------------------------------------------------------------------------------
+_SOFTMAX = (aten._softmax.default, aten._safe_softmax.default)
+# ops the scores -> softmax chain may hold and backward may re-run: GEMMs on saved codes, views, pointwise math,
+# and the (data-independent) causal-mask construction
+_RECOMPUTABLE = {
+    fqt.qgemm.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+    aten.clone.default, aten.transpose.int, aten.t.default, aten.permute.default, aten.mul.Tensor, aten.mul.Scalar,
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.div.Tensor, aten.div.Scalar, aten.where.self,
+    aten.scalar_tensor.default, aten.ones.default, aten.zeros.default, aten.full.default, aten.tril.default,
+    aten.triu.default, aten.logical_not.default, aten.masked_fill.Scalar, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.slice.Tensor, aten.arange.default, aten.arange.start, aten.ge.Tensor, aten.le.Tensor,
+    aten.eq.Tensor, aten._to_copy.default, aten.detach.default, aten.alias.default, *_SOFTMAX,
+}
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+          aten.clone.default, aten.transpose.int, aten.t.default, aten.permute.default, aten.detach.default,
+          aten.alias.default)
+
+
+def _saved_anyway(n: fx.Node) -> bool:
+    """Is ``n`` a graph input, the step, or quantizer output (codes/scale) that backward reads anyway?"""
+    if n.op == "placeholder" or n.target == fqt.step.default:
+        return True
+    if n.target is operator.getitem and n.args[0].target == fqt.quantize.default:
+        return any(not _is_forward(u) for u in n.users) or (n.args[0].meta.get("fqt") or {}).get("is_weight")
+    return False
+
+
+def _recompute_chain(s: fx.Node, limit: int = 64) -> set[fx.Node] | None:
+    """The forward nodes between ``s`` and tensors backward holds anyway (int8 codes of Q and K), if they are all
+    cheap to re-run (`_RECOMPUTABLE`), else None."""
+    chain: set[fx.Node] = set()
+    stack = [s]
+    while stack:
+        n = stack.pop()
+        if n in chain or _saved_anyway(n):
+            continue
+        if n.op != "call_function" or n.target not in _RECOMPUTABLE or not _is_forward(n) or len(chain) >= limit:
+            return None
+        chain.add(n)
+        stack.extend(n.all_input_nodes)
+    return chain if any(n.target == fqt.qgemm.default for n in chain) else None
+
+
+def recompute_attention_probs(gm: fx.GraphModule) -> int:
+    """Attention probabilities P = softmax(Q K^T) are saved by no one: backward re-runs the chain from the int8
+    codes of Q and K (which the dQ / dK GEMMs save anyway), as FlashAttention does (Dao et al. 2022, sec. 3.1:
+    recompute the attention matrix in backward instead of storing it), and re-quantizes P for the dV GEMM. The
+    re-run uses the same codes, ops and stochastic-rounding key, so backward sees exactly the forward's P: the
+    softmax backward and dV are as exact as with P saved in fp32, at the cost of one more Q K^T product. Returns
+    the number of softmax nodes handled; the others fall back to `quantize_saved_activations`."""
+    graph = gm.graph
+    count = 0
+    for s in [n for t in _SOFTMAX for n in graph.find_nodes(op="call_function", target=t)]:
+        if not _is_forward(s):
+            continue
+        readers = _backward_readers(s)
+        # P's own consumers in backward: the softmax backward, and P's quantizer(s) through views
+        consumers: set[fx.Node] = set()
+        stack = [s]
+        ok = True
+        while stack and ok:
+            n = stack.pop()
+            for u in n.users:
+                if not _is_forward(u):
+                    ok = ok and (u.target == aten._softmax_backward_data.default and u.args[1] is n
+                                 or u.target in IDENTITIES)
+                elif u.target in _VIEWS:
+                    consumers.add(u)
+                    stack.append(u)
+                elif u.target == fqt.quantize.default:
+                    consumers.add(u)
+                    consumers.update(g for g in u.users if g.target is operator.getitem)
+        if not ok or not any(r.target == aten._softmax_backward_data.default for r, _ in readers):
+            continue
+        chain = _recompute_chain(s)
+        if chain is None:
+            continue
+        for n in chain | consumers:
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            n.meta["ac_graph_id"] = 0
+        val = s.meta["val"]
+        s.meta["fqt"] = {"kind": "saved_activation", "op": "softmax", "bits": 0, "rounding": "-",
+                         "storage": "recomputed in backward from the Q/K codes", "base": s.name,
+                         "shape": list(val.shape), "fp32_bytes": _nbytes(val), "bytes": 0}
+        count += 1
+    return count

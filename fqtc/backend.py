@@ -16,7 +16,7 @@ import contextlib
 import re
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -27,6 +27,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fqtc.ops  # noqa: F401  (registers the fqt:: ops)
+from fqtc.codegen.inductor_cpu import decompose_for_inductor
 from fqtc.codegen.lower import wrap_compiler
 from fqtc.config import FQTConfig
 from fqtc.passes import PassResult, run_passes
@@ -45,6 +46,8 @@ class CompiledGraph:
     backward: fx.GraphModule | None = None
     inference: fx.GraphModule | None = None
     result: PassResult | None = None
+    # the graphs as handed to the graph compiler after fqtc's codegen passes (Inductor receives copies)
+    compiled: list[fx.GraphModule] = field(default_factory=list)
 
     @property
     def records(self) -> list[dict]:
@@ -118,11 +121,22 @@ class _ObservingInterpreter(fx.Interpreter):
         return out
 
 
-def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None) -> Callable:
+def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None,
+                   cg: CompiledGraph | None = None) -> Callable:
     if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
-        return compile_fx_inner
+        def inductor(gm: fx.GraphModule, example_inputs: Any) -> Callable:
+            # CPU: fqt ops become aten ops Inductor fuses with their producers (fqtc/codegen/inductor_cpu.py)
+            done = decompose_for_inductor(gm)
+            if cg is not None:
+                cg.compiled.append(gm)
+                for rec in cg.records:
+                    if rec.get("node") in done["codegen"]:
+                        rec["codegen"] = done["codegen"][rec["node"]]
+            return compile_fx_inner(gm, example_inputs)
+
+        return inductor
 
     def eager(gm: fx.GraphModule, example_inputs: Any) -> Callable:
         if observer is not None:
@@ -146,7 +160,7 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]
     cg = CompiledGraph(config, names)
     # CUDA graphs: fuse quantize->qgemm chains into the Triton kernels first (issue 6, fqtc/codegen/lower.py)
-    compiler = wrap_compiler(_make_compiler(config, observer))
+    compiler = wrap_compiler(_make_compiler(config, observer, cg))
 
     def weight_nodes_of(graph: fx.Graph) -> set[fx.Node]:
         phs = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fqtc.quant import gemm as _gemm
+from fqtc.quant import rng as _rng
 from fqtc.quant import uniform as _uniform
 
 # -- step counter ------------------------------------------------------------------------------------------------
@@ -49,6 +50,18 @@ def step(device: torch.device) -> Tensor:
 @step.register_fake
 def _(device: torch.device) -> Tensor:
     return torch.empty((), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("fqt::stream_key", mutates_args=())
+def stream_key(seed: int, stream: int, step: Tensor) -> Tensor:
+    """The 0-d int64 key of one stochastic-rounding stream at this step (`fqtc.quant.rng.stream_key`): computed
+    once per quantizer in compiled CPU graphs, where Inductor would otherwise recompute it per vector of elements."""
+    return _rng.stream_key(seed, step, stream).to(step.device)
+
+
+@stream_key.register_fake
+def _(seed: int, stream: int, step: Tensor) -> Tensor:
+    return torch.empty((), dtype=torch.int64, device=step.device)
 
 
 # -- quantize ----------------------------------------------------------------------------------------------------

@@ -57,7 +57,15 @@ def probe_cpu_gemm() -> dict:
     """Decide the CPU integer GEMM once per process: capability, int8-dot flags and a ~10 ms probe.
 
     Returns ``{"path", "reason", "capability", "flags", "int_mm_ms", "fp32_ms"}`` (what `fqtc.explain` and the
-    benchmarks print beside their timings)."""
+    benchmarks print beside their timings). Safe to call while a graph is being traced: the probe runs on real
+    tensors outside any fake or proxy mode."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return _probe()
+
+
+def _probe() -> dict:
     cap = torch.backends.cpu.get_cpu_capability()
     flags = cpu_int8_dot_flags()
     info: dict = {"capability": cap, "flags": flags, "int_mm_ms": None, "fp32_ms": None}

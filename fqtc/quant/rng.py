@@ -90,7 +90,13 @@ def mix32_i32(x: torch.Tensor) -> torch.Tensor:
 
 def uniform_like(x: torch.Tensor, seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor:
     """One U[0, 1) draw per element of ``x`` (row-major element index), keyed by (seed, step, stream)."""
-    key = stream_key(seed, step, stream).to(x.device)
+    return uniform_like_key(x, stream_key(seed, step, stream))
+
+
+def uniform_like_key(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """`uniform_like` from a precomputed `stream_key` (0-d int64): a compiled graph computes the key once per
+    quantizer instead of once per vector of elements (fqtc/codegen/inductor_cpu.py)."""
+    key = key.to(x.device)
     n = x.numel()
     if n >= (1 << 31):
         idx = torch.arange(n, device=x.device, dtype=torch.int64).view(x.shape)

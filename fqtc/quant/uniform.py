@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from fqtc.quant.rng import uniform_like
+from fqtc.quant.rng import uniform_like, uniform_like_key
 
 
 def qmax_for(bits: int) -> int:
@@ -46,7 +46,8 @@ def scale_from_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
     scale and an Inf amax an Inf scale (the module's non-finite policy)."""
     amax = amax.float()
     scale = amax / qmax_for(bits)
-    return torch.where(amax > 0, scale, torch.where(torch.isnan(amax), amax, torch.ones_like(scale)))
+    # amax != amax: isnan as a comparison, which Inductor vectorizes
+    return torch.where(amax > 0, scale, torch.where(amax != amax, amax, torch.ones_like(scale)))
 
 
 def absmax_scale(x: torch.Tensor, bits: int, reduce_dims: Sequence[int]) -> torch.Tensor:
@@ -71,20 +72,24 @@ def check_amax(amax: torch.Tensor, x: torch.Tensor, reduce_dims: Sequence[int]) 
 def to_int8_codes(q: torch.Tensor) -> torch.Tensor:
     """Integer-valued fp32 codes (already clamped) as int8; a NaN code (a non-finite group) becomes 0, because
     casting NaN to an integer is undefined."""
-    return torch.where(torch.isnan(q), torch.zeros_like(q), q).to(torch.int8)
+    # q == q is false exactly for NaN (an isnan that vectorizes when Inductor compiles this function)
+    return torch.where(q == q, q, torch.zeros_like(q)).to(torch.int8)
 
 
 def round_codes(
-    y: torch.Tensor, qmax: int, rounding: str, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0
+    y: torch.Tensor, qmax: int, rounding: str, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0,
+    key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Round real-valued codes ``y`` to integers in [-qmax, qmax] (still float32)."""
+    """Round real-valued codes ``y`` to integers in [-qmax, qmax] (still float32). ``key``: the precomputed
+    `fqtc.quant.rng.stream_key` of (seed, step, stream), when the caller has it."""
     if rounding == "nearest":
         q = torch.round(y)
     elif rounding == "stochastic":
-        q = torch.floor(y + uniform_like(y, seed, step, stream))
+        u = uniform_like(y, seed, step, stream) if key is None else uniform_like_key(y, key)
+        q = torch.floor(y + u)
     else:
         raise ValueError(f"unknown rounding {rounding!r}; allowed: nearest, stochastic")
-    return q.clamp_(-qmax, qmax)
+    return q.clamp(-qmax, qmax)  # out of place: Inductor fuses it (an in-place op would stay an extern call)
 
 
 def quantize(
@@ -96,19 +101,21 @@ def quantize(
     step: torch.Tensor | int = 0,
     stream: int = 0,
     amax: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to int8 codes and an fp32 keepdim scale shared over ``reduce_dims``.
 
     ``reduce_dims`` = all dims gives a per-tensor scale; ``[-1]`` one scale per row (token/sample); ``[0]`` on a
     2-D tensor one scale per column (channel). ``amax``: the keepdim group abs-max (`group_amax`) when the caller
     already has it (the codegen pass computes it in ``x``'s producer); the scale is made from it as given and codes
-    beyond ``±qmax`` saturate, so with the exact abs-max the result equals ``amax=None`` bit for bit.
+    beyond ``±qmax`` saturate, so with the exact abs-max the result equals ``amax=None`` bit for bit. ``key``: the
+    precomputed `fqtc.quant.rng.stream_key` (same bits as computing it from seed, step and stream).
     """
     if amax is None:
         scale = absmax_scale(x, bits, reduce_dims)
     else:
         scale = scale_from_amax(check_amax(amax, x, reduce_dims), bits)
-    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed, step, stream)
+    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed, step, stream, key)
     return to_int8_codes(q), scale
 
 

@@ -13,6 +13,7 @@ Inference (no-grad) graphs get the same passes on the forward-only graph.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import threading
 from collections import deque
@@ -27,7 +28,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fqtc.ops  # noqa: F401  (registers the fqt:: ops)
-from fqtc.codegen.inductor_cpu import decompose_for_inductor
+from fqtc.codegen.inductor_cpu import decompose_for_inductor, retrace_with_inductor_decompositions
 from fqtc.codegen.lower import wrap_compiler
 from fqtc.config import FQTConfig
 from fqtc.passes import PassResult, run_passes
@@ -48,6 +49,7 @@ class CompiledGraph:
     result: PassResult | None = None
     # the graphs as handed to the graph compiler after fqtc's codegen passes (Inductor receives copies)
     compiled: list[fx.GraphModule] = field(default_factory=list)
+    compilers: list[str] = field(default_factory=list)  # "eager" or "inductor", per compiled graph
 
     @property
     def records(self) -> list[dict]:
@@ -121,22 +123,19 @@ class _ObservingInterpreter(fx.Interpreter):
         return out
 
 
+def _resolve_compiler(config: FQTConfig, gm: fx.GraphModule, example_inputs: Any) -> str:
+    """``config.compiler`` with ``auto`` resolved for this graph (see `FQTConfig`)."""
+    if config.compiler != "auto":
+        return config.compiler
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    # the LWQ update mutates the latent storage in place: it stays one fused op, run as an FX call
+    lwq_step = bool(gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.lwq_update.default))
+    return "eager" if on_cuda or lwq_step else "inductor"
+
+
 def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None,
                    cg: CompiledGraph | None = None) -> Callable:
-    if config.compiler == "inductor":
-        from torch._inductor.compile_fx import compile_fx_inner
-
-        def inductor(gm: fx.GraphModule, example_inputs: Any) -> Callable:
-            # CPU: fqt ops become aten ops Inductor fuses with their producers (fqtc/codegen/inductor_cpu.py)
-            done = decompose_for_inductor(gm)
-            if cg is not None:
-                cg.compiled.append(gm)
-                for rec in cg.records:
-                    if rec.get("node") in done["codegen"]:
-                        rec["codegen"] = done["codegen"][rec["node"]]
-            return compile_fx_inner(gm, example_inputs)
-
-        return inductor
+    """The fw/bw graph compiler: FX modules (``eager``, with the calibration observer when given) or Inductor."""
 
     def eager(gm: fx.GraphModule, example_inputs: Any) -> Callable:
         if observer is not None:
@@ -144,7 +143,28 @@ def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None,
             return make_boxed_func(lambda *args: interp.run(*args))
         return make_boxed_func(gm)
 
-    return eager
+    def inductor(gm: fx.GraphModule, example_inputs: Any) -> Callable:
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        if cg is not None and (gm is cg.forward or gm is cg.inference):
+            gm = copy.deepcopy(gm)  # keep the fqt-level graph that explain and export read
+        # CPU: fqt ops become aten ops Inductor fuses with their producers (fqtc/codegen/inductor_cpu.py)
+        done = decompose_for_inductor(gm)
+        gm = retrace_with_inductor_decompositions(gm, example_inputs)
+        if cg is not None:
+            cg.compiled.append(gm)
+            for rec in cg.records:
+                if rec.get("node") in done["codegen"]:
+                    rec["codegen"] = done["codegen"][rec["node"]]
+        return compile_fx_inner(gm, example_inputs)
+
+    def compile_graph(gm: fx.GraphModule, example_inputs: Any) -> Callable:
+        which = "eager" if observer is not None else _resolve_compiler(config, gm, example_inputs)
+        if cg is not None:
+            cg.compilers.append(which)
+        return (inductor if which == "inductor" else eager)(gm, example_inputs)
+
+    return compile_graph
 
 
 def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | None = None,
@@ -185,13 +205,11 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
         _publish(cg)
         return compiler(fw, inputs)
 
-    kwargs: dict[str, Any] = {}
-    if config.compiler == "inductor":
-        from torch._inductor.decomposition import select_decomp_table
-
-        kwargs["decompositions"] = select_decomp_table()
+    # The joint graph is traced without Inductor's decompositions whichever compiler runs it: fqtc's passes see the
+    # same graph (native norm/activation backward ops, whose saved inputs passes/save_act.py stores in 8 bits) and
+    # make the same decisions for eager and Inductor; the Inductor path decomposes after the passes.
     aot = aot_autograd(fw_compiler=compiler, bw_compiler=compiler, inference_compiler=inference_compiler,
-                       partition_fn=partition_fn, keep_inference_input_mutations=True, **kwargs)
+                       partition_fn=partition_fn, keep_inference_input_mutations=True)
     # Trace attention in its math form so Q.K^T and P.V (and their backward products) are visible bmm's.
     with sdpa_kernel(SDPBackend.MATH):
         return aot(gm, example_inputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -313,7 +314,13 @@ class FQTConfig:
         log_sqnr: site/module-path globs or roles whose quantizers log their SQNR and range on every step
             (debug switch, issue 7): to the ``fqtc.debug`` logger and to `fqtc.inspect.sqnr_log`. ``True`` = all.
         partitioner: ``min_cut`` (default) or ``default``, the AOTAutograd partitioner run after the rewrite.
-        compiler: ``eager`` (run fw/bw graphs as FX modules) or ``inductor`` (compile them with Inductor).
+        compiler: ``auto`` (default), ``eager`` or ``inductor``. ``eager`` runs the fw/bw graphs as FX modules
+            (the reference path, each fqt op a separate call); ``inductor`` compiles them with Inductor, which on
+            CPU inlines the fqt ops so their quantizers fuse into the surrounding loops, bit-identical to ``eager``
+            (docs/kernels.md, "CPU graphs under Inductor"). ``auto`` takes ``inductor`` for CPU training and
+            inference graphs and ``eager`` for CUDA graphs (which run fqtc's own Triton kernels) and for the
+            latent-weight update graphs of a compiled optimizer step. The environment variable ``FQTC_COMPILER``
+            changes the default.
         budget: with ``bits="auto"``: the average bits per quantized gradient element (``grad_output`` operands,
             weighted by element count), a number from 2 to 8, e.g. 4.5 (docs/bit_assignment.md).
         calibration: with ``bits="auto"``: the `fqtc.calibrate.Calibration` returned by ``fqtc.calibrate``.
@@ -336,7 +343,8 @@ class FQTConfig:
     keep_fp: tuple[str, ...] = ()
     log_sqnr: tuple[str, ...] = ()
     partitioner: str = "min_cut"
-    compiler: str = "eager"
+    # FQTC_COMPILER sets the default (e.g. ``eager`` to debug a model without editing its options)
+    compiler: str = field(default_factory=lambda: os.environ.get("FQTC_COMPILER", "auto"))
     budget: float | None = None
     calibration: Any = field(default=None, compare=False, repr=False)
     auto_objective: str = "relative"
@@ -380,8 +388,8 @@ class FQTConfig:
                              f"grad_quantizer='aq' (got {self.grad_quantizer!r}); other quantizers take G2..G8")
         if self.partitioner not in ("min_cut", "default"):
             raise _bad("partitioner", self.partitioner, "min_cut, default")
-        if self.compiler not in ("eager", "inductor"):
-            raise _bad("compiler", self.compiler, "eager, inductor")
+        if self.compiler not in ("auto", "eager", "inductor"):
+            raise _bad("compiler", self.compiler, "auto, eager, inductor")
 
     @staticmethod
     def from_options(options: Mapping[str, Any] | "FQTConfig" | None = None) -> "FQTConfig":

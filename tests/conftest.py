@@ -13,6 +13,11 @@ if os.environ.get("FQTC_TEST_DEVICE", "cpu") == "cuda":
 else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite runs fqt graphs as FX modules (``compiler="eager"``) unless a test asks for another compiler: the
+# default ``auto`` compiles CPU graphs with Inductor (tens of seconds per model on two cores), and
+# tests/compile/test_inductor_cpu.py shows that path computes the eager path's bits.
+os.environ.setdefault("FQTC_COMPILER", "eager")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

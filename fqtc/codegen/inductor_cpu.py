@@ -178,3 +178,21 @@ def decompose_for_inductor(gm: fx.GraphModule) -> dict[str, Any]:
         gm.graph.lint()
         gm.recompile()
     return out
+
+
+def retrace_with_inductor_decompositions(gm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
+    """``gm`` retraced through Inductor's decomposition table, which ``compile_fx_inner`` expects.
+
+    The backend traces the joint graph without Inductor's decompositions, so fqtc's passes see the same graph for
+    every compiler (native LayerNorm / BatchNorm / activation backward ops included); this turns the partitioned
+    graph into the decomposed form Inductor lowers. Values are traced under the graph's fake mode, so symbolic
+    shapes stay symbolic."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._inductor.decomposition import select_decomp_table
+
+    fake_mode = graph_fake_mode(gm.graph)
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    with fake_mode, enable_python_dispatcher():
+        new = make_fx(fx.Interpreter(gm).run, select_decomp_table(), tracing_mode="real")(*vals)
+    new.meta.update(gm.meta)
+    return new

@@ -78,9 +78,11 @@ def compress_relu_masks(gm: fx.GraphModule) -> int:
             m.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             m.meta["ac_graph_id"] = 0
             val = m.meta["val"]
+            # symbolic sizes stay unspecialized (int() of a SymInt would add a guard and force recompiles)
+            n_el = int(val.numel()) if all(isinstance(d, int) for d in val.shape) else None
             m.meta["fqt"] = {"kind": "relu_mask", "op": op, "source": base.name, "bits": 1,
-                             "shape": list(val.shape), "fp32_bytes": int(val.numel()) * 4,
-                             "bytes": int(val.numel()), "storage": "bool"}
+                             "shape": list(val.shape) if n_el is not None else None,
+                             "fp32_bytes": None if n_el is None else 4 * n_el, "bytes": n_el, "storage": "bool"}
             masks[key] = m
         with graph.inserting_before(tb):
             w = graph.call_function(aten.where.ScalarOther, (masks[key], tb.args[0], 0.0))

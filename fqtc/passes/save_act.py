@@ -162,12 +162,13 @@ def _must_save(n: fx.Node) -> None:
     n.meta["ac_graph_id"] = 0
 
 
-def _nbytes(val: object) -> int:
-    return int(val.numel()) * val.element_size() if isinstance(val, torch.Tensor) else 0
-
-
 def _static(val: object) -> bool:
     return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
+
+
+def _nbytes(val: object) -> int | None:
+    """Bytes of a fake value; None for a symbolic shape (``int()`` of a SymInt would specialize the graph)."""
+    return int(val.numel()) * val.element_size() if _static(val) else None
 
 
 def save_fp_kinds(config: FQTConfig) -> frozenset[str]:
@@ -410,22 +411,29 @@ def _fold_into_codes(graph: fx.Graph, fake_mode, m: fx.Node, c: fx.Node, mask_us
         u.replace_input_with(c, c2)
 
 
+def _powers_of_two(graph: fx.Graph, fake_mode, meta_from: fx.Node, dev: torch.device, forward: bool) -> fx.Node:
+    """[1, 2, 4, ..., 128] (int32): the weight of bit k in a packed byte."""
+    k = _call(graph, fake_mode, aten.arange.default, (8,), meta_from, {"dtype": torch.int32, "device": dev},
+              forward=forward)
+    return _call(graph, fake_mode, aten.pow.Scalar, (2, k), meta_from, forward=forward)
+
+
 def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]) -> None:
     val = m.meta["val"]
     shape, numel, dev = list(val.shape), int(val.numel()), val.device
     pad = (-numel) % 8
     with graph.inserting_before(m.next):
         flat = _call(graph, fake_mode, aten.view.default, (m, [-1]), m, forward=True)
-        u8 = _call(graph, fake_mode, aten._to_copy.default, (flat,), m, {"dtype": torch.uint8}, forward=True)
+        # bit k of each byte is element 8i+k: a dot product with the powers of two (the bits are disjoint, so the
+        # sum is their bitwise OR), in int32 arithmetic that ONNX Mul/ReduceSum/BitwiseAnd accept (fqtc.export.onnx)
+        i32 = _call(graph, fake_mode, aten._to_copy.default, (flat,), m, {"dtype": torch.int32}, forward=True)
         if pad:
-            u8 = _call(graph, fake_mode, aten.constant_pad_nd.default, (u8, [0, pad], 0), m, forward=True)
-        rows = _call(graph, fake_mode, aten.view.default, (u8, [-1, 8]), m, forward=True)
-        sh = _call(graph, fake_mode, aten.arange.default, (8,), m, {"dtype": torch.uint8, "device": dev},
-                   forward=True)
-        bits = _call(graph, fake_mode, aten.bitwise_left_shift.Tensor, (rows, sh), m, forward=True)
-        # the eight shifted bits are disjoint, so their uint8 sum is their bitwise OR (no carry)
-        p = _call(graph, fake_mode, aten.sum.dim_IntList, (bits, [1], False), m, {"dtype": torch.uint8},
-                  forward=True)
+            i32 = _call(graph, fake_mode, aten.constant_pad_nd.default, (i32, [0, pad], 0), m, forward=True)
+        rows = _call(graph, fake_mode, aten.view.default, (i32, [-1, 8]), m, forward=True)
+        w = _powers_of_two(graph, fake_mode, m, dev, True)
+        total = _call(graph, fake_mode, aten.sum.dim_IntList, (_call(graph, fake_mode, aten.mul.Tensor, (rows, w), m,
+                                                                      forward=True), [1], False), m, forward=True)
+        p = _call(graph, fake_mode, aten._to_copy.default, (total,), m, {"dtype": torch.uint8}, forward=True)
     _must_save(p)
     m.meta.pop("recompute", None)
     m.meta.pop("ac_graph_id", None)
@@ -433,11 +441,10 @@ def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]
     p.meta["fqt"] = {"kind": "mask_packed", "mask": m.name}
     first = min(mask_users, key=lambda n: node_order(graph)[n])
     with graph.inserting_before(first):
-        sh2 = _call(graph, fake_mode, aten.arange.default, (8,), first, {"dtype": torch.uint8, "device": dev},
-                    forward=False)
+        w2 = _powers_of_two(graph, fake_mode, first, dev, False)
         col = _call(graph, fake_mode, aten.unsqueeze.default, (p, 1), first, forward=False)
-        r = _call(graph, fake_mode, aten.bitwise_right_shift.Tensor, (col, sh2), first, forward=False)
-        a = _call(graph, fake_mode, aten.bitwise_and.Scalar, (r, 1), first, forward=False)
+        col = _call(graph, fake_mode, aten._to_copy.default, (col,), first, {"dtype": torch.int32}, forward=False)
+        a = _call(graph, fake_mode, aten.bitwise_and.Tensor, (col, w2), first, forward=False)
         b = _call(graph, fake_mode, aten.ne.Scalar, (a, 0), first, forward=False)
         f = _call(graph, fake_mode, aten.view.default, (b, [-1]), first, forward=False)
         if pad:
@@ -530,6 +537,6 @@ def recompute_attention_probs(gm: fx.GraphModule) -> int:
         val = s.meta["val"]
         s.meta["fqt"] = {"kind": "saved_activation", "op": "softmax", "bits": 0, "rounding": "-",
                          "storage": "recomputed in backward from the Q/K codes", "base": s.name,
-                         "shape": list(val.shape), "fp32_bytes": _nbytes(val), "bytes": 0}
+                         "shape": [d if isinstance(d, int) else str(d) for d in val.shape], "fp32_bytes": _nbytes(val), "bytes": 0}
         count += 1
     return count

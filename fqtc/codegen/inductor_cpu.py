@@ -195,4 +195,10 @@ def retrace_with_inductor_decompositions(gm: fx.GraphModule, example_inputs: Any
     with fake_mode, enable_python_dispatcher():
         new = make_fx(fx.Interpreter(gm).run, select_decomp_table(), tracing_mode="real")(*vals)
     new.meta.update(gm.meta)
+    # random ops (dropout's mask) become Inductor's seeded random ops, as its joint-graph passes would do
+    from torch._inductor.fx_passes.replace_random import replace_random_passes
+    from torch._inductor.virtualized import V
+
+    with V.set_fake_mode(fake_mode):
+        replace_random_passes(new)
     return new

@@ -84,3 +84,16 @@ def test_inductor_training_step_equals_eager_graphs():
             assert torch.ops.aten._int_mm.default in targets
     kernels = {r["codegen"]["kernel"] for r in cg.records if r.get("status") == "quantized"}
     assert kernels == {f"inductor:{qgemm_ref.cpu_gemm_path()}"}
+
+
+def test_inductor_path_with_dropout_trains_quantized():
+    """Dropout's random mask in a retraced graph becomes Inductor's seeded random op (inductor_cpu.py)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    with capture() as cgs:
+        f = torch.compile(m, backend="fqt", options={"compiler": "inductor"})
+        f(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert cgs[0].compilers == ["inductor", "inductor"]
+    assert {r["codegen"]["kernel"] for r in cgs[0].records} == {f"inductor:{qgemm_ref.cpu_gemm_path()}"}

@@ -8,7 +8,8 @@ and float arithmetic plus one reduction: Inductor's C++ backend emits one vector
 into ``x``'s producer where it can, and one loop that hashes the element index, rounds and writes int8 codes
 (the element index is a loop variable there, not a tensor). ``fqt::qgemm`` becomes ``aten._int_mm`` (or the exact
 fp32 emulation, whichever `fqtc.quant.gemm.cpu_gemm_path` chose) with its dequantize epilogue
-``acc * a_scale * b_scale + bias`` as pointwise ops that Inductor fuses into the GEMM's consumer.
+``acc * a_scale * b_scale + bias`` as pointwise ops that Inductor fuses into the GEMM's consumer; a batched GEMM
+(attention) keeps its loop of int8 GEMMs as one ``fqt::int_gemm`` op and inlines the same epilogue.
 
 The inlined graph is the reference function traced as it runs (``make_fx`` on the node's fake values), so it
 computes the same bits: IEEE division, round-half-to-even, the same int32 hash; Inductor compiles with
@@ -74,12 +75,16 @@ def _qgemm_fn(node: fx.Node, fake_mode: Any) -> tuple[Callable, list[fx.Node]] |
     vals = [n.meta.get("val") if isinstance(n, fx.Node) else n for n in (a, a_scale, b, b_scale)]
     if any(v is None for v in vals) or _gemm.not_integer_reason(*vals) is not None:
         return None  # a float or partially quantized GEMM: the custom op's reference product stays
-    if vals[0].dim() != 2 or vals[2].dim() != 2:
-        return None  # batched products keep the op (a loop of int8 GEMMs, `fqtc.quant.gemm.int_gemm`)
     tensors = [a, a_scale, b, b_scale] + ([bias] if bias is not None else [])
+    batched = vals[0].dim() != 2 or vals[2].dim() != 2
 
     def fn(av, asv, bv, bsv, *maybe_bias):
-        return _gemm.scaled_gemm(av, asv, bv, bsv, maybe_bias[0] if maybe_bias else None, out_dtype)
+        bias_v = maybe_bias[0] if maybe_bias else None
+        if not batched:  # aten._int_mm (or the exact fp32 emulation), as the reference runs it
+            return _gemm.scaled_gemm(av, asv, bv, bsv, bias_v, out_dtype)
+        # a batched product (attention): the loop of int8 GEMMs stays one extern op, its epilogue is inlined
+        out = fqt.int_gemm.default(av, bv).float() * asv * bsv
+        return (out if bias_v is None else out + bias_v.float()).to(out_dtype)
 
     return fn, tensors
 
@@ -163,7 +168,7 @@ def decompose_for_inductor(gm: fx.GraphModule) -> dict[str, Any]:
         if got is None or not (_static(first) and all(_static(n.meta.get("val")) for n in got[1])):
             out["kept_ops"] += 1
             if is_gemm:
-                why = "symbolic shapes" if got is not None else "float, partially quantized or batched product"
+                why = "symbolic shapes" if got is not None else "float or partially quantized product"
                 out["codegen"][node.name] = {"device": "cpu", "kernel": "reference", "fused": False, "reason": why}
             continue
         name = node.name

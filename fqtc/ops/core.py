@@ -56,6 +56,8 @@ def _(device: torch.device) -> Tensor:
 def stream_key(seed: int, stream: int, step: Tensor) -> Tensor:
     """The 0-d int64 key of one stochastic-rounding stream at this step (`fqtc.quant.rng.stream_key`): computed
     once per quantizer in compiled CPU graphs, where Inductor would otherwise recompute it per vector of elements."""
+    if step.device.type == "cpu":  # host arithmetic on Python ints: one small tensor instead of ~20 tiny ops
+        return torch.tensor(_rng.stream_key_int(seed, int(step), stream), dtype=torch.int64)
     return _rng.stream_key(seed, step, stream).to(step.device)
 
 
@@ -87,6 +89,18 @@ def fake_codes_and_scale(x: Tensor, reduce_dims: list[int]) -> tuple[Tensor, Ten
 @quantize.register_fake
 def _(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     return fake_codes_and_scale(x, reduce_dims)
+
+
+@torch.library.custom_op("fqt::int_gemm", mutates_args=())
+def int_gemm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact int32 ``a @ b`` of int8 codes (batched or 2-D, `fqtc.quant.gemm.int_gemm`): the integer part of a
+    batched `qgemm` in compiled CPU graphs, whose dequantize epilogue Inductor fuses into the consumer."""
+    return _gemm.int_gemm(a, b)
+
+
+@int_gemm.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    return fake_gemm_out(a, b, None, torch.int32)
 
 
 # -- integer GEMM ------------------------------------------------------------------------------------------------

@@ -126,8 +126,8 @@ def _int_mm_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=torch.int32, device=a.device)
-    for i in range(a3.shape[0]):  # attention's bmm: one int8 GEMM per (batch, head)
-        out[i] = _int_mm_2d(a3[i], b3[i])
+    for i in range(a3.shape[0]):  # attention's bmm: one int8 GEMM per (batch, head), written in place
+        torch._int_mm(a3[i], b3[i], out=out[i])
     return out.view(*batch, a.shape[-2], b.shape[-1])
 
 

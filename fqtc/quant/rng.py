@@ -58,6 +58,14 @@ def stream_key(seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor
     return mix32(k ^ (stream & MASK32))
 
 
+def stream_key_int(seed: int, step: int, stream: int) -> int:
+    """`stream_key` on Python ints (the same 32-bit key), for callers that hold the step on the host."""
+    k = mix32_int(seed ^ GOLDEN)
+    k = mix32_int(k ^ (step & MASK32))
+    k = mix32_int(k ^ ((step >> 32) & MASK32))
+    return mix32_int(k ^ (stream & MASK32))
+
+
 def uniform_from_index(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """U[0, 1) float32 draws for int64 element indices under ``key`` (24 random bits: exact in fp32)."""
     h = mix32((index & MASK32) ^ key)

@@ -46,12 +46,15 @@ def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]
         if not any(f"fqt: {d} matched no GEMM operand" in str(w.message) for d in conv_rules):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     counters.update(tag_saves(gm))
-    counters.update(quantize_saved_activations(gm, config))  # 8-bit non-GEMM saved tensors, packed masks
     records = [p.node.meta["fqt"] for p in plans]
     # the rewritten GEMM's record lives on the qgemm node now; re-read it from there
     by_orig = {n.meta["fqt"].get("original_node"): n.meta["fqt"] for n in gm.graph.nodes
                if n.meta.get("fqt", {}).get("original_node")}
     records = [by_orig.get(r["node"], r) for r in records] + unlinked + conv_records
+    # a graph whose GEMMs are all kept in full precision is the FP path (a graph without GEMMs is not)
+    any_quantized = not records or any(r.get("status") == "quantized" for r in records)
+    # 8-bit non-GEMM saved tensors, packed masks
+    counters.update(quantize_saved_activations(gm, config, any_quantized))
     counters["sites"] = len(sites)
     counters["latent_weights"] = len(latent)
     return PassResult(sites, plans, records, counters)

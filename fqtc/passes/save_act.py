@@ -41,8 +41,9 @@ the error is at most ``1/254`` (nearest). Measured gradient SQNR of this one qua
 model with the tensor kept fp32 (option ``save_fp``), tests/passes/test_saved_activations.py, minimum over input and
 weight gradients: BatchNorm 44 dB, LayerNorm 47 dB, GELU 42 dB, SiLU 45 dB, tanh 46 dB, sigmoid 47 dB, softmax
 31 dB, log_softmax 44 dB (docs/saved_activations.md has the table and the tested floors). Attention softmaxes whose
-input is re-computable from saved Q/K codes are not saved at all (`recompute_attention_probs`, exact). Masks are exact. Non-finite values are never hidden: a
-group holding a NaN / Inf gets a NaN / Inf scale (`fqtc.quant.uniform`) so its dequantized values, and the
+input is re-computable from saved Q/K codes are not saved at all (`recompute_attention_probs`, exact). Masks are
+exact. Non-finite values are never hidden: a group holding a NaN / Inf gets a NaN / Inf scale
+(`fqtc.quant.uniform`) so its dequantized values, and the
 gradients computed from them, are NaN.
 
 **Masks.** A ReLU mask is 1 bit of information. When the activation the next GEMM quantizes is the ReLU/ReLU6
@@ -177,16 +178,20 @@ def save_fp_kinds(config: FQTConfig) -> frozenset[str]:
     return frozenset(SAVE_FP_KINDS) if "all" in kinds else frozenset(kinds)
 
 
-def quantize_saved_activations(gm: fx.GraphModule, config: FQTConfig) -> dict[str, int]:
+def quantize_saved_activations(gm: fx.GraphModule, config: FQTConfig, any_quantized: bool = True) -> dict[str, int]:
     """Rewrite the joint graph so the backward ops in `HANDLERS` read 8-bit codes saved in forward, then fold or
     pack the ReLU masks. Returns counters ``saved_activations_8bit``, ``relu_masks_in_codes``,
     ``relu_masks_packed``. Every new quantizer's ``meta["fqt"]`` is a record of kind ``saved_activation``
-    (op, bits, rounding, reduce_dims, base, shape, fp32_bytes, bytes) that `fqtc.inspect` reports."""
+    (op, bits, rounding, reduce_dims, base, shape, fp32_bytes, bytes) that `fqtc.inspect` reports.
+
+    ``any_quantized=False`` (the graph has GEMMs and every one is kept in full precision, e.g. ``keep_fp`` of every
+    role or a ``"*": "fp"`` rule) leaves the saved activations in fp32 too: a graph whose every GEMM is in full
+    precision is the FP path, which must equal eager (docs/architecture.md). Masks are still compacted (exact)."""
     graph = gm.graph
     fake_mode = graph_fake_mode(graph)
     keep = save_fp_kinds(config)
     count = recomputed = 0
-    if config.bits.activation is not None:
+    if config.bits.activation is not None and any_quantized:
         if "softmax" not in keep:
             recomputed = recompute_attention_probs(gm)
         count = _quantize(gm, fake_mode, config, keep)
@@ -537,6 +542,7 @@ def recompute_attention_probs(gm: fx.GraphModule) -> int:
         val = s.meta["val"]
         s.meta["fqt"] = {"kind": "saved_activation", "op": "softmax", "bits": 0, "rounding": "-",
                          "storage": "recomputed in backward from the Q/K codes", "base": s.name,
-                         "shape": [d if isinstance(d, int) else str(d) for d in val.shape], "fp32_bytes": _nbytes(val), "bytes": 0}
+                         "shape": [d if isinstance(d, int) else str(d) for d in val.shape],
+                         "fp32_bytes": _nbytes(val), "bytes": 0}
         count += 1
     return count

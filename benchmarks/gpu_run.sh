@@ -35,5 +35,5 @@ for M, N, K in [(4096, 4096, 4096), (8192, 11008, 4096), (16, 4096, 4096), (4096
             print(f"{name:22} {row:18} failed: {type(e).__name__}: {str(e)[:100]}")
 PYEOF
 echo "== 4. step time"
-timeout ${T_STEP:-150} $PY benchmarks/step_time.py --device cuda --width 4096 --batch 4096 --steps 10 --inductor 2>&1 | tee "$OUT/step_time.txt" | tail -12
+timeout ${T_STEP:-150} $PY benchmarks/step_time.py --device cuda --models mlp --threads 1 --width 4096 --batch 4096 --steps 10 --out "$OUT" 2>&1 | tee "$OUT/step_time.txt" | tail -12
 echo "== done"

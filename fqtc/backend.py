@@ -13,7 +13,6 @@ Inference (no-grad) graphs get the same passes on the forward-only graph.
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 import threading
 from collections import deque
@@ -28,7 +27,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fqtc.ops  # noqa: F401  (registers the fqt:: ops)
-from fqtc.codegen.inductor_cpu import decompose_for_inductor, retrace_with_inductor_decompositions
+from fqtc.codegen.inductor_cpu import lower_for_inductor
 from fqtc.codegen.lower import wrap_compiler
 from fqtc.config import FQTConfig
 from fqtc.passes import PassResult, run_passes
@@ -146,11 +145,8 @@ def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None,
     def inductor(gm: fx.GraphModule, example_inputs: Any) -> Callable:
         from torch._inductor.compile_fx import compile_fx_inner
 
-        if cg is not None and (gm is cg.forward or gm is cg.inference):
-            gm = copy.deepcopy(gm)  # keep the fqt-level graph that explain and export read
         # CPU: fqt ops become aten ops Inductor fuses with their producers (fqtc/codegen/inductor_cpu.py)
-        done = decompose_for_inductor(gm)
-        gm = retrace_with_inductor_decompositions(gm, example_inputs)
+        gm, done = lower_for_inductor(gm)
         if cg is not None:
             cg.compiled.append(gm)
             for rec in cg.records:

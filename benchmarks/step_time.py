@@ -40,9 +40,9 @@ Each compiled model is wrapped so its top-level frame has its own code object (`
 which otherwise made the FP32-Inductor GPT fall back to eager submodule frames in the timed rounds. A model whose
 timed rounds compiled anything gets a warning in its rows.
 
-Known failures (torch 2.13, torchao 0.18), shown in the rows: torchao on MiniLM (torchao's backward calls ``.view``
-on a non-contiguous ``grad_output``); fqt with ``compiler="inductor"`` on MiniLM with dropout on (Inductor:
-"should have been handled in replace_random.py"; ``--minilm-dropout off`` puts the encoder in eval mode).
+Known failure (torch 2.13, torchao 0.18), shown in the rows: torchao on MiniLM (torchao's backward calls ``.view``
+on a non-contiguous ``grad_output``). ``--minilm-dropout off`` puts the encoder in eval mode (BERT's only train/eval
+difference is dropout).
 
 Beside every table: CPU model name, the int8 dot-product flags (avx512_vnni, avx_vnni, amx_int8),
 ``torch.backends.cpu.get_cpu_capability()``, fqtc's integer GEMM choice (``fqtc.quant.gemm.probe_cpu_gemm()``),

@@ -17,9 +17,9 @@ division, round-half-to-even, the same int32 hash; Inductor compiles with ``-ffp
 multiply-add) and keeps true division. tests/compile/test_inductor_cpu.py checks codes, scales and GEMM outputs bit
 for bit against the eager reference.
 
-Nodes whose fake values have symbolic shapes (a graph Dynamo recompiled with dynamic shapes) stay custom ops: the
-reference's shape-dependent branches (K-chunking) would add guards after Dynamo has set them. Each GEMM record's
-``codegen`` entry says which form runs.
+Graphs with symbolic shapes (a batch dimension Dynamo made dynamic) are lowered the same way: the references'
+size checks become shape guards, as Inductor's own lowerings add them. Each GEMM record's ``codegen`` entry says
+which form runs.
 
 Before::  q = fqt.quantize(x, 8, [1], "stochastic", seed, stream, step); x8, sx = q[0], q[1]
           out = fqt.qgemm(x8, sx, w8t, swt, bias, float32)
@@ -42,10 +42,6 @@ from fqtc.quant import uniform as _uniform
 fqt = torch.ops.fqt
 
 
-def _static(v: Any) -> bool:
-    return not isinstance(v, torch.Tensor) or all(isinstance(s, int) for s in v.shape)
-
-
 class _NodeTracker(fx.Interpreter):
     """Runs a graph under ``make_fx`` and remembers which node is running, so a decomposition knows its GEMM."""
 
@@ -59,12 +55,11 @@ class _NodeTracker(fx.Interpreter):
 
 
 def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Callable]:
-    """fqt ops -> their reference functions, for CPU tensors with static shapes (else NotImplemented: the op
-    stays an extern call)."""
+    """fqt ops -> their reference functions for CPU tensors (NotImplemented keeps an op as an extern call: another
+    device, or a float / partially quantized product, whose reference multiplies dequantized operands)."""
 
     def quantize(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
-        if x.device.type != "cpu" or not _static(x):
-            info["kept_ops"] += 1
+        if x.device.type != "cpu":
             return NotImplemented
         # the stream key as its own 0-d extern node: computed once, not recomputed in every vector iteration
         key = fqt.stream_key.default(seed, stream, step) if rounding == "stochastic" else None
@@ -76,9 +71,7 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         if a.device.type != "cpu":
             return NotImplemented
         why = None
-        if not all(_static(t) for t in (a, a_scale, b, b_scale, bias)):
-            why = "symbolic shapes"
-        elif _gemm.not_integer_reason(a, a_scale, b, b_scale) is not None:
+        if _gemm.not_integer_reason(a, a_scale, b, b_scale) is not None:
             why = "float or partially quantized product"
         if why is not None:
             info["kept_ops"] += 1

@@ -97,3 +97,29 @@ def test_inductor_path_with_dropout_trains_quantized():
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
     assert cgs[0].compilers == ["inductor", "inductor"]
     assert {r["codegen"]["kernel"] for r in cgs[0].records} == {f"inductor:{qgemm_ref.cpu_gemm_path()}"}
+
+
+def test_dynamic_batch_lowered_and_bit_identical():
+    """A dynamic batch dimension (the last, smaller batch of an epoch): one graph serves every size, with the
+    quantizers and GEMMs inlined, and computes the eager graphs' bits."""
+    results = {}
+    for compiler in ("eager", "inductor"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+        f = torch.compile(m, backend="fqt", dynamic=True, options={"compiler": compiler})
+        outs = []
+        with capture() as cgs:
+            for b in (16, 9, 23):
+                fqtc.set_step(0)
+                x = torch.randn(b, 40, generator=torch.Generator().manual_seed(b))
+                out = f(x)
+                out.sum().backward()
+                outs.append((out.detach(), m[0].weight.grad.clone()))
+                m.zero_grad()
+        results[compiler] = (outs, cgs)
+    (eager, _), (ind, cgs) = results["eager"], results["inductor"]
+    assert len(cgs) == 1  # one dynamic graph for the three batch sizes
+    assert {r["codegen"]["kernel"] for r in cgs[0].records} == {f"inductor:{qgemm_ref.cpu_gemm_path()}"}
+    for (o1, g1), (o2, g2) in zip(eager, ind):
+        assert torch.equal(o1, o2) and torch.equal(g1, g2)

@@ -33,9 +33,9 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fqtc.passes.common import graph_fake_mode
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import uniform as _uniform
 
@@ -107,8 +107,8 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
     # decided on real tensors before any tracing (quant/gemm.py)
     info: dict[str, Any] = {"inlined_quantize": 0, "inlined_qgemm": 0, "kept_ops": 0, "codegen": {},
                             "path": _gemm.cpu_gemm_path()}
-    fake_mode = graph_fake_mode(gm.graph)
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     tracker = _NodeTracker(gm)
     table = {**select_decomp_table(), **_decompositions(tracker, info)}
     with fake_mode, enable_python_dispatcher():

@@ -82,8 +82,7 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         if a.dim() == 2 and b.dim() == 2:  # aten._int_mm (or the exact fp32 emulation), as the reference runs it
             return _gemm.scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
         # a batched product (attention): the loop of int8 GEMMs stays one extern op, its epilogue is inlined
-        out = fqt.int_gemm.default(a, b).float() * a_scale * b_scale
-        return (out if bias is None else out + bias.float()).to(out_dtype)
+        return _gemm.dequantize_epilogue(fqt.int_gemm.default(a, b), a_scale, b_scale, bias, out_dtype)
 
     return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm}
 

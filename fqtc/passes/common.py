@@ -168,6 +168,12 @@ def fp_ops(graph: fx.Graph) -> list[dict[str, str]]:
     return out
 
 
+def is_forward(node: fx.Node) -> bool:
+    """Is ``node`` on the forward side of the joint graph (a placeholder, or tagged/defaulting to ``is_forward``)?
+    The test the save passes use to decide what forward computes and saves for backward."""
+    return node.op == "placeholder" or node.meta.get("partitioner_tag", "is_forward") == "is_forward"
+
+
 def is_backward(node: fx.Node) -> bool:
     """Is ``node`` part of the joint graph's backward (AOTAutograd's partitioner tag / autograd flag)?"""
     return node.meta.get("partitioner_tag") == "is_backward" or bool(node.meta.get("autograd_backward"))

@@ -27,13 +27,9 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from fqtc.passes.common import copy_meta, graph_fake_mode, set_fake_val, strip_operand
+from fqtc.passes.common import copy_meta, graph_fake_mode, is_forward, set_fake_val, strip_operand
 
 aten = torch.ops.aten
-
-
-def _is_forward(n: fx.Node) -> bool:
-    return n.op == "placeholder" or n.meta.get("partitioner_tag", "is_forward") == "is_forward"
 
 
 def _mask_of(tb: fx.Node) -> tuple[fx.Node, tuple, str] | None:
@@ -59,7 +55,7 @@ def compress_relu_masks(gm: fx.GraphModule) -> int:
     targets = (aten.threshold_backward.default, aten.hardtanh_backward.default)
     for tb in [n for t in targets for n in graph.find_nodes(op="call_function", target=t)]:
         found = _mask_of(tb)
-        if found is None or not _is_forward(found[0]):
+        if found is None or not is_forward(found[0]):
             continue
         base, params, op = found
         key = (base, op, params)

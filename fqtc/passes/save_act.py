@@ -71,6 +71,7 @@ from fqtc.passes.common import (
     copy_meta,
     get_or_insert_step,
     graph_fake_mode,
+    is_forward,
     module_of,
     node_order,
     set_fake_val,
@@ -122,10 +123,6 @@ HANDLERS: dict[object, _Handler] = {
 }
 
 
-def _is_forward(n: fx.Node) -> bool:
-    return n.op == "placeholder" or n.meta.get("partitioner_tag", "is_forward") == "is_forward"
-
-
 def _strip_identities(n: fx.Node) -> fx.Node:
     while isinstance(n, fx.Node) and n.op == "call_function" and n.target in IDENTITIES:
         n = n.args[0]
@@ -141,7 +138,7 @@ def _backward_readers(src: fx.Node) -> list[tuple[fx.Node, int]]:
             if u.op == "call_function" and u.target in IDENTITIES:
                 frontier.append(u)
                 continue
-            if _is_forward(u):
+            if is_forward(u):
                 continue
             idx = [i for i, a in enumerate(u.args) if a is n]
             out.append((u, idx[0] if idx else -1))
@@ -209,12 +206,12 @@ def _quantize(gm: fx.GraphModule, fake_mode, config: FQTConfig, keep: frozenset[
     groups: dict[tuple[fx.Node, str], list[fx.Node]] = {}
     for n in list(graph.nodes):
         h = HANDLERS.get(n.target) if n.op == "call_function" else None
-        if h is None or h.kind in keep or _is_forward(n):
+        if h is None or h.kind in keep or is_forward(n):
             continue
         src = _strip_identities(n.args[h.arg])
         val = src.meta.get("val") if isinstance(src, fx.Node) else None
         # only activations produced in forward (graph inputs are alive anyway) in fp32
-        if src.op == "placeholder" or not _is_forward(src) or not isinstance(val, torch.Tensor) \
+        if src.op == "placeholder" or not is_forward(src) or not isinstance(val, torch.Tensor) \
                 or val.dtype != torch.float32 or not _static(val):
             continue
         perm = _dense_order(val)
@@ -271,7 +268,7 @@ def _rewrite_group(graph: fx.Graph, fake_mode, config: FQTConfig, step: fx.Node,
     perm = _dense_order(val)
     qdims = dims if perm is None else sorted(perm.index(d) for d in dims)
     mean, stat, mean_idx = _centering(bn0, h.kind)
-    if mean is not None and not (_is_forward(mean) and _is_forward(stat)):
+    if mean is not None and not (is_forward(mean) and is_forward(stat)):
         mean = None
     module, _ = module_of(src)
     stream = stable_stream("saved_activation", h.kind, module, src.name)
@@ -354,7 +351,7 @@ def _foldable_codes(src: fx.Node, mask_val: torch.Tensor, used: set[fx.Node]) ->
         if not _nonnegative(b):
             continue
         for q in b.users:
-            if q.target != fqt.quantize.default or q.args[0] is not b or not _is_forward(q) or q.args[1] > 8:
+            if q.target != fqt.quantize.default or q.args[0] is not b or not is_forward(q) or q.args[1] > 8:
                 continue
             codes = [u for u in q.users if u.target is operator.getitem and u.args[1] == 0]
             if len(codes) != 1 or codes[0] in used:
@@ -362,8 +359,8 @@ def _foldable_codes(src: fx.Node, mask_val: torch.Tensor, used: set[fx.Node]) ->
             c = codes[0]
             if tuple(c.meta["val"].shape) != tuple(mask_val.shape):
                 continue
-            bw = [u for u in c.users if not _is_forward(u)]
-            fw_views_to_bw = any(not _is_forward(w) for u in c.users if _is_forward(u) for w in u.users)
+            bw = [u for u in c.users if not is_forward(u)]
+            fw_views_to_bw = any(not is_forward(w) for u in c.users if is_forward(u) for w in u.users)
             if bw and not fw_views_to_bw:
                 return c
     return None
@@ -376,9 +373,9 @@ def _compact_masks(gm: fx.GraphModule, fake_mode) -> tuple[int, int]:
     by_name = {n.name: n for n in graph.nodes}
     masks = [n for n in graph.nodes if (n.meta.get("fqt") or {}).get("kind") == "relu_mask"]
     for m in masks:
-        bw_users = [u for u in m.users if not _is_forward(u)]
+        bw_users = [u for u in m.users if not is_forward(u)]
         val = m.meta.get("val")
-        if not bw_users or any(_is_forward(u) for u in m.users) or not _static(val):
+        if not bw_users or any(is_forward(u) for u in m.users) or not _static(val):
             continue
         c = _foldable_codes(by_name[m.meta["fqt"]["source"]], val, used)
         if c is not None:
@@ -393,9 +390,9 @@ def _compact_masks(gm: fx.GraphModule, fake_mode) -> tuple[int, int]:
 
 def _fold_into_codes(graph: fx.Graph, fake_mode, m: fx.Node, c: fx.Node, mask_users: list[fx.Node]) -> None:
     order = node_order(graph)
-    fw_users = [u for u in c.users if _is_forward(u)]
+    fw_users = [u for u in c.users if is_forward(u)]
     anchor = max([m, c, *fw_users], key=lambda n: order[n])  # after the forward GEMM: keeps quantize->qgemm fusable
-    code_users = [u for u in c.users if not _is_forward(u)]
+    code_users = [u for u in c.users if not is_forward(u)]
     with graph.inserting_before(anchor.next):
         nc = _call(graph, fake_mode, aten.bitwise_not.default, (c,), c, forward=True)
         e = _call(graph, fake_mode, aten.where.self, (m, c, nc), c, forward=True)
@@ -482,7 +479,7 @@ def _saved_anyway(n: fx.Node) -> bool:
     if n.op == "placeholder" or n.target == fqt.step.default:
         return True
     if n.target is operator.getitem and n.args[0].target == fqt.quantize.default:
-        return any(not _is_forward(u) for u in n.users) or (n.args[0].meta.get("fqt") or {}).get("is_weight")
+        return any(not is_forward(u) for u in n.users) or (n.args[0].meta.get("fqt") or {}).get("is_weight")
     return False
 
 
@@ -495,7 +492,7 @@ def _recompute_chain(s: fx.Node, limit: int = 64) -> set[fx.Node] | None:
         n = stack.pop()
         if n in chain or _saved_anyway(n):
             continue
-        if n.op != "call_function" or n.target not in _RECOMPUTABLE or not _is_forward(n) or len(chain) >= limit:
+        if n.op != "call_function" or n.target not in _RECOMPUTABLE or not is_forward(n) or len(chain) >= limit:
             return None
         chain.add(n)
         stack.extend(n.all_input_nodes)
@@ -512,7 +509,7 @@ def recompute_attention_probs(gm: fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for s in [n for t in _SOFTMAX for n in graph.find_nodes(op="call_function", target=t)]:
-        if not _is_forward(s):
+        if not is_forward(s):
             continue
         readers = _backward_readers(s)
         # P's own consumers in backward: the softmax backward, and P's quantizer(s) through views
@@ -522,7 +519,7 @@ def recompute_attention_probs(gm: fx.GraphModule) -> int:
         while stack and ok:
             n = stack.pop()
             for u in n.users:
-                if not _is_forward(u):
+                if not is_forward(u):
                     ok = ok and (u.target == aten._softmax_backward_data.default and u.args[1] is n
                                  or u.target in IDENTITIES)
                 elif u.target in _VIEWS:

@@ -167,6 +167,16 @@ def not_integer_reason(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.T
     return None
 
 
+def dequantize_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``acc * a_scale * b_scale + bias`` in fp32, cast to ``out_dtype``: the epilogue of an integer GEMM, in this
+    operation order (kernels and the compiled CPU graphs reproduce it bit for bit)."""
+    out = acc.float() * a_scale * b_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 def scaled_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -182,11 +192,10 @@ def scaled_gemm(
     fp32: the same mathematical product of the quantized values, without an integer GEMM.
     """
     if not_integer_reason(a, a_scale, b, b_scale) is None:
-        out = int_gemm(a, b).float() * a_scale * b_scale
-    else:
-        a_hp = a.float() if a_scale is None else a.float() * a_scale
-        b_hp = b.float() if b_scale is None else b.float() * b_scale
-        out = torch.matmul(a_hp, b_hp)
+        return dequantize_epilogue(int_gemm(a, b), a_scale, b_scale, bias, out_dtype)
+    a_hp = a.float() if a_scale is None else a.float() * a_scale
+    b_hp = b.float() if b_scale is None else b.float() * b_scale
+    out = torch.matmul(a_hp, b_hp)
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)

@@ -229,3 +229,29 @@ def fp_record(n: fx.Node, reason: str, role: str | None = None) -> dict:
     }
     n.meta["fqt"] = rec
     return rec
+
+
+def backward_readers(src: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(backward node, arg index) pairs reading ``src`` directly or through detach/alias chains."""
+    out, frontier = [], [src]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target in IDENTITIES:
+                frontier.append(u)
+                continue
+            if is_forward(u):
+                continue
+            idx = [i for i, a in enumerate(u.args) if a is n]
+            out.append((u, idx[0] if idx else -1))
+    return out
+
+
+def static_shape(val: object) -> bool:
+    """Is ``val`` a tensor (fake value) whose every size is a plain int?"""
+    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
+
+
+def fake_nbytes(val: object) -> int | None:
+    """Bytes of a fake value; None for a symbolic shape (``int()`` of a SymInt would specialize the graph)."""
+    return int(val.numel()) * val.element_size() if static_shape(val) else None

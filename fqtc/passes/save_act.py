@@ -68,7 +68,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 from fqtc.config import SAVE_FP_KINDS, FQTConfig
 from fqtc.passes.common import (
     IDENTITIES,
+    backward_readers,
     copy_meta,
+    fake_nbytes,
     get_or_insert_step,
     graph_fake_mode,
     is_forward,
@@ -76,7 +78,9 @@ from fqtc.passes.common import (
     node_order,
     set_fake_val,
     stable_stream,
+    static_shape,
 )
+from fqtc.passes.recompute_attn import recompute_attention_probs
 
 aten = torch.ops.aten
 fqt = torch.ops.fqt
@@ -129,22 +133,6 @@ def _strip_identities(n: fx.Node) -> fx.Node:
     return n
 
 
-def _backward_readers(src: fx.Node) -> list[tuple[fx.Node, int]]:
-    """(backward node, arg index) pairs reading ``src`` directly or through detach/alias chains."""
-    out, frontier = [], [src]
-    while frontier:
-        n = frontier.pop()
-        for u in n.users:
-            if u.op == "call_function" and u.target in IDENTITIES:
-                frontier.append(u)
-                continue
-            if is_forward(u):
-                continue
-            idx = [i for i, a in enumerate(u.args) if a is n]
-            out.append((u, idx[0] if idx else -1))
-    return out
-
-
 def _call(graph: fx.Graph, fake_mode, target, args: tuple, meta_from: fx.Node, kwargs: dict | None = None,
           forward: bool | None = None) -> fx.Node:
     n = graph.call_function(target, args, kwargs or {})
@@ -158,15 +146,6 @@ def _call(graph: fx.Graph, fake_mode, target, args: tuple, meta_from: fx.Node, k
 def _must_save(n: fx.Node) -> None:
     n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
     n.meta["ac_graph_id"] = 0
-
-
-def _static(val: object) -> bool:
-    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
-
-
-def _nbytes(val: object) -> int | None:
-    """Bytes of a fake value; None for a symbolic shape (``int()`` of a SymInt would specialize the graph)."""
-    return int(val.numel()) * val.element_size() if _static(val) else None
 
 
 def save_fp_kinds(config: FQTConfig) -> frozenset[str]:
@@ -212,7 +191,7 @@ def _quantize(gm: fx.GraphModule, fake_mode, config: FQTConfig, keep: frozenset[
         val = src.meta.get("val") if isinstance(src, fx.Node) else None
         # only activations produced in forward (graph inputs are alive anyway) in fp32
         if src.op == "placeholder" or not is_forward(src) or not isinstance(val, torch.Tensor) \
-                or val.dtype != torch.float32 or not _static(val):
+                or val.dtype != torch.float32 or not static_shape(val):
             continue
         perm = _dense_order(val)
         if perm is not None and not val.permute(perm).is_contiguous():
@@ -225,7 +204,7 @@ def _quantize(gm: fx.GraphModule, fake_mode, config: FQTConfig, keep: frozenset[
     for (src, kind), bnodes in groups.items():
         handled = set(bnodes)
         # a backward reader this pass does not rewrite keeps the fp32 tensor alive: quantizing would add bytes
-        if any(u not in handled for u, _ in _backward_readers(src)):
+        if any(u not in handled for u, _ in backward_readers(src)):
             continue
         h = HANDLERS[bnodes[0].target]
         if h.kind in ("batch_norm", "layer_norm") and any(not _same_stats(b, bnodes[0], h.kind) for b in bnodes):
@@ -296,8 +275,8 @@ def _rewrite_group(graph: fx.Graph, fake_mode, config: FQTConfig, step: fx.Node,
     q.meta["fqt"] = {
         "kind": "saved_activation", "op": h.kind, "bits": SAVED_BITS, "rounding": h.rounding, "reduce_dims": dims,
         "base": src.name, "backward": [b.name for b in bnodes], "module": module, "stream": stream,
-        "centered": mean is not None, "shape": list(val.shape), "fp32_bytes": _nbytes(val),
-        "bytes": _nbytes(codes.meta["val"]) + _nbytes(scale.meta["val"]),
+        "centered": mean is not None, "shape": list(val.shape), "fp32_bytes": fake_nbytes(val),
+        "bytes": fake_nbytes(codes.meta["val"]) + fake_nbytes(scale.meta["val"]),
     }
     first = min(bnodes, key=lambda b: node_order(graph)[b])
     with graph.inserting_before(first):
@@ -375,7 +354,7 @@ def _compact_masks(gm: fx.GraphModule, fake_mode) -> tuple[int, int]:
     for m in masks:
         bw_users = [u for u in m.users if not is_forward(u)]
         val = m.meta.get("val")
-        if not bw_users or any(is_forward(u) for u in m.users) or not _static(val):
+        if not bw_users or any(is_forward(u) for u in m.users) or not static_shape(val):
             continue
         c = _foldable_codes(by_name[m.meta["fqt"]["source"]], val, used)
         if c is not None:
@@ -439,7 +418,7 @@ def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]
     _must_save(p)
     m.meta.pop("recompute", None)
     m.meta.pop("ac_graph_id", None)
-    m.meta["fqt"].update(storage="packed 8 per byte", packed=p.name, bytes=_nbytes(p.meta["val"]))
+    m.meta["fqt"].update(storage="packed 8 per byte", packed=p.name, bytes=fake_nbytes(p.meta["val"]))
     p.meta["fqt"] = {"kind": "mask_packed", "mask": m.name}
     first = min(mask_users, key=lambda n: node_order(graph)[n])
     with graph.inserting_before(first):
@@ -454,92 +433,3 @@ def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]
         m2 = _call(graph, fake_mode, aten.view.default, (f, shape), first, forward=False)
     for u in mask_users:
         u.replace_input_with(m, m2)
-
-
-# -- attention probabilities -----------------------------------------------------------------------------------
-_SOFTMAX = (aten._softmax.default, aten._safe_softmax.default)
-# ops the scores -> softmax chain may hold and backward may re-run: GEMMs on saved codes, views, pointwise math,
-# and the (data-independent) causal-mask construction
-_RECOMPUTABLE = {
-    fqt.qgemm.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-    aten.clone.default, aten.transpose.int, aten.t.default, aten.permute.default, aten.mul.Tensor, aten.mul.Scalar,
-    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.div.Tensor, aten.div.Scalar, aten.where.self,
-    aten.scalar_tensor.default, aten.ones.default, aten.zeros.default, aten.full.default, aten.tril.default,
-    aten.triu.default, aten.logical_not.default, aten.masked_fill.Scalar, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.slice.Tensor, aten.arange.default, aten.arange.start, aten.ge.Tensor, aten.le.Tensor,
-    aten.eq.Tensor, aten._to_copy.default, aten.detach.default, aten.alias.default, *_SOFTMAX,
-}
-_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-          aten.clone.default, aten.transpose.int, aten.t.default, aten.permute.default, aten.detach.default,
-          aten.alias.default)
-
-
-def _saved_anyway(n: fx.Node) -> bool:
-    """Is ``n`` a graph input, the step, or quantizer output (codes/scale) that backward reads anyway?"""
-    if n.op == "placeholder" or n.target == fqt.step.default:
-        return True
-    if n.target is operator.getitem and n.args[0].target == fqt.quantize.default:
-        return any(not is_forward(u) for u in n.users) or (n.args[0].meta.get("fqt") or {}).get("is_weight")
-    return False
-
-
-def _recompute_chain(s: fx.Node, limit: int = 64) -> set[fx.Node] | None:
-    """The forward nodes between ``s`` and tensors backward holds anyway (int8 codes of Q and K), if they are all
-    cheap to re-run (`_RECOMPUTABLE`), else None."""
-    chain: set[fx.Node] = set()
-    stack = [s]
-    while stack:
-        n = stack.pop()
-        if n in chain or _saved_anyway(n):
-            continue
-        if n.op != "call_function" or n.target not in _RECOMPUTABLE or not is_forward(n) or len(chain) >= limit:
-            return None
-        chain.add(n)
-        stack.extend(n.all_input_nodes)
-    return chain if any(n.target == fqt.qgemm.default for n in chain) else None
-
-
-def recompute_attention_probs(gm: fx.GraphModule) -> int:
-    """Attention probabilities P = softmax(Q K^T) are saved by no one: backward re-runs the chain from the int8
-    codes of Q and K (which the dQ / dK GEMMs save anyway), as FlashAttention does (Dao et al. 2022, sec. 3.1:
-    recompute the attention matrix in backward instead of storing it), and re-quantizes P for the dV GEMM. The
-    re-run uses the same codes, ops and stochastic-rounding key, so backward sees exactly the forward's P: the
-    softmax backward and dV are as exact as with P saved in fp32, at the cost of one more Q K^T product. Returns
-    the number of softmax nodes handled; the others fall back to `quantize_saved_activations`."""
-    graph = gm.graph
-    count = 0
-    for s in [n for t in _SOFTMAX for n in graph.find_nodes(op="call_function", target=t)]:
-        if not is_forward(s):
-            continue
-        readers = _backward_readers(s)
-        # P's own consumers in backward: the softmax backward, and P's quantizer(s) through views
-        consumers: set[fx.Node] = set()
-        stack = [s]
-        ok = True
-        while stack and ok:
-            n = stack.pop()
-            for u in n.users:
-                if not is_forward(u):
-                    ok = ok and (u.target == aten._softmax_backward_data.default and u.args[1] is n
-                                 or u.target in IDENTITIES)
-                elif u.target in _VIEWS:
-                    consumers.add(u)
-                    stack.append(u)
-                elif u.target == fqt.quantize.default:
-                    consumers.add(u)
-                    consumers.update(g for g in u.users if g.target is operator.getitem)
-        if not ok or not any(r.target == aten._softmax_backward_data.default for r, _ in readers):
-            continue
-        chain = _recompute_chain(s)
-        if chain is None:
-            continue
-        for n in chain | consumers:
-            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-            n.meta["ac_graph_id"] = 0
-        val = s.meta["val"]
-        s.meta["fqt"] = {"kind": "saved_activation", "op": "softmax", "bits": 0, "rounding": "-",
-                         "storage": "recomputed in backward from the Q/K codes", "base": s.name,
-                         "shape": [d if isinstance(d, int) else str(d) for d in val.shape],
-                         "fp32_bytes": _nbytes(val), "bytes": 0}
-        count += 1
-    return count

@@ -36,6 +36,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fqtc.quant import conv as _conv
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import uniform as _uniform
 
@@ -84,7 +85,39 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         # a batched product (attention): the loop of int8 GEMMs stays one extern op, its epilogue is inlined
         return _gemm.dequantize_epilogue(fqt.int_gemm.default(a, b), a_scale, b_scale, bias, out_dtype)
 
-    return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm}
+    def conv(role: str, a, sa, b, sb, weight_size, stride, groups):
+        """Record a conv GEMM's form; True when it runs as an exact integer conv with an inlined epilogue."""
+        name = tracker.current.name if tracker.current is not None else "?"
+        if a.device.type != "cpu" or not _conv.integer_operands(role, a, sa, b, sb):
+            info["kept_ops"] += 1
+            info["codegen"][name] = {"device": a.device.type, "kernel": "reference", "fused": False,
+                                     "reason": "float or partially quantized product"}
+            return False
+        info["inlined_qgemm"] += 1
+        path = _conv.conv_path(role, [int(v) for v in weight_size], stride, groups, a.device)
+        info["codegen"][name] = {"device": "cpu", "kernel": f"inductor:conv-{path}", "fused": True}
+        return True
+
+    def qconv2d(x, x_scale, w, w_scale, bias, stride, padding, dilation, groups, out_dtype):
+        if not conv("output", x, x_scale, w, w_scale, w.shape, stride, groups):
+            return NotImplemented
+        acc = fqt.conv2d_acc.default(x, w, stride, padding, dilation, groups)
+        return _conv.output_epilogue(acc, x_scale, w_scale, bias, out_dtype)
+
+    def qconv2d_input(g, g_scale, w, w_scale, input_size, stride, padding, dilation, groups, out_dtype):
+        if not conv("grad_input", g, g_scale, w, w_scale, w.shape, stride, groups):
+            return NotImplemented
+        acc = fqt.conv2d_input_acc.default(g, w, input_size, stride, padding, dilation, groups)
+        return _conv.input_epilogue(acc, g_scale, w_scale, groups, out_dtype)
+
+    def qconv2d_weight(x, x_scale, g, g_scale, weight_size, stride, padding, dilation, groups, out_dtype):
+        if not conv("grad_weight", x, x_scale, g, g_scale, weight_size, stride, groups):
+            return NotImplemented
+        acc = fqt.conv2d_weight_acc.default(x, g, weight_size, stride, padding, dilation, groups)
+        return _conv.weight_epilogue(acc, x_scale, g_scale, weight_size, groups, out_dtype)
+
+    return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm, fqt.qconv2d.default: qconv2d,
+            fqt.qconv2d_input.default: qconv2d_input, fqt.qconv2d_weight.default: qconv2d_weight}
 
 
 def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, Any]]:
@@ -106,6 +139,7 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
     # decided on real tensors before any tracing (quant/gemm.py)
     info: dict[str, Any] = {"inlined_quantize": 0, "inlined_qgemm": 0, "kept_ops": 0, "codegen": {},
                             "path": _gemm.cpu_gemm_path()}
+    _conv.probe_onednn_conv()  # likewise the conv path (quant/conv.py): a probe inside the trace would be traced
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     tracker = _NodeTracker(gm)

@@ -60,3 +60,45 @@ def qconv2d_weight(x: Tensor, x_scale: Tensor | None, g: Tensor, g_scale: Tensor
 @qconv2d_weight.register_fake
 def _(x, x_scale, g, g_scale, weight_size, stride, padding, dilation, groups, out_dtype):
     return x.new_empty(list(weight_size), dtype=out_dtype)
+
+
+# -- accumulators: the integer part of each conv GEMM, as fp32 (fqtc/codegen/inductor_cpu.py inlines the epilogue)
+
+
+@torch.library.custom_op("fqt::conv2d_acc", mutates_args=())
+def conv2d_acc(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+               groups: int) -> Tensor:
+    """Exact integer ``conv2d(x, w)`` of int8 codes as fp32 (`fqtc.quant.conv.conv2d_acc`)."""
+    return _conv.conv2d_acc(x, w, stride, padding, dilation, groups)
+
+
+@conv2d_acc.register_fake
+def _(x, w, stride, padding, dilation, groups):
+    n, h, wd = x.shape[0], x.shape[2], x.shape[3]
+    ho = _out_size(h, w.shape[2], stride[0], padding[0], dilation[0])
+    wo = _out_size(wd, w.shape[3], stride[1], padding[1], dilation[1])
+    return x.new_empty((n, w.shape[0], ho, wo), dtype=torch.float32)
+
+
+@torch.library.custom_op("fqt::conv2d_input_acc", mutates_args=())
+def conv2d_input_acc(g: Tensor, w: Tensor, input_size: list[int], stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int) -> Tensor:
+    """Exact integer gradient of a conv2d w.r.t. its input, as fp32 (`fqtc.quant.conv.conv2d_input_acc`)."""
+    return _conv.conv2d_input_acc(input_size, w, g, stride, padding, dilation, groups)
+
+
+@conv2d_input_acc.register_fake
+def _(g, w, input_size, stride, padding, dilation, groups):
+    return g.new_empty(list(input_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("fqt::conv2d_weight_acc", mutates_args=())
+def conv2d_weight_acc(x: Tensor, g: Tensor, weight_size: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], groups: int) -> Tensor:
+    """Exact integer gradient of a conv2d w.r.t. its weight, as fp32 (`fqtc.quant.conv.conv2d_weight_acc`)."""
+    return _conv.conv2d_weight_acc(x, weight_size, g, stride, padding, dilation, groups)
+
+
+@conv2d_weight_acc.register_fake
+def _(x, g, weight_size, stride, padding, dilation, groups):
+    return x.new_empty(list(weight_size), dtype=torch.float32)

@@ -46,12 +46,14 @@ without an integer reduction.
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from fqtc.quant.conv_onednn import ONEDNN_K_CHUNK, onednn_chunked, probe_onednn_conv, to_u8_nhwc
+from fqtc.quant.conv_onednn import channel_chunks as _chunks
+from fqtc.quant.conv_onednn import group_slice as _group_slice
 from fqtc.quant.gemm import INT32_K_LIMIT, K_CHUNK, cpu_gemm_path, int_gemm
 
 # (role, operand) -> the one tensor dim along which that operand's scale may vary and stay in the epilogue.
@@ -76,12 +78,6 @@ def scale_ok(role: str, operand: str, scale_shape: Sequence[int]) -> bool:
 
 CONV_PATHS = ("onednn", "int_mm", "fp32")
 CONV_ROLES = ("output", "grad_input", "grad_weight")
-# oneDNN's fp32 output is exact while both its uint8-domain accumulator sum((x+128)*w) and the zero-point
-# compensation 128*sum(w) stay within 2^24, whichever of them it converts to fp32 first: 512*255*128 < 2^24.
-# (At 585 taps of x=127, w=-127 its 3x3 kernel is off by one: it compensates in fp32.)
-ONEDNN_K_CHUNK = 512
-
-
 def _exact_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float64
 
@@ -90,89 +86,6 @@ def _check_codes(*ts: torch.Tensor) -> None:
     for t in ts:
         if t.dtype != torch.int8:
             raise TypeError(f"integer conv expects int8 codes, got {t.dtype}")
-
-
-def _chunks(n: int, k_per_channel: int, limit: int = K_CHUNK) -> list[tuple[int, int]]:
-    """Channel ranges whose reduction length ``channels * k_per_channel`` stays <= ``limit`` (at least 1 channel)."""
-    step = max(1, limit // max(1, k_per_channel))
-    if k_per_channel > limit:
-        raise ValueError(f"a single channel's kernel window ({k_per_channel} taps) exceeds the exact fp32 bound "
-                         f"K_CHUNK={K_CHUNK}; use a smaller kernel")
-    return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
-
-
-def _even_chunks(n: int, k_per_channel: int, limit: int) -> list[tuple[int, int]]:
-    """`_chunks` with the same number of chunks but equal sizes (64 channels x 9 taps, limit 512: 32 + 32)."""
-    count = len(_chunks(n, k_per_channel, limit))
-    size = -(-n // count)
-    return [(c0, min(n, c0 + size)) for c0 in range(0, n, size)]
-
-
-def _group_slice(t: torch.Tensor, groups: int, c0: int, c1: int, dim: int) -> torch.Tensor:
-    """Channels [c0, c1) of every group along ``dim`` (group-major channel layout, as conv uses)."""
-    shape = list(t.shape)
-    per = shape[dim] // groups
-    v = t.reshape(*shape[:dim], groups, per, *shape[dim + 1:]).narrow(dim + 1, c0, c1 - c0)
-    return v.reshape(*shape[:dim], groups * (c1 - c0), *shape[dim + 1:])
-
-
-def _onednn_available() -> bool:
-    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
-
-
-def _onednn_conv(xu: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-                 dilation: Sequence[int], groups: int) -> torch.Tensor:
-    """oneDNN int8 conv of ``xu`` (uint8 = code + 128, zero point 128) and int8 ``w``; fp32 output, scales 1.0.
-
-    The accumulator is int32 (u8 x s8 dot products; padding is filled with the zero point, i.e. code 0); its
-    conversion to fp32 is exact while
-    ``|acc| <= 2^24``. The zero-point compensation ``128*sum(w)`` may be subtracted after that conversion (measured:
-    the 3x3 kernel is off by one at 585 taps of ``x=127, w=-127``), so callers chunk the reduction to
-    `ONEDNN_K_CHUNK` taps, where the uint8-domain sum is below 2^24 too. The output is channels_last."""
-    co = w.shape[0]
-    ones = torch.ones(co, dtype=torch.float32)
-    zps = torch.zeros(co, dtype=torch.int64)
-    st, pd, dl = [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation]
-    packed = torch.ops.onednn.qconv_prepack(w.contiguous(), ones, 1.0, 128, st, pd, dl, groups, list(xu.shape))
-    return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, packed, ones, zps, None, st, pd, dl, groups, 1.0, 0,
-                                              torch.float32, "none", [], None)
-
-
-def _to_u8_nhwc(x: torch.Tensor) -> torch.Tensor:
-    """int8 codes -> uint8 ``code + 128`` in channels_last: flipping the sign bit adds 128 modulo 256."""
-    return x.view(torch.uint8).bitwise_xor(128).contiguous(memory_format=torch.channels_last)
-
-
-@functools.lru_cache(maxsize=1)
-def probe_onednn_conv() -> str | None:
-    """Why oneDNN's int8 conv cannot be used on this machine, or None when it can (checked once per process).
-
-    Without int8 dot-product instructions oneDNN multiplies u8 x s8 pairs with ``vpmaddubsw``, which saturates the
-    int16 pair sums; so the path follows the GEMM's choice (`fqtc.quant.gemm.cpu_gemm_path` is ``"int_mm"`` only
-    where the CPU has VNNI/AMX) and full-range probes must equal the exact result, including constant extremes at
-    `ONEDNN_K_CHUNK` taps (the largest reduction `_onednn_chunked` hands it)."""
-    if not _onednn_available():
-        return "torch.ops.onednn.qconv2d_pointwise is not available in this torch build"
-    g = torch.Generator().manual_seed(0)
-    cases = [
-        (torch.randint(-128, 128, (2, 16, 7, 7), dtype=torch.int8, generator=g),
-         torch.randint(-128, 128, (8, 16, 3, 3), dtype=torch.int8, generator=g), (2, 2), (1, 1), (1, 1), 1),
-        (torch.randint(-128, 128, (2, 8, 7, 7), dtype=torch.int8, generator=g),
-         torch.randint(-128, 128, (8, 1, 3, 3), dtype=torch.int8, generator=g), (1, 1), (2, 2), (2, 2), 8),
-    ]
-    for xv, wv in ((127, -127), (-128, -128), (127, 127)):  # the extremes at the chunk bound, 3x3 and 1x1
-        cases.append((torch.full((1, ONEDNN_K_CHUNK // 9, 5, 5), xv, dtype=torch.int8),
-                      torch.full((2, ONEDNN_K_CHUNK // 9, 3, 3), wv, dtype=torch.int8), (1, 1), (0, 0), (1, 1), 1))
-        cases.append((torch.full((1, ONEDNN_K_CHUNK, 2, 2), xv, dtype=torch.int8),
-                      torch.full((2, ONEDNN_K_CHUNK, 1, 1), wv, dtype=torch.int8), (1, 1), (0, 0), (1, 1), 1))
-    try:
-        for x, w, st, pd, dl, gr in cases:
-            got = _onednn_conv(_to_u8_nhwc(x), w, st, pd, dl, gr).double()
-            if not torch.equal(got, F.conv2d(x.double(), w.double(), None, st, pd, dl, gr)):
-                return "oneDNN's int8 conv is not exact on this CPU"
-    except RuntimeError as e:  # no oneDNN int8 kernel for this CPU / build
-        return f"oneDNN's int8 conv failed: {e}"
-    return None
 
 
 def conv_path(role: str, weight_size: Sequence[int], stride: Sequence[int], groups: int,
@@ -252,7 +165,8 @@ def _int_mm_conv(xp: torch.Tensor, w: torch.Tensor, ho: int, wo: int, stride: Se
 
 
 def _nchw(acc: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    return acc.view(n, h, w, acc.shape[1]).permute(0, 3, 1, 2).contiguous()
+    """``[N*H*W, C]`` as an ``[N, C, H, W]`` view (`_as` makes it contiguous in its dtype conversion)."""
+    return acc.view(n, h, w, acc.shape[1]).permute(0, 3, 1, 2)
 
 
 def _out_hw(h: int, k: int, s: int, p: int, d: int) -> int:
@@ -260,10 +174,15 @@ def _out_hw(h: int, k: int, s: int, p: int, d: int) -> int:
 
 
 def _fp32_conv2d(x, w, stride, padding, dilation, groups):
+    """Exact accumulator of the fp32-emulated conv: the float conv itself when one chunk holds the whole reduction
+    (every value an exact integer), else the chunks' int32 results added."""
     dt = _exact_dtype(x.device)
     cin_g, kk = w.shape[1], w.shape[2] * w.shape[3]
+    chunks = [(0, cin_g)] if dt == torch.float64 else _chunks(cin_g, kk)
+    if len(chunks) == 1:
+        return F.conv2d(x.to(dt), w.to(dt), None, stride, padding, dilation, groups)
     acc = None
-    for c0, c1 in ([(0, cin_g)] if dt == torch.float64 else _chunks(cin_g, kk)):
+    for c0, c1 in chunks:
         xs = _group_slice(x, groups, c0, c1, 1).to(dt)
         ws = w[:, c0:c1].to(dt)
         part = F.conv2d(xs, ws, None, stride, padding, dilation, groups).to(torch.int32)
@@ -271,16 +190,11 @@ def _fp32_conv2d(x, w, stride, padding, dilation, groups):
     return acc
 
 
-def _onednn_chunked(xu: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """int32 NCHW conv through `_onednn_conv`, input channels chunked so every reduction is <= ONEDNN_K_CHUNK."""
-    cin_g, kk = w.shape[1], w.shape[2] * w.shape[3]
-    acc = None
-    for c0, c1 in _even_chunks(cin_g, kk, ONEDNN_K_CHUNK):
-        xs = xu if (c0, c1) == (0, cin_g) else _group_slice(xu, groups, c0, c1, 1).contiguous(
-            memory_format=torch.channels_last)
-        part = _onednn_conv(xs, w[:, c0:c1], stride, padding, dilation, groups).to(torch.int32)
-        acc = part if acc is None else acc + part
-    return acc.contiguous()
+def _as(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An exact accumulator (int32, or integer-valued fp32/fp64, any layout) as a contiguous ``dtype`` tensor in one
+    copy. Every path's integer-valued float equals its int32 sum, so ``_as(acc, float32)`` is ``int32_sum.float()``
+    bit for bit (both round the same integer to the nearest fp32)."""
+    return acc.to(dtype, memory_format=torch.contiguous_format)
 
 
 def int_conv2d(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -288,14 +202,26 @@ def int_conv2d(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding:
     """Exact int32 ``conv2d(x, w)`` for int8 codes ``x[N,Ci,H,W]``, ``w[Co,Ci/g,kh,kw]``.
 
     ``path`` forces an implementation (`CONV_PATHS`); None takes `conv_path`. All paths give the same int32."""
+    return _as(_conv2d_exact(x, w, stride, padding, dilation, groups, path), torch.int32)
+
+
+def conv2d_acc(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int, path: str | None = None) -> torch.Tensor:
+    """``int_conv2d(...).float()`` without the int32 round trip where a path's own output is exact (oneDNN's fp32
+    output, the single-chunk fp32 emulation): the accumulator the dequantize epilogue reads."""
+    return _as(_conv2d_exact(x, w, stride, padding, dilation, groups, path), torch.float32)
+
+
+def _conv2d_exact(x, w, stride, padding, dilation, groups, path):
     _check_codes(x, w)
     path = _resolve(path, "output", x.device, w.shape, stride, groups)
     if path == "onednn":
-        return _onednn_chunked(_to_u8_nhwc(x), w, stride, padding, dilation, groups)
+        return onednn_chunked(to_u8_nhwc(x), w, stride, padding, dilation, groups)
     if path == "int_mm":
         ho = _out_hw(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
         wo = _out_hw(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
-        return _nchw(_int_mm_conv(_nhwc_padded(x, padding), w, ho, wo, stride, dilation, groups), x.shape[0], ho, wo)
+        acc = _int_mm_conv(_nhwc_padded(x, padding), w, ho, wo, stride, dilation, groups)
+        return _nchw(acc, x.shape[0], ho, wo)
     return _fp32_conv2d(x, w, stride, padding, dilation, groups)
 
 
@@ -338,6 +264,17 @@ def int_conv2d_input(input_size: Sequence[int], w: torch.Tensor, g: torch.Tensor
     """Exact int32 gradient of ``conv2d`` w.r.t. its input (a transposed conv) for int8 ``w`` and ``g[N,Co,Ho,Wo]``.
 
     ``path`` forces an implementation (`CONV_PATHS`); None takes `conv_path`. All paths give the same int32."""
+    return _as(_conv2d_input_exact(input_size, w, g, stride, padding, dilation, groups, path), torch.int32)
+
+
+def conv2d_input_acc(input_size: Sequence[int], w: torch.Tensor, g: torch.Tensor, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     path: str | None = None) -> torch.Tensor:
+    """``int_conv2d_input(...).float()``, as `conv2d_acc` is to `int_conv2d`."""
+    return _as(_conv2d_input_exact(input_size, w, g, stride, padding, dilation, groups, path), torch.float32)
+
+
+def _conv2d_input_exact(input_size, w, g, stride, padding, dilation, groups, path):
     _check_codes(w, g)
     path = _resolve(path, "grad_input", g.device, w.shape, stride, groups)
     if path in ("onednn", "int_mm"):
@@ -348,17 +285,20 @@ def int_conv2d_input(input_size: Sequence[int], w: torch.Tensor, g: torch.Tensor
             # uint8 zero-inserted buffer filled with the zero point 128 (code 0), channels_last as oneDNN wants
             buf = _zero_inserted(g.view(torch.uint8).bitwise_xor(128), input_size, w.shape[2:], stride, padding,
                                  dilation, 128)
-            return _onednn_chunked(buf.permute(0, 3, 1, 2), wt, one, (0, 0), dilation, groups)
+            return onednn_chunked(buf.permute(0, 3, 1, 2), wt, one, (0, 0), dilation, groups)
         buf = _zero_inserted(g, input_size, w.shape[2:], stride, padding, dilation, 0)
         return _nchw(_int_mm_conv(buf, wt, h, wd, one, dilation, groups), n, h, wd)
     dt = _exact_dtype(g.device)
     cout, kk = w.shape[0], w.shape[2] * w.shape[3]
     cout_g = cout // groups
+    chunks = [(0, cout_g)] if dt == torch.float64 else _chunks(cout_g, kk)
     acc = None
-    for c0, c1 in ([(0, cout_g)] if dt == torch.float64 else _chunks(cout_g, kk)):
+    for c0, c1 in chunks:
         gs = _group_slice(g, groups, c0, c1, 1).to(dt)
         ws = _group_slice(w, groups, c0, c1, 0).to(dt)
         part = torch.nn.grad.conv2d_input(list(input_size), ws, gs, stride, padding, dilation, groups)
+        if len(chunks) == 1:  # one exact float conv: its integer values are the accumulator
+            return part
         part = part.to(torch.int32)
         acc = part if acc is None else acc + part
     return acc
@@ -383,7 +323,7 @@ def _int_mm_conv2d_weight(x: torch.Tensor, size: list[int], g: torch.Tensor, str
             acc = part if acc is None else acc + part
         parts.append(acc)
     acc = parts[0] if groups == 1 else torch.cat(parts, 0)
-    return acc.view(co, kh, kw, cig).permute(0, 3, 1, 2).contiguous()
+    return acc.view(co, kh, kw, cig).permute(0, 3, 1, 2)
 
 
 def int_conv2d_weight(x: torch.Tensor, weight_size: Sequence[int], g: torch.Tensor, stride: Sequence[int],
@@ -393,6 +333,17 @@ def int_conv2d_weight(x: torch.Tensor, weight_size: Sequence[int], g: torch.Tens
 
     ``path`` forces an implementation (`CONV_PATHS`; ``"onednn"`` has no weight-gradient kernel and runs
     ``"int_mm"``); None takes `conv_path`. All paths give the same int32."""
+    return _as(_conv2d_weight_exact(x, weight_size, g, stride, padding, dilation, groups, path), torch.int32)
+
+
+def conv2d_weight_acc(x: torch.Tensor, weight_size: Sequence[int], g: torch.Tensor, stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int], groups: int,
+                      path: str | None = None) -> torch.Tensor:
+    """``int_conv2d_weight(...).float()``, as `conv2d_acc` is to `int_conv2d`."""
+    return _as(_conv2d_weight_exact(x, weight_size, g, stride, padding, dilation, groups, path), torch.float32)
+
+
+def _conv2d_weight_exact(x, weight_size, g, stride, padding, dilation, groups, path):
     _check_codes(x, g)
     n, positions = x.shape[0], g.shape[2] * g.shape[3]
     if g.shape[0] != n:
@@ -403,8 +354,7 @@ def int_conv2d_weight(x: torch.Tensor, weight_size: Sequence[int], g: torch.Tens
         return _int_mm_conv2d_weight(x, size, g, stride, padding, dilation, groups)
     dt = _exact_dtype(x.device)
     if dt == torch.float64 or positions > K_CHUNK:  # float64: exact for any realistic reduction length
-        return torch.nn.grad.conv2d_weight(x.double(), size, g.double(), stride, padding, dilation,
-                                           groups).to(torch.int32)
+        return torch.nn.grad.conv2d_weight(x.double(), size, g.double(), stride, padding, dilation, groups)
     step = max(1, K_CHUNK // positions)  # samples per chunk: a reduction of <= K_CHUNK integer products
     acc = None
     for i in range(0, n, step):
@@ -432,15 +382,51 @@ def _integer(a: torch.Tensor, sa: torch.Tensor | None, b: torch.Tensor, sb: torc
             and scale_ok(role, names[0], sa.shape) and scale_ok(role, names[1], sb.shape))
 
 
+def output_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """``output`` from its fp32 accumulator (`conv2d_acc`): ``acc * x_scale[n] * w_scale[co] (+ bias[co])``."""
+    out = acc * x_scale.reshape(-1, 1, 1, 1) * w_scale.reshape(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.float().reshape(1, -1, 1, 1)
+    return out.to(out_dtype)
+
+
+def input_epilogue(acc: torch.Tensor, g_scale: torch.Tensor, w_scale: torch.Tensor, groups: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """``grad_input`` from its fp32 accumulator (`conv2d_input_acc`): ``acc * g_scale[n] * w_scale[ci]``."""
+    sw = _per_channel(w_scale, 1, groups, True)  # per input channel of a group -> per input channel
+    return (acc * g_scale.reshape(-1, 1, 1, 1) * sw.reshape(1, -1, 1, 1)).to(out_dtype)
+
+
+def weight_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, g_scale: torch.Tensor, weight_size: Sequence[int],
+                    groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``grad_weight`` from its fp32 accumulator (`conv2d_weight_acc`): ``acc * g_scale[co] * x_scale[ci]``."""
+    cout, cin_g = int(weight_size[0]), int(weight_size[1])
+    sx = x_scale.reshape(-1)
+    # dW[o, j] uses input channel (group of o)*cin_g + j: per-channel input scales are gathered per group
+    sx = sx.reshape(groups, cin_g).repeat_interleave(cout // groups, 0) if sx.numel() > 1 else sx.reshape(1, 1)
+    return (acc * g_scale.reshape(-1, 1, 1, 1) * sx.reshape(sx.shape[0], sx.shape[1], 1, 1)).to(out_dtype)
+
+
+def integer_operands(role: str, a: torch.Tensor, sa: torch.Tensor | None, b: torch.Tensor,
+                     sb: torch.Tensor | None) -> bool:
+    """True when the ``role`` GEMM runs as an exact integer conv with both scales in its epilogue (int8 codes on
+    both sides, each scale constant along the reduction axes); else the reference convolves dequantized operands.
+    Operands in the order the ``scaled_conv2d*`` functions take them after the int8 tensors' roles:
+    ``output`` (input, weight), ``grad_input`` (grad_output, weight), ``grad_weight`` (input, grad_output)."""
+    names = {"output": ("input", "weight"), "grad_input": ("grad_output", "weight"),
+             "grad_weight": ("input", "grad_output")}[role]
+    return _integer(a, sa, b, sb, role, names)
+
+
 def scaled_conv2d(x: torch.Tensor, x_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
                   bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                   dilation: Sequence[int], groups: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``conv2d(x_scale*x, w_scale*w) + bias``: exact integer conv with scales in the epilogue when possible."""
-    if _integer(x, x_scale, w, w_scale, "output", ("input", "weight")):
-        acc = int_conv2d(x, w, stride, padding, dilation, groups).float()
-        out = acc * x_scale.reshape(-1, 1, 1, 1) * w_scale.reshape(1, -1, 1, 1)
-    else:
-        out = F.conv2d(_deq(x, x_scale), _deq(w, w_scale), None, stride, padding, dilation, groups)
+    if integer_operands("output", x, x_scale, w, w_scale):
+        return output_epilogue(conv2d_acc(x, w, stride, padding, dilation, groups), x_scale, w_scale, bias,
+                               out_dtype)
+    out = F.conv2d(_deq(x, x_scale), _deq(w, w_scale), None, stride, padding, dilation, groups)
     if bias is not None:
         out = out + bias.float().reshape(1, -1, 1, 1)
     return out.to(out_dtype)
@@ -450,13 +436,11 @@ def scaled_conv2d_input(input_size: Sequence[int], w: torch.Tensor, w_scale: tor
                         g_scale: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                         dilation: Sequence[int], groups: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gradient of ``conv2d`` w.r.t. its input from quantized ``g`` (grad_output) and ``w``."""
-    if _integer(g, g_scale, w, w_scale, "grad_input", ("grad_output", "weight")):
-        acc = int_conv2d_input(input_size, w, g, stride, padding, dilation, groups).float()
-        sw = _per_channel(w_scale, 1, groups, True)  # per input channel of a group -> per input channel
-        out = acc * g_scale.reshape(-1, 1, 1, 1) * sw.reshape(1, -1, 1, 1)
-    else:
-        out = torch.nn.grad.conv2d_input(list(input_size), _deq(w, w_scale), _deq(g, g_scale), stride, padding,
-                                         dilation, groups)
+    if integer_operands("grad_input", g, g_scale, w, w_scale):
+        acc = conv2d_input_acc(input_size, w, g, stride, padding, dilation, groups)
+        return input_epilogue(acc, g_scale, w_scale, groups, out_dtype)
+    out = torch.nn.grad.conv2d_input(list(input_size), _deq(w, w_scale), _deq(g, g_scale), stride, padding,
+                                     dilation, groups)
     return out.to(out_dtype)
 
 
@@ -465,14 +449,9 @@ def scaled_conv2d_weight(x: torch.Tensor, x_scale: torch.Tensor | None, weight_s
                          dilation: Sequence[int], groups: int, out_dtype: torch.dtype = torch.float32
                          ) -> torch.Tensor:
     """Gradient of ``conv2d`` w.r.t. its weight from quantized ``x`` (input) and ``g`` (grad_output)."""
-    if _integer(x, x_scale, g, g_scale, "grad_weight", ("input", "grad_output")):
-        acc = int_conv2d_weight(x, weight_size, g, stride, padding, dilation, groups).float()
-        cout, cin_g = int(weight_size[0]), int(weight_size[1])
-        sx = x_scale.reshape(-1)
-        # dW[o, j] uses input channel (group of o)*cin_g + j: per-channel input scales are gathered per group
-        sx = sx.reshape(groups, cin_g).repeat_interleave(cout // groups, 0) if sx.numel() > 1 else sx.reshape(1, 1)
-        out = acc * g_scale.reshape(-1, 1, 1, 1) * sx.reshape(sx.shape[0], sx.shape[1], 1, 1)
-    else:
-        out = torch.nn.grad.conv2d_weight(_deq(x, x_scale), list(weight_size), _deq(g, g_scale), stride, padding,
-                                          dilation, groups)
+    if integer_operands("grad_weight", x, x_scale, g, g_scale):
+        acc = conv2d_weight_acc(x, weight_size, g, stride, padding, dilation, groups)
+        return weight_epilogue(acc, x_scale, g_scale, weight_size, groups, out_dtype)
+    out = torch.nn.grad.conv2d_weight(_deq(x, x_scale), list(weight_size), _deq(g, g_scale), stride, padding,
+                                      dilation, groups)
     return out.to(out_dtype)

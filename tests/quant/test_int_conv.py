@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fqtc.quant import conv as qc
-from fqtc.quant import gemm
+from fqtc.quant import conv_onednn, gemm
 
 # (N, C_in, C_out, H, W, (kh, kw), stride, padding, dilation, groups)
 CASES = [
@@ -42,7 +42,7 @@ def _eq(got, ref):
 @pytest.mark.parametrize("path", qc.CONV_PATHS)
 @pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
 def test_every_path_exact(path, case):
-    if path == "onednn" and not qc._onednn_available():
+    if path == "onednn" and not conv_onednn.onednn_available():
         pytest.skip("no oneDNN int8 conv in this torch build")
     if path != "fp32" and not gemm.cpu_int8_dot_flags():
         pytest.skip("the int8 kernels are only exact where the CPU has int8 dot products (VNNI/AMX)")
@@ -61,7 +61,7 @@ def test_every_path_exact(path, case):
 def test_large_reductions_exact(path):
     """Sums far above 2^24 (odd, so no fp32 value equals them): the fp32 and oneDNN paths must chunk the reduction
     and add in int32; 128 x 3x3 = 1152 taps crosses K_CHUNK, grad_weight reduces over 3*13*13*... positions."""
-    if path == "onednn" and not qc._onednn_available():
+    if path == "onednn" and not conv_onednn.onednn_available():
         pytest.skip("no oneDNN int8 conv in this torch build")
     if path != "fp32" and not gemm.cpu_int8_dot_flags():
         pytest.skip("the int8 kernels are only exact where the CPU has int8 dot products (VNNI/AMX)")
@@ -122,7 +122,7 @@ def test_path_follows_the_gemm_choice(monkeypatch):
 
 
 def test_onednn_probe_passes_where_the_cpu_has_int8_dot_products():
-    if not gemm.cpu_int8_dot_flags() or not qc._onednn_available():
+    if not gemm.cpu_int8_dot_flags() or not conv_onednn.onednn_available():
         pytest.skip("needs VNNI/AMX and a torch build with oneDNN's int8 conv")
     assert qc.probe_onednn_conv() is None
 

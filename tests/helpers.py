@@ -28,3 +28,29 @@ def run_and_capture(model, inputs, options=None, grad=None):
         if out.requires_grad:
             out.backward(grad if grad is not None else torch.ones_like(out))
     return out, cgs
+
+
+def gemm_evidence(gm) -> list[tuple[str, list[str]]]:
+    """(op name, per-operand evidence) of every fqt GEMM op in a forward/backward graph (`fqtc.passes.verify`):
+    ``"int8"`` codes with a scale, ``"dequantized"`` output of an fqt quantizer, or ``"float"``."""
+    from fqtc.passes.verify import GEMM_OPS, operand_evidence
+
+    return [(n.target.name(), operand_evidence(n)) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in GEMM_OPS]
+
+
+def assert_quantized_graphs(cg, n_forward: int, n_backward: int | None = None) -> None:
+    """Evidence that a compiled graph really runs quantized GEMMs: ``n_forward`` / ``n_backward`` fqt GEMM ops in
+    the forward / backward graphs (None: not checked), every one reading int8 codes with scales, no aten GEMM left,
+    and every GEMM record's status ``quantized`` (set from the graph by `fqtc.passes.verify`)."""
+    aten = torch.ops.aten
+    gemms = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
+             aten.convolution_backward.default)
+    for gm, n in ((cg.forward if cg.forward is not None else cg.inference, n_forward), (cg.backward, n_backward)):
+        if n is None:
+            continue
+        ev = gemm_evidence(gm)
+        assert len(ev) == n, ev
+        assert all(e == ["int8", "int8"] for _, e in ev), ev
+        assert not [x for x in gm.graph.nodes if x.op == "call_function" and x.target in gemms]
+    assert cg.records and all(r["status"] == "quantized" and "evidence" in r for r in cg.records), cg.records

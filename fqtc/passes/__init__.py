@@ -17,6 +17,7 @@ from fqtc.passes.rewrite import rewrite
 from fqtc.passes.save import tag_saves
 from fqtc.passes.save_act import quantize_saved_activations
 from fqtc.passes.sites import GemmSite, find_sites
+from fqtc.passes.verify import verify_records
 
 
 @dataclass
@@ -28,7 +29,7 @@ class PassResult:
 
 
 def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]) -> PassResult:
-    """lwq -> sites -> assign -> rewrite -> conv -> save, in place on ``gm``. Returns what was decided."""
+    """lwq -> sites -> assign -> rewrite -> conv -> save -> verify, in place on ``gm``. Returns what was decided."""
     latent = mark_latent_weights(gm)  # LatentWeight parameters: their dequantized nodes are weights (issue 8)
     weight_nodes = set(weight_nodes) | latent
     sites, unlinked = find_sites(gm, weight_nodes)
@@ -51,6 +52,7 @@ def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]
     by_orig = {n.meta["fqt"].get("original_node"): n.meta["fqt"] for n in gm.graph.nodes
                if n.meta.get("fqt", {}).get("original_node")}
     records = [by_orig.get(r["node"], r) for r in records] + unlinked + conv_records
+    verify_records(gm, records)  # status from the rewritten graph, not from the plan
     # a graph whose GEMMs are all kept in full precision is the FP path (a graph without GEMMs is not)
     any_quantized = not records or any(r.get("status") == "quantized" for r in records)
     # 8-bit non-GEMM saved tensors, packed masks

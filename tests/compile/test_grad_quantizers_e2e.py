@@ -101,8 +101,10 @@ def _mean_grad(options, runs: int):
     return g.mean(0), g.var(0), outs
 
 
-@pytest.mark.parametrize("quantizer,bits", [("bhq", "W4A4G5"), ("aq", "W4A4G1"), ("psq", "W4A4G2")])
+@pytest.mark.parametrize("quantizer,bits", [("uniform", "W8A8G3"), ("bhq", "W4A4G5"), ("aq", "W4A4G1"),
+                                             ("psq", "W4A4G2")])
 def test_fqt_gradient_mean_converges_to_qat(quantizer, bits):
+    """``uniform`` is the default gradient quantizer (per-sample / per-channel, stochastic rounding)."""
     runs = 100
     qat, qat_var, qat_out = _mean_grad(_qat(bits), 2)
     assert float(qat_var.max()) == 0.0  # QAT's gradient is deterministic

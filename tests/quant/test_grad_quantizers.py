@@ -68,6 +68,12 @@ def test_unbiased_and_variance_within_bound(name, bits, dims):
     tol = 5.5 * torch.sqrt(vb / R) + 1e-5 * x.abs().max()
     err = (s.mean(0) - x.double()).abs()
     assert bool((err <= tol).all()), f"{name}: max err/tol {float((err / tol).max()):.2f}"
+    # Pooled over elements: the summed error of each draw, d_r = sum_i (xhat_ri - x_i), is i.i.d. over the R draws
+    # whatever the correlation between elements (BHQ's transform mixes them), so a z-test on its mean is exact.
+    # A bias of 1% of a step on every element adds 0.01 * sum_i s_i to E[d]: ~15 standard errors here.
+    d = (s - x.double()).sum(dim=(1, 2))
+    z = float(d.mean() / (d.std() / math.sqrt(R)))
+    assert abs(z) < 5, f"{name}: pooled z = {z:.2f}"
     # Variance within its bound. The bounds are the exact SR variances given the scales (s^2 f(1-f), which is
     # <= s^2/4), so the empirical total variance must match them within sampling error: relative SE of a sum of
     # 1536 per-element variance estimates from 400 draws is ~1-5% (AQ's Bernoulli draws are heavier: 10%).

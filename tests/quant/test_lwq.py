@@ -257,6 +257,28 @@ def test_state_codec_sqnr(signed):
     assert torch.equal(z, torch.zeros(5))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_state_codec_keeps_small_values_next_to_an_outlier(signed):
+    """What square-root companding is for: in a block whose absmax is one large outlier, values 1e-3..1e-1 of it
+    keep their relative precision. A code c = L*sqrt(r) (L = 127 or 255 levels, r = |x|/absmax) rounded by at most
+    1/2 gives |dr|/r <= 1/c + 1/(4c^2), with c >= L*sqrt(1e-3): <= 26.6% signed, 12.4% unsigned; none becomes 0.
+    A linear 8-bit code of the same block flushes the smallest to zero (relative error 100%)."""
+    n = lwq.STATE_BLOCK
+    g = torch.Generator().manual_seed(0)
+    mags = torch.logspace(-3, -1, n - 1)
+    sign = torch.where(torch.rand(n - 1, generator=g) < 0.5, -1.0, 1.0) if signed else torch.ones(n - 1)
+    x = torch.cat([torch.tensor([1.0]), mags * sign]) * 3e-4  # the outlier first; optimizer-state magnitudes
+    y = lwq.dequantize_state(*lwq.quantize_state(x, signed=signed), x.shape)
+    rel = ((y - x).abs() / x.abs())[1:]
+    levels = 127.0 if signed else 255.0
+    cmin = levels * math.sqrt(1e-3)
+    assert float(rel.max()) <= 1 / cmin + 1 / (4 * cmin**2) + 1e-5, float(rel.max())
+    assert float(rel.median()) <= (0.05 if signed else 0.025), float(rel.median())  # measured 3.2% / 1.6%
+    assert bool((y[1:] != 0).all()) and torch.equal(torch.sign(y), torch.sign(x))
+    linear = torch.round(x / x.abs().max() * levels) / levels * x.abs().max()
+    assert bool((linear[1:] == 0).any())  # the property a linear codec lacks
+
+
 def test_bad_bits_raise_clear_errors():
     with pytest.raises(ValueError, match="W8 or W4"):
         lwq.weight_qmax(6)

@@ -24,12 +24,18 @@ __version__ = "0.1.0"
 
 
 def compile(model: torch.nn.Module, config: FQTConfig | Mapping[str, Any] | None = None, **compile_kwargs: Any):
-    """``torch.compile(model, backend=fqt_backend)`` with a typed config (or an options dict)."""
+    """``torch.compile(model, backend=fqt_backend)`` with a typed config (or an options dict).
+
+    The model's stochastic-rounding step counter (its ``fqt_step`` buffer, docs/usage.md "Reproducibility") is
+    created at once, so a checkpoint holding it loads before the first compiled call."""
     from functools import partial
 
     from fqtc.backend import fqt_backend
+    from fqtc.ops.stepcounter import counter_for
 
     cfg = FQTConfig.from_options(config)
+    if isinstance(model, torch.nn.Module):
+        counter_for(model)
     return torch.compile(model, backend=partial(fqt_backend, options=cfg), **compile_kwargs)
 
 

@@ -30,6 +30,7 @@ import fqtc.ops  # noqa: F401  (registers the fqt:: ops)
 from fqtc.codegen.inductor_cpu import lower_for_inductor
 from fqtc.codegen.lower import wrap_compiler
 from fqtc.config import FQTConfig
+from fqtc.ops.stepcounter import bound, counter_for, counter_of_params, tag_params
 from fqtc.passes import PassResult, run_passes
 from fqtc.passes.lwq import flat_param_mask
 from fqtc.passes.optim_step import mark_optimizer_updates
@@ -98,6 +99,56 @@ def _param_name(placeholder: fx.Node) -> str:
         if parts:
             return ".".join(parts)
     return placeholder.name  # unknown spelling: keep Dynamo's placeholder name rather than guess
+
+
+def _owner_module(placeholders: list[fx.Node], is_param: list[bool]) -> torch.nn.Module | None:
+    """The ``nn.Module`` whose parameters this Dynamo graph reads (the model being trained), or None.
+
+    Dynamo names each parameter input by its source, rooted in a local of the traced frame (``L['self']...`` in a
+    ``forward``, ``L['fn']...`` for a compiled module, ``L['model']...`` in a compiled train step); that local's
+    value in the frame Dynamo is translating is the owner.
+    """
+    from torch._dynamo.source import LocalSource
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    f_locals = getattr(getattr(getattr(tx, "output", None), "root_tx", None), "f_locals", None) or {}
+    for ph, param in zip(placeholders, is_param):
+        src = getattr(ph.meta.get("grapharg"), "source", None)
+        while src is not None and not isinstance(src, LocalSource):
+            src = getattr(src, "base", None)
+        if param and src is not None and isinstance(f_locals.get(src.local_name), torch.nn.Module):
+            return f_locals[src.local_name]
+    return None
+
+
+def _bind_step(gm: fx.GraphModule, advance: bool) -> None:
+    """``advance`` the step counter in the graph's ``fqt::step`` node: a training forward advances it, an inference
+    graph only reads it (`fqtc.ops.stepcounter`)."""
+    for n in gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.step.default):
+        n.args = (n.args[0], advance)
+    gm.recompile()
+
+
+def _with_step_counter(compiled: Callable, example_inputs: list[Any], is_param: list[bool],
+                       owner: torch.nn.Module | None) -> Callable:
+    """``compiled`` run bound to the step counter of the model whose parameters each call receives."""
+    idx = [i for i, p in enumerate(is_param) if p][:1]
+    if not idx:
+        return compiled  # no parameter: the default counter
+    levels = 0
+    if owner is not None:
+        counter = counter_for(owner)
+        names = {id(p): n for n, p in getattr(owner, "_orig_mod", owner).named_parameters()}
+        name = names.get(id(example_inputs[idx[0]]))
+        levels = name.count(".") if name is not None else 0
+        tag_params(counter, [p for _, p in getattr(owner, "_orig_mod", owner).named_parameters()])
+
+    def run(*args: Any) -> Any:  # Dynamo calls a backend's callable with the graph inputs, unboxed
+        with bound(counter_of_params([args[idx[0]]], levels)):
+            return compiled(*args)
+
+    return run
 
 
 GemmObserver = Callable[[fx.Node, tuple, Any], None]
@@ -175,6 +226,7 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
     names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]
     cg = CompiledGraph(config, names)
+    owner = _owner_module(placeholders, is_param)
     # CUDA graphs: fuse quantize->qgemm chains into the Triton kernels first (issue 6, fqtc/codegen/lower.py)
     compiler = wrap_compiler(_make_compiler(config, observer, cg))
 
@@ -186,6 +238,7 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
 
     def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
         cg.result = run_passes(joint, config, weight_nodes_of(joint.graph))
+        _bind_step(joint, advance=True)
         cg.joint = joint
         part = min_cut_rematerialization_partition if config.partitioner == "min_cut" else default_partition
         fw, bw = part(joint, joint_inputs, **kwargs)
@@ -195,6 +248,7 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
 
     def inference_compiler(fw: fx.GraphModule, inputs: Any) -> Callable:
         cg.result = run_passes(fw, config, weight_nodes_of(fw.graph))
+        _bind_step(fw, advance=False)
         # a compiled fqtc.optim step: record its fused latent-weight updates (issue 8, passes/optim_step.py)
         cg.result.counters.update(mark_optimizer_updates(fw))
         cg.inference = fw
@@ -208,4 +262,5 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
                        partition_fn=partition_fn, keep_inference_input_mutations=True)
     # Trace attention in its math form so Q.K^T and P.V (and their backward products) are visible bmm's.
     with sdpa_kernel(SDPBackend.MATH):
-        return aot(gm, example_inputs)
+        compiled = aot(gm, example_inputs)
+    return _with_step_counter(compiled, example_inputs, is_param, owner)

@@ -559,13 +559,13 @@ def _is_fqt_op(target: Any) -> bool:
 
 @contextlib.contextmanager
 def _preserve_step():
-    from fqtc.ops import get_step, set_step
+    from fqtc.ops.stepcounter import restore, snapshot
 
-    step = get_step()
+    steps = snapshot()  # every model's step counter: inspecting a model must not move any training stream
     try:
         yield
     finally:
-        set_step(step)
+        restore(steps)
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, Any] | FQTConfig | None = None,

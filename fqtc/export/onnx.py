@@ -648,7 +648,7 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
         phs = list(gm.graph.find_nodes(op="placeholder"))
         names = _input_names(model, phs, recorded[i].get(fwd_name + ".keys", []))
         has_step = bool(list(gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.step.default)))
-        step = torch.tensor(get_step(), dtype=torch.int64)
+        step = torch.tensor(get_step(model), dtype=torch.int64)
         if has_step:
             args.append(step)
             names.append("fqt_step")

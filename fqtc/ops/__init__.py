@@ -4,7 +4,8 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
 `fqtc.quant`); `fqtc.codegen` registers CUDA kernels for the same ops. Graphs use the OpOverloads
 (``torch.ops.fqt.<name>.default``).
 
-- `fqtc.ops.core`: ``fqt::step``, ``fqt::quantize``, ``fqt::qgemm``
+- `fqtc.ops.stepcounter`: ``fqt::step`` and the per-model stochastic-rounding step counters
+- `fqtc.ops.core`: ``fqt::stream_key``, ``fqt::quantize``, ``fqt::qgemm``
 - `fqtc.ops.conv`: ``fqt::qconv2d``, ``fqt::qconv2d_input``, ``fqt::qconv2d_weight`` (convolution sites, issue 4)
 - `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq`` (gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ, issue 3)
 - `fqtc.ops.lwq`: ``fqt::lwq_dequantize``, ``fqt::lwq_unpack``, ``fqt::lwq_update`` (latent weights, issue 8)
@@ -18,6 +19,7 @@ from fqtc.ops import (
     grad,  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers, issue 3)
     lwq,  # noqa: F401  (registers the fqt::lwq_* ops)
 )
-from fqtc.ops.core import dequantize, get_step, qgemm, quantize, set_step, step
+from fqtc.ops.core import dequantize, qgemm, quantize
+from fqtc.ops.stepcounter import get_step, set_step, step
 
 __all__ = ["dequantize", "get_step", "qgemm", "quantize", "set_step", "step"]

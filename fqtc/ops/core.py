@@ -1,4 +1,4 @@
-"""Core fqt ops: the step counter, uniform quantization and the scaled integer GEMM.
+"""Core fqt ops: stream keys, uniform quantization and the scaled integer GEMM (step counter: `fqtc.ops.stepcounter`).
 
 Every op is a ``torch.library`` custom op with a fake (meta) implementation so it composes with Dynamo,
 AOTAutograd, the partitioners, Inductor (as an extern call) and export. The default implementation calls the pure
@@ -9,47 +9,12 @@ Graphs must use the OpOverloads (``torch.ops.fqt.quantize.default``), not the Py
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import rng as _rng
 from fqtc.quant import uniform as _uniform
-
-# -- step counter ------------------------------------------------------------------------------------------------
-# Each call of a compiled forward graph draws a new step number: stochastic rounding keys on it, so draws differ
-# from step to step (a repeating stream would bias training) and a run with the same seed replays them.
-_step_lock = threading.Lock()
-_step_value = [0]
-
-
-def get_step() -> int:
-    """The step number the next compiled forward call will use."""
-    return _step_value[0]
-
-
-def set_step(step: int) -> None:
-    """Set the next step number (resume a run so its stochastic-rounding stream continues where it stopped)."""
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"set_step: step must be a non-negative int, got {step!r}")
-    with _step_lock:
-        _step_value[0] = step
-
-
-@torch.library.custom_op("fqt::step", mutates_args=())
-def step(device: torch.device) -> Tensor:
-    """Return the current step number (0-d int64) and advance the counter. Saved for backward, never recomputed."""
-    with _step_lock:
-        value = _step_value[0]
-        _step_value[0] += 1
-    return torch.tensor(value, dtype=torch.int64, device=device)
-
-
-@step.register_fake
-def _(device: torch.device) -> Tensor:
-    return torch.empty((), dtype=torch.int64, device=device)
 
 
 @torch.library.custom_op("fqt::stream_key", mutates_args=())

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_map_only
 
 import fqtc.ops  # noqa: F401  (registers fqt::lwq_*)
 from fqtc.config import FQTConfig
+from fqtc.ops.stepcounter import counter_for
 from fqtc.quant import lwq as _lwq
 
 # Modules whose ``weight`` is a GEMM operand and becomes a LatentWeight.
@@ -205,4 +206,5 @@ def prepare(model: torch.nn.Module, options: Mapping[str, Any] | FQTConfig | Non
         name = f"{mname}.weight" if mname else "weight"
         lw = LatentWeight.from_float(w.detach(), wbits, lbits, seed=cfg.seed, stream=param_stream(name))
         mod.weight = torch.nn.Parameter(lw, requires_grad=w.requires_grad)
+    counter_for(model)  # its stochastic-rounding step lives in its state_dict (fqtc.ops.stepcounter)
     return model

@@ -1,4 +1,4 @@
-"""The ``fqtc`` command line: ``fqtc demo | train | inspect | export | bench``.
+"""The ``fqtc`` command line: ``fqtc demo | inspect | export | bench``.
 
 Each verb lives in its own ``_cmd_<verb>`` function registered in `build_parser`; heavy imports happen inside the
 command so ``fqtc --help`` stays fast.

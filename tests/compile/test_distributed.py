@@ -2,9 +2,8 @@
 
 The supported form is ``DDP(torch.compile(model, backend="fqt"))``: DDP's gradient all-reduce runs from its
 autograd hooks on the parameters, outside the compiled graphs, so each rank runs the quantized forward and backward
-on its shard and DDP averages the dequantized gradients. (``torch.compile(DDP(model), backend="fqt")`` compiles
-nothing with torch 2.13: Dynamo skips DDP's ``_inside_ddp_forward`` and the model runs eagerly, in full precision;
-docs/supported.md.) The test checks that, step for step, both ranks hold identical
+on its shard and DDP averages the dequantized gradients (tests/distributed/test_matrix.py covers the other DDP and
+FSDP2 orders, docs/distributed.md). The test checks that, step for step, both ranks hold identical
 parameters and that the averaged gradient equals the mean of the two shards' fqt gradients computed in one process
 (bit for bit: halving is exact, and the step counter is set so both computations draw the same stochastic-rounding
 bits).

@@ -21,6 +21,12 @@ os.environ.setdefault("FQTC_COMPILER", "eager")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# tests/test_mutations.py runs chosen tests in a subprocess against a deliberately broken fqtc (tests/mutations.py)
+if os.environ.get("FQTC_MUTATION"):
+    from tests.mutations import install
+
+    install(os.environ["FQTC_MUTATION"])
+
 
 @pytest.fixture(autouse=True)
 def _reset():

@@ -1,11 +1,14 @@
-"""``fqtc bench kernels``: analytic memory traffic and FLOPs of each Triton kernel vs the minimum, and on CUDA the
-measured time and TFLOP/s (``triton.testing.do_bench``).
+"""``fqtc bench kernels``: modelled (analytic) memory traffic and FLOPs of each Triton kernel vs the minimum, and on
+CUDA the measured time and TFLOP/s (``triton.testing.do_bench``).
 
-The traffic model counts DRAM bytes. The minimum reads every input once and writes every output once. The design
-figure follows the kernel's code as the codegen pass launches it: the read-once paths hold a whole row (column) in
-one tile; a scale whose group does not fit one tile (per tensor, long rows, tall columns) and BHQ's row ranges take
-the group abs-max from the input's producer (`fqtc.codegen.lower`: an ``aten.amax`` Inductor fuses into the
-producer's kernel), so the kernel reads its input once and the statistic (4 bytes per group) is one more input;
+The traffic figures are a model, not a measurement: nothing here counts bytes on a device. A kernel written to read
+each input once is modelled at the minimum by construction (its design bytes are its input and output bytes), so a
+1.00x row says the code is laid out to read once, not that a GPU was seen doing it; only the CUDA timing columns are
+measured. The traffic model counts DRAM bytes. The minimum reads every input once and writes every output once. The
+design figure follows the kernel's code as the codegen pass launches it: the read-once paths hold a whole row
+(column) in one tile; a scale whose group does not fit one tile (per tensor, long rows, tall columns) and BHQ's row
+ranges take the group abs-max from the input's producer (`fqtc.codegen.lower`: an ``aten.amax`` Inductor fuses into
+the producer's kernel), so the kernel reads its input once and the statistic (4 bytes per group) is one more input;
 a GEMM reads each operand once from DRAM with tile re-reads served by L2 under grouped ordering (``GROUP_M`` row
 slabs of A and the matching B panels in flight must fit in L2; when they do not, the model charges the prologue's
 amax sweep a second read of A). Rows marked "own statistic" are the same kernels called without the producer's
@@ -358,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         if m.fused and m.ratio > FUSED_RATIO_LIMIT:
             bad.append(m)
     print()
-    print(f"fused kernels over {FUSED_RATIO_LIMIT}x the minimum: "
+    print(f"fused kernels modelled over {FUSED_RATIO_LIMIT}x the minimum: "
           + (", ".join(f"{m.kernel} {m.shape} ({m.ratio:.2f}x)" for m in bad) if bad else "none"))
     if not cuda:
-        print("no CUDA device: measured time and TFLOP/s are skipped (analytic model only)")
+        print("no CUDA device: measured time and TFLOP/s are skipped (traffic columns are modelled, not measured)")
     return 0
 
 

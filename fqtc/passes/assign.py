@@ -13,6 +13,9 @@ product of the quantized values, no integer GEMM) and the record says so.
 Before::  addmm.meta["fqt"] = {"site": "fc1", "role": "output"}
 After::   addmm.meta["fqt"] = {..., "status": "quantized", "operands": {"input": {"bits": 8, "granularity":
           "tensor", "rounding": "nearest", "reason": "default W8A8G8"}, "weight": {...}}, "integer_gemm": True}
+
+``status`` and ``integer_gemm`` here are the plan; `fqtc.passes.verify` replaces them with what the rewritten graph
+shows (the fqt GEMM op and the int8 codes it reads).
 """
 
 from __future__ import annotations

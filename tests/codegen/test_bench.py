@@ -93,7 +93,7 @@ def test_cli_prints_every_kernel(capsys):
     for k in ("gradq/psq", "gradq/bhq", "lwq_update/sgd", "lwq_update/adamw", "conv/output (implicit gemm)",
               "conv/grad_input (implicit gemm)", "conv/grad_weight (implicit gemm)"):
         assert f"\n{k}" in out
-    assert "fused kernels over 1.1x the minimum: none" in out
+    assert "fused kernels modelled over 1.1x the minimum: none" in out
 
 
 def test_cli_rejects_bad_shape(capsys):

@@ -56,6 +56,7 @@ from fqtc.passes.common import (
     stable_stream,
     tensor_shape,
 )
+from fqtc.passes.gradquant import BHQ_NOTE
 from fqtc.quant.conv import scale_ok
 
 aten = torch.ops.aten
@@ -182,11 +183,8 @@ def _resolve(site: ConvSite, config: FQTConfig, role: str, operand: str,
         if rule.matches(key, role, operand, site.module_type):
             matched_rules.add(rule.describe())
     spec, reason = config.resolve(key, role, operand, site.module_type)
-    if spec is not None and spec.quantizer != "uniform":
-        # gradient quantizers (issue 3) are lowered for 2-D GEMM operands only; say so instead of hiding it
-        site.notes.append(f"{role}: quantizer {spec.quantizer!r} is not lowered for convolutions; uniform "
-                          f"{spec.granularity} quantizer used")
-        spec = QuantSpec(max(2, min(8, spec.bits)), spec.granularity, spec.rounding, "uniform")
+    if spec is not None and spec.quantizer == "bhq":
+        site.notes.append(f"{role}: {BHQ_NOTE}")
     return spec, reason
 
 
@@ -229,18 +227,33 @@ def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], di
         key = (base, spec, tuple(dims))
         if key in quantized:
             codes, scale = quantized[key]
-            qn = codes.args[0]
-            if not _precedes(qn, before):
+            nodes = (codes,) if scale is None else (codes.args[0], codes, scale)  # bhq: one node
+            if not _precedes(nodes[0], before):
                 # first created for a consumer later in the graph (e.g. one input read by two convs' grad_weight
                 # in backward, visited in forward order): move it before this earlier consumer
-                for n in (qn, codes, scale):
+                for n in nodes:
                     before.prepend(n)
             return codes, scale
         stream = stable_stream(site.name, role, operand, spec.short_str())
-        codes, scale = insert_quantizer(
-            graph, fake_mode, fqt.quantize.default, (base, spec.bits, dims, spec.rounding, config.seed, stream, step),
-            before, {"kind": "quantize", "site": site.name, "role": role, "operand": operand, "spec": spec.to_dict(),
-                     "reduce_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream})
+        record = {"kind": "quantize", "site": site.name, "role": role, "operand": operand, "spec": spec.to_dict(),
+                  "reduce_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream}
+        if spec.quantizer == "bhq":  # T^-1 Q(T g): a dequantized fp32 operand (passes/gradquant.py)
+            with graph.inserting_before(before):
+                codes = graph.call_function(
+                    fqt.bhq.default, (base, spec.bits, dims, spec.rounding, config.seed, stream, step))
+            copy_meta(codes, before)
+            set_fake_val(codes, fake_mode)
+            codes.meta["fqt"] = {**record, "kind": "bhq", "quantizer": "bhq", "output": "dequantized"}
+            scale = None
+        elif spec.quantizer != "uniform":  # the papers' gradient quantizers: int8 codes + keepdim scale
+            codes, scale = insert_quantizer(
+                graph, fake_mode, fqt.grad_quantize.default,
+                (base, spec.quantizer, spec.bits, dims, spec.rounding, config.seed, stream, step), before,
+                {**record, "kind": "grad_quantize", "quantizer": spec.quantizer, "output": "codes_scale"})
+        else:
+            codes, scale = insert_quantizer(
+                graph, fake_mode, fqt.quantize.default,
+                (base, spec.bits, dims, spec.rounding, config.seed, stream, step), before, record)
         quantized[key] = (codes, scale)
         counters["conv_quantize_nodes"] += 1
         return codes, scale
@@ -261,7 +274,7 @@ def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], di
             dims = conv_reduce_dims(spec, operand, f"{where}, role {role!r}")
             codes, scale = quant(base, spec, dims, site, role, operand, before)
             entry = {**spec.to_dict(), "reason": reason, "reduce_dims": dims}
-            return codes, scale, entry, scale_ok(role, operand, _scale_shape(dims))
+            return codes, scale, entry, scale is not None and scale_ok(role, operand, _scale_shape(dims))
 
         # output
         xa, xs, xe, xok = operand_args("output", "input", f)

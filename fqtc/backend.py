@@ -2,7 +2,13 @@
 
 Found by ``torch.compile(model, backend="fqt")`` through the ``torch_dynamo_backends`` entry point
 (``fqt = "fqtc.backend:fqt_backend"``). This module must not call ``register_backend("fqt")`` itself: Dynamo
-registers the entry point when it loads it, and a second registration raises ``duplicate name: fqt``.
+registers the entry point when it loads it, and a second registration raises ``duplicate name: fqt``. Two threads
+whose first ``torch.compile(..., backend="fqt")`` calls race both load the entry point and both register it; on
+import this module makes a second registration of this same function under ``"fqt"`` harmless
+(`_thread_safe_registration`), so every racing thread gets the backend instead of a crash.
+
+Option errors raise `OptionError`, a ``ValueError`` Dynamo passes through unchanged: at the first call for
+``torch.compile(..., options=...)`` (torch hands a backend its options only then), at once for `fqtc.compile`.
 
 Flow: Dynamo FX graph -> ``aot_autograd(partition_fn=...)`` traces the joint graph -> inside ``partition_fn``
 the passes (sites, assign, rewrite, save) run on it -> min-cut partition -> forward and backward graphs, run as FX
@@ -22,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.exc import ShortenTraceback
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -34,6 +41,50 @@ from fqtc.ops.stepcounter import bound, counter_for, counter_of_params, tag_para
 from fqtc.passes import PassResult, run_passes
 from fqtc.passes.lwq import flat_param_mask
 from fqtc.passes.optim_step import mark_optimizer_updates
+
+
+class OptionError(ValueError, ShortenTraceback):
+    """An invalid fqt option. A ``ValueError``; also a Dynamo ``ShortenTraceback``, which Dynamo re-raises as is,
+    so the user sees this error (not ``BackendCompilerFailed``) and never a silent fallback to full precision."""
+
+    def __init__(self, message: str) -> None:
+        ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
+def _config(options: Mapping[str, Any] | FQTConfig | None) -> FQTConfig:
+    try:
+        return FQTConfig.from_options(options)
+    except ValueError as e:
+        if isinstance(e, OptionError):
+            raise
+        raise OptionError(str(e)) from e
+
+
+class _Registry(dict):
+    """Dynamo's backend registry, where a second registration of `fqt_backend` under ``"fqt"`` is harmless.
+
+    ``register_backend`` raises ``duplicate name`` when the name is present; for ``"fqt"`` holding this module's
+    function the membership test answers no, so a racing thread re-stores the same function, and a later lookup
+    finds its entry point already consumed (None) and reads the registered function."""
+
+    def __contains__(self, name: object) -> bool:
+        if name == "fqt" and dict.get(self, "fqt") is globals().get("fqt_backend"):
+            return False
+        return dict.__contains__(self, name)
+
+
+def _thread_safe_registration() -> None:
+    """Make concurrent first lookups of ``backend="fqt"`` safe.
+
+    ``torch._dynamo.backends.registry.lookup_backend`` checks the registry, loads the entry point (importing this
+    module) and registers the function, without a lock: threads whose first lookups overlap all load it and all
+    register, and every registration after the first raises ``duplicate name: fqt``. Each of them runs the
+    duplicate check after this module's import has finished, so the registry is swapped for `_Registry` here."""
+    from torch._dynamo.backends import registry
+
+    fns = getattr(registry, "_COMPILER_FNS", None)
+    if isinstance(fns, dict) and not isinstance(fns, _Registry):
+        registry._COMPILER_FNS = _Registry(fns)
 
 
 @dataclass
@@ -221,7 +272,7 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     ``observer`` (calibration, `fqtc.calibrate`): called with every recorded GEMM node and its real values at run time;
     needs ``compiler="eager"``.
     """
-    config = FQTConfig.from_options(options)
+    config = _config(options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
     names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]
@@ -264,3 +315,6 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     with sdpa_kernel(SDPBackend.MATH):
         compiled = aot(gm, example_inputs)
     return _with_step_counter(compiled, example_inputs, is_param, owner)
+
+
+_thread_safe_registration()

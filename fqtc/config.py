@@ -161,6 +161,8 @@ class Rule:
             nothing itself; `FQTConfig.expand_presets` turns it into one rule per named site once sites are known.
         label: the reason recorded for operands this rule decides (default: `describe`); set by presets and by
             the automatic policy.
+        rotate: ``"hadamard"`` or ``"none"``: rotate (or not) the ``output`` GEMM of the matched Linear sites
+            (option ``rotate``); such a rule sets nothing else and may name only ``module``/``module_type``/``role``.
     """
 
     module: str = "*"
@@ -173,6 +175,7 @@ class Rule:
     module_type: str | None = None
     preset: str | None = None
     label: str | None = None
+    rotate: str | None = None
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -189,6 +192,11 @@ class Rule:
             raise _bad("rules[].granularity", self.granularity, ", ".join(GRANULARITIES))
         if self.rounding is not None and self.rounding not in ROUNDINGS:
             raise _bad("rules[].rounding", self.rounding, ", ".join(ROUNDINGS))
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise _bad("rules[].rotate", self.rotate, ", ".join(ROTATIONS))
+        if self.rotate is not None and self.role not in (None, "output"):
+            raise _bad("rules[].role", self.role, "'output' or none with 'rotate' (the rotation applies to the "
+                       "output GEMM's input and weight; the backward GEMMs that share their codes are un-rotated)")
         if self.quantizer is not None and self.quantizer not in QUANTIZERS:
             raise _bad("rules[].quantizer", self.quantizer, ", ".join(QUANTIZERS))
         if self.quantizer not in (None, "uniform") and self.operand != "grad_output":
@@ -246,7 +254,7 @@ class Rule:
         if not isinstance(item, Mapping):
             raise _bad(f"rules[{index}]", item, "a dict such as {'module': 'fc1', 'role': 'grad_weight', 'bits': 4}")
         allowed = {"module", "role", "operand", "bits", "granularity", "rounding", "quantizer", "module_type",
-                   "preset", *PRESETS}
+                   "preset", "rotate", *PRESETS}
         unknown = set(item) - allowed
         if unknown:
             raise _bad(f"rules[{index}]", sorted(unknown), "keys " + ", ".join(sorted(allowed)))
@@ -286,8 +294,10 @@ DEFAULT_GRANULARITY: dict[tuple[str, str], str] = {
 _OPTION_KEYS = (
     "bits", "seed", "rounding", "forward_rounding", "grad_rounding", "rules", "keep_fp",
     "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration", "auto_objective",
-    "auto_min_bits", "save_fp",
+    "auto_min_bits", "save_fp", "rotate", "rotate_block",
 )
+# Rotations of a GEMM's reduction dimension before quantizing (fqtc/quant/rotate.py, docs/options.md "rotate").
+ROTATIONS: tuple[str, ...] = ("none", "hadamard")
 # Saved-for-backward activations option ``save_fp`` can keep in fp32 (fqtc/passes/save_act.py), or "all".
 SAVE_FP_KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "gelu", "silu", "softmax", "log_softmax", "tanh",
                                   "sigmoid")
@@ -350,6 +360,8 @@ class FQTConfig:
     auto_objective: str = "relative"
     auto_min_bits: int = MIN_BITS
     save_fp: tuple[str, ...] = ()
+    rotate: str = "none"
+    rotate_block: int = 64
 
     def __post_init__(self) -> None:
         sf = (self.save_fp,) if isinstance(self.save_fp, str) else self.save_fp
@@ -376,8 +388,8 @@ class FQTConfig:
                 raise _bad("calibration", self.calibration,
                            "the result of fqtc.calibrate(model, batches, loss_fn) when bits='auto' (the solver "
                            "needs per-GEMM gradient statistics)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise _bad("seed", self.seed, "a non-negative integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise _bad("seed", self.seed, "an integer in [0, 2**63 - 1] (the ops take it as int64)")
         for name in ("forward_rounding", "grad_rounding"):
             if getattr(self, name) not in ROUNDINGS:
                 raise _bad(name, getattr(self, name), ", ".join(ROUNDINGS))
@@ -390,6 +402,11 @@ class FQTConfig:
             raise _bad("partitioner", self.partitioner, "min_cut, default")
         if self.compiler not in ("auto", "eager", "inductor"):
             raise _bad("compiler", self.compiler, "auto, eager, inductor")
+        if self.rotate not in ROTATIONS:
+            raise _bad("rotate", self.rotate, ", ".join(ROTATIONS))
+        rb = self.rotate_block
+        if isinstance(rb, bool) or not isinstance(rb, int) or not 16 <= rb <= 256 or rb & (rb - 1):
+            raise _bad("rotate_block", rb, "a power of two from 16 to 256 (the Hadamard block along K)")
 
     @staticmethod
     def from_options(options: Mapping[str, Any] | "FQTConfig" | None = None) -> "FQTConfig":
@@ -416,7 +433,7 @@ class FQTConfig:
                 raise _bad("rounding", r, ", ".join(ROUNDINGS))
             kw["forward_rounding"] = kw["grad_rounding"] = r
         for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler", "budget",
-                  "calibration", "auto_objective", "auto_min_bits", "save_fp"):
+                  "calibration", "auto_objective", "auto_min_bits", "save_fp", "rotate", "rotate_block"):
             if k in options:
                 kw[k] = options[k]
         for k in ("budget", "auto_objective", "auto_min_bits"):
@@ -442,6 +459,15 @@ class FQTConfig:
         return FQTConfig(**kw)
 
     # -- spec resolution ------------------------------------------------------------------------------------
+    def rotation(self, module: str, module_type: str = "") -> str:
+        """``"hadamard"`` or ``"none"`` for the ``output`` GEMM of one site: the last matching rule with ``rotate``
+        wins over the option (``keep_fp`` sites are not quantized, so nothing is rotated there)."""
+        out = self.rotate
+        for r in self.rules:
+            if r.rotate is not None and r.matches(module, "output", r.operand or "input", module_type):
+                out = r.rotate
+        return out
+
     def default_spec(self, role: str, operand: str) -> QuantSpec | None:
         """The spec before rules: bits from the bit string, granularity from `DEFAULT_GRANULARITY`."""
         bits = {"input": self.bits.activation, "weight": self.bits.weight, "grad_output": self.bits.gradient}[operand]

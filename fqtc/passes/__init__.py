@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from fqtc.passes.autobits import apply_auto
 from fqtc.passes.conv import rewrite_convs, site_keys_in_order
 from fqtc.passes.lwq import mark_latent_weights
 from fqtc.passes.rewrite import rewrite
+from fqtc.passes.rotate import rotate_linear_sites
 from fqtc.passes.save import tag_saves
 from fqtc.passes.save_act import quantize_saved_activations
 from fqtc.passes.sites import GemmSite, find_sites
@@ -26,6 +28,20 @@ class PassResult:
     plans: list[GemmPlan]
     records: list[dict] = field(default_factory=list)  # one per GEMM, the node.meta["fqt"] records
     counters: dict[str, int] = field(default_factory=dict)
+
+
+def _warn_unmatched_keep_fp(config: FQTConfig, records: list[dict]) -> None:
+    """Warn about each ``keep_fp`` entry that matches no GEMM of this graph (as `assign` does for rules): a typo in
+    a module glob would otherwise leave that module quantized without a word."""
+    if not records:
+        return  # a graph without GEMMs (e.g. one side of a graph break) has nothing a keep_fp entry could match
+    for pat in config.keep_fp:
+        if not any(pat == r.get("role") or fnmatch.fnmatchcase(r.get("module") or r.get("site") or "", pat)
+                   for r in records):
+            known = sorted({r.get("module") or r.get("site") or "" for r in records})
+            warnings.warn(f"fqt: keep_fp entry {pat!r} matched no GEMM (a module-path glob or a role: output, "
+                          f"grad_input, grad_weight); module paths with GEMMs here: {', '.join(known)}. "
+                          "fqtc.explain() lists them", stacklevel=3)
 
 
 def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]) -> PassResult:
@@ -41,6 +57,7 @@ def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]
         warnings.simplefilter("always")
         plans = assign(sites, config)
     counters = rewrite(gm, plans, config)
+    counters.update(rotate_linear_sites(gm, config))  # option rotate: Hadamard-rotated output GEMMs
     conv_records, conv_counters, conv_rules = rewrite_convs(gm, config)  # 2-D convolution sites (issue 4)
     counters.update(conv_counters)
     for w in assign_warnings:  # assign warns about rules matching no GEMM; one matching a conv operand did match
@@ -53,6 +70,7 @@ def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]
                if n.meta.get("fqt", {}).get("original_node")}
     records = [by_orig.get(r["node"], r) for r in records] + unlinked + conv_records
     verify_records(gm, records)  # status from the rewritten graph, not from the plan
+    _warn_unmatched_keep_fp(config, records)
     # a graph whose GEMMs are all kept in full precision is the FP path (a graph without GEMMs is not)
     any_quantized = not records or any(r.get("status") == "quantized" for r in records)
     # 8-bit non-GEMM saved tensors, packed masks

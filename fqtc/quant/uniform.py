@@ -35,9 +35,12 @@ def group_amax(x: torch.Tensor, reduce_dims: Sequence[int]) -> torch.Tensor:
 
     The codegen pass computes this same reduction as ``aten.amax(aten.abs(x))`` next to ``x``'s producer, where
     Inductor fuses it into the producer's kernel, and hands it to the quantizer (docs/kernels.md, "Statistics from
-    the producer")."""
+    the producer"). A group with no element (an empty batch) has abs-max 0, so its scale is 1 as for an all-zero
+    group (``amax`` itself rejects a zero-size reduction)."""
     xf = x.float()
     dims = _norm_dims(reduce_dims, x.dim())
+    if any(x.shape[d] == 0 for d in dims):
+        return xf.new_zeros([1 if i in dims else s for i, s in enumerate(x.shape)])
     return xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()
 
 

@@ -141,6 +141,9 @@ def int_gemm(a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch
         raise TypeError(f"int_gemm expects int8 codes, got {a.dtype} and {b.dtype}")
     if path is not None and path not in CPU_GEMM_PATHS:
         raise ValueError(f"unknown integer GEMM path {path!r}; allowed: {', '.join(CPU_GEMM_PATHS)}")
+    if a.numel() == 0 or b.numel() == 0:  # an empty batch, or K = 0: an (all-zero) int32 result of the right shape
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        return torch.zeros(*batch, a.shape[-2], b.shape[-1], dtype=torch.int32, device=a.device)
     if a.device.type == "cpu" and (path or cpu_gemm_path()) == "int_mm":
         return _int_mm_gemm(a, b)
     return _fp32_gemm(a, b)

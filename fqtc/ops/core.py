@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import rng as _rng
+from fqtc.quant import rotate as _rotate
 from fqtc.quant import uniform as _uniform
 
 
@@ -96,3 +97,14 @@ def _(a, a_scale, b, b_scale, bias, out_dtype):
 
 def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
     return _uniform.dequantize(codes, scale)
+
+
+@torch.library.custom_op("fqt::rotate", mutates_args=())
+def rotate(x: Tensor, dim: int, block: int, seed: int, stream: int, inverse: bool) -> Tensor:
+    """Randomized Hadamard rotation of ``x`` along ``dim`` (`fqtc.quant.rotate.rotate`), fp32."""
+    return _rotate.rotate(x, dim, block, seed, stream, inverse).contiguous()
+
+
+@rotate.register_fake
+def _(x, dim, block, seed, stream, inverse):
+    return torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)

@@ -182,11 +182,14 @@ def get_step(model: torch.nn.Module | None = None) -> int:
     """The step number the next training forward of ``model`` will use.
 
     Without ``model``: the step of the counter a compiled graph read most recently (in a one-model script, that
-    model's step; the process's default counter before any graph ran).
+    model's step; the process's default counter before any graph ran, or once that model is gone).
     """
     if model is not None:
         return counter_for(model).value
-    return _last[0].value
+    last = _last[0]
+    if last.module is not None and last.module() is None:  # that model is gone: the default counter
+        return _default.value
+    return last.value
 
 
 def set_step(step: int, model: torch.nn.Module | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Accuracy section ``gradq`` (issue 3): the benchmark CNN trained with QAT vs quantized gradients per quantizer.
+"""Accuracy section ``gradq``: the benchmark CNN trained with QAT vs quantized gradients per quantizer.
 
 QAT = W8A8 forward quantization with ``grad_output`` in full precision (rule ``{"operand": "grad_output",
 "bits": "fp"}``); FQT = the same forward plus ``grad_output`` quantized by PTQ/PSQ/SCQ/BHQ/AQ at 8, 5 and 4 bits

@@ -11,7 +11,7 @@ of the GEMM weights differs:
 - ``L8`` / ``L4`` / ``L2``: `fqtc.prepare` with ``W8A8G8L<b>``: int8 integer weight + b-bit residual;
 - ``int8-SR (no residual)``: the weights *are* int8 codes with a per-row scale (absmax/127, re-computed each step)
   and each update is stochastically rounded onto that grid -- torchao's int8 weight-only quantized training, the
-  baseline LWQ must beat (issue 8);
+  baseline LWQ must beat;
 - ``W4 fp32-latent`` / ``W4 L4`` / ``int4-SR (no residual)``: the same three storages with 4-bit integer weights
   (backend ``W4A8G8``; `fqtc.prepare` with ``W4A8G8L4``; SR onto the per-row absmax/7 grid), where one integer
   step is 18x coarser and plain SR's rounding noise is correspondingly larger (``W4_CONFIGS``).

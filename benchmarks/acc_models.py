@@ -1,4 +1,4 @@
-"""Accuracy section ``models``: FP32 vs fqt W8A8G8 vs W4A4G8 on real data (issue 4).
+"""Accuracy section ``models``: FP32 vs fqt W8A8G8 vs W4A4G8 on real data.
 
 * Fashion-MNIST, `SmallCNN` (two 3x3 conv layers + two Linear): test accuracy after the same number of steps,
   same initialisation, same batches. Target: W8A8G8 within 0.5 point of FP32.

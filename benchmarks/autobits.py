@@ -1,4 +1,4 @@
-"""Automatic vs uniform gradient bits at the same average (issue 5): gradient variance and final accuracy/loss.
+"""Automatic vs uniform gradient bits at the same average (docs/bit_assignment.md): variance, accuracy/loss.
 
 For each task and each integer budget B (where uniform ``W8A8G{B}`` spends exactly B bits per gradient element):
 

@@ -1,4 +1,4 @@
-"""Training-state memory of latent weight quantization (issue 8), measured side by side in one run.
+"""Training-state memory of latent weight quantization (docs/latent_weights.md), measured side by side in one run.
 
     .venv/bin/python -m benchmarks.memory [--steps 2] [--no-peak]
 

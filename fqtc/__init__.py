@@ -13,12 +13,12 @@ from typing import Any, Mapping
 
 import torch
 
-from fqtc.calibrate import Calibration, calibrate  # statistics for bits="auto" (issue 5, docs/bit_assignment.md)
+from fqtc.calibrate import Calibration, calibrate  # statistics for bits="auto" (docs/bit_assignment.md)
 from fqtc.config import BitConfig, FQTConfig, QuantSpec, Rule
-from fqtc.export.onnx import export_onnx  # quantized training graphs -> ONNX (issue 7, docs/inspect_export.md)
-from fqtc.inspect import explain  # per-GEMM report of what fqt did (issue 7, docs/inspect_export.md)
+from fqtc.export.onnx import export_onnx  # quantized training graphs -> ONNX (docs/inspect_export.md)
+from fqtc.inspect import explain  # per-GEMM report of what fqt did (docs/inspect_export.md)
 from fqtc.ops import get_step, set_step
-from fqtc.optim.latent import prepare  # latent-weight storage (issue 8, docs/latent_weights.md)
+from fqtc.optim.latent import prepare  # latent-weight storage (docs/latent_weights.md)
 
 __version__ = "0.1.0"
 

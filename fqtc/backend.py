@@ -208,7 +208,7 @@ GemmObserver = Callable[[fx.Node, tuple, Any], None]
 class _ObservingInterpreter(fx.Interpreter):
     """Runs a forward/backward graph node by node and hands every GEMM node that carries a record to an observer.
 
-    Calibration hook (issue 5, `fqtc.calibrate`): the observer gets ``(node, args, out)``, the node (its
+    Calibration hook (`fqtc.calibrate`, docs/bit_assignment.md): the observer gets ``(node, args, out)``, the node (its
     ``meta["fqt"]`` record, its symbolic ``meta["val"]``) with the real argument values and result of this step.
     """
 
@@ -278,12 +278,12 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]
     cg = CompiledGraph(config, names)
     owner = _owner_module(placeholders, is_param)
-    # CUDA graphs: fuse quantize->qgemm chains into the Triton kernels first (issue 6, fqtc/codegen/lower.py)
+    # CUDA graphs: fuse quantize->qgemm chains into the Triton kernels first (fqtc/codegen/lower.py, docs/kernels.md)
     compiler = wrap_compiler(_make_compiler(config, observer, cg))
 
     def weight_nodes_of(graph: fx.Graph) -> set[fx.Node]:
         phs = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-        # LatentWeight parameters arrive flattened into their inner tensors (issue 8, fqtc/passes/lwq.py)
+        # LatentWeight parameters arrive flattened into their inner tensors (fqtc/passes/lwq.py)
         flat = flat_param_mask(example_inputs, is_param)
         return {n for i, n in enumerate(phs) if i < len(flat) and flat[i]}
 
@@ -300,7 +300,7 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     def inference_compiler(fw: fx.GraphModule, inputs: Any) -> Callable:
         cg.result = run_passes(fw, config, weight_nodes_of(fw.graph))
         _bind_step(fw, advance=False)
-        # a compiled fqtc.optim step: record its fused latent-weight updates (issue 8, passes/optim_step.py)
+        # a compiled fqtc.optim step: record its fused latent-weight updates (passes/optim_step.py)
         cg.result.counters.update(mark_optimizer_updates(fw))
         cg.inference = fw
         _publish(cg)

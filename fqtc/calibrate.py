@@ -1,4 +1,4 @@
-"""Calibration for the automatic bit policy (issue 5): per-GEMM gradient statistics from a few training steps.
+"""Calibration for the automatic bit policy: per-GEMM gradient statistics from a few training steps.
 
 Usage::
 
@@ -277,7 +277,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any],
 
 def _measure_propagation(model: torch.nn.Module, batch: Any, loss_fn: Callable, acc: dict[tuple[str, str], UnitStats],
                          spec_opts: dict, draws: int, bits: int = 4) -> None:
-    """Measure how much of each quantizer's added variance reaches the parameter gradients (issue 5).
+    """Measure how much of each quantizer's added variance reaches the parameter gradients.
 
     For each (module, role), compile the model with only that ``grad_output`` quantized (at ``bits``, with its
     calibrated spec), take the parameter gradients on ``batch`` over ``draws`` stochastic-rounding streams, and set

@@ -19,7 +19,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ``fqtc bench <name> [args]``: each benchmark is a module with ``main(argv) -> int``; add yours here.
 _BENCHES: dict[str, str] = {
-    "kernels": "fqtc.codegen.bench",  # Triton kernels: traffic model vs minimum, CUDA timings (issue 6)
+    "kernels": "fqtc.codegen.bench",  # Triton kernels: traffic model vs minimum, CUDA timings (docs/kernels.md)
 }
 
 

@@ -22,15 +22,16 @@ OPERANDS: tuple[str, ...] = ("input", "weight", "grad_output")
 GRANULARITIES: tuple[str, ...] = ("tensor", "token", "sample", "channel")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 # Quantizers for the grad_output operand come from the statistical-framework and 1-bit FQT papers
-# (../docs/numerics.md). "uniform" is the plain symmetric quantizer at the spec's granularity.
-# ptq/psq/scq/bhq/aq/aq_topk (issue 3, docs/gradient_quantizers.md) apply to grad_output only and choose their own
+# (docs/gradient_quantizers.md). "uniform" is the plain symmetric quantizer at the spec's granularity.
+# ptq/psq/scq/bhq/aq/aq_topk apply to grad_output only and choose their own
 # grouping per role (`GRAD_QUANTIZER_GRANULARITY`); aq/aq_topk take an *average* of bits, down to 1 (``G1``).
 QUANTIZERS: tuple[str, ...] = ("uniform", "ptq", "psq", "scq", "bhq", "aq", "aq_topk")
 AVERAGE_BIT_QUANTIZERS: tuple[str, ...] = ("aq", "aq_topk")
 MIN_BITS, MAX_BITS = 2, 8
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)G(\d+|AUTO)(?:L(\d+))?$")
-# Rule presets (issue 5): each expands, once the GEMM sites are known, into ordinary rules on the sites it names.
+# Rule presets (docs/bit_assignment.md): each expands, once the GEMM sites are known, into ordinary rules on the
+# sites it names.
 PRESETS: tuple[str, ...] = ("first_last", "first", "last")
 
 
@@ -281,7 +282,8 @@ class Rule:
 # Default granularity per (role, operand). Scales must not vary along a GEMM's reduction axis for the product to
 # stay an integer GEMM with the scales in the epilogue, so e.g. grad_output is per-sample for grad_input
 # (reduction over output channels) and per-channel for grad_weight (reduction over samples): the SCQ layout of the
-# 1-bit FQT paper, and the official StatQuant code's per-tensor/per-column choices (docs/numerics.md).
+# 1-bit FQT paper, and the official StatQuant code's per-tensor/per-column choices
+# (docs/options.md, "Granularity defaults").
 DEFAULT_GRANULARITY: dict[tuple[str, str], str] = {
     ("output", "input"): "tensor",
     ("output", "weight"): "channel",
@@ -296,12 +298,12 @@ _OPTION_KEYS = (
     "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration", "auto_objective",
     "auto_min_bits", "save_fp", "rotate", "rotate_block",
 )
-# Rotations of a GEMM's reduction dimension before quantizing (fqtc/quant/rotate.py, docs/options.md "rotate").
+# Rotations of a GEMM's reduction dimension before quantizing (fqtc/quant/rotate.py; option rotate in docs/options.md).
 ROTATIONS: tuple[str, ...] = ("none", "hadamard")
 # Saved-for-backward activations option ``save_fp`` can keep in fp32 (fqtc/passes/save_act.py), or "all".
 SAVE_FP_KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "gelu", "silu", "softmax", "log_softmax", "tanh",
                                   "sigmoid")
-# Objectives of the automatic gradient-bit policy (issue 5, docs/bit_assignment.md): "relative" sums each parameter
+# Objectives of the automatic gradient-bit policy (docs/bit_assignment.md): "relative" sums each parameter
 # tensor's noise-to-signal ratio, "absolute" sums the added variance over all parameter-gradient elements.
 AUTO_OBJECTIVES: tuple[str, ...] = ("relative", "absolute")
 # Options that only mean something with bits="auto" (fqtc.calibrate strips them from the options it is given).
@@ -322,7 +324,8 @@ class FQTConfig:
         rules: overrides, applied in order (later wins), see `Rule`.
         keep_fp: module-path globs or roles whose GEMMs stay in full precision (debug switch).
         log_sqnr: site/module-path globs or roles whose quantizers log their SQNR and range on every step
-            (debug switch, issue 7): to the ``fqtc.debug`` logger and to `fqtc.inspect.sqnr_log`. ``True`` = all.
+            (debug switch, docs/inspect_export.md): to the ``fqtc.debug`` logger and to `fqtc.inspect.sqnr_log`.
+            ``True`` = all.
         partitioner: ``min_cut`` (default) or ``default``, the AOTAutograd partitioner run after the rewrite.
         compiler: ``auto`` (default), ``eager`` or ``inductor``. ``eager`` runs the fw/bw graphs as FX modules
             (the reference path, each fqt op a separate call); ``inductor`` compiles them with Inductor, which on
@@ -547,7 +550,7 @@ class FQTConfig:
                 f"grad={self.grad_rounding}/{self.grad_quantizer}")
 
 
-# Grouping of each gradient quantizer per backward GEMM (issue 3, docs/gradient_quantizers.md): it replaces the
+# Grouping of each gradient quantizer per backward GEMM (docs/gradient_quantizers.md): it replaces the
 # spec's granularity, so assign's scale-vs-reduction-axis check and the records describe what really runs. PTQ: one
 # scale; PSQ/BHQ: per sample in both GEMMs (for grad_weight the sample scales lie along the reduction axis: a
 # dequantized product); SCQ/AQ: samples for grad_input, output channels for grad_weight (integer GEMMs).

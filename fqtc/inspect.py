@@ -6,7 +6,7 @@ built only from the ``node.meta["fqt"]`` records the passes wrote (fqtc/passes/R
 what inspect shows is what the compiled graphs do:
 
 - ``report.sites``: one `Site` per GEMM (``output``/``grad_input``/``grad_weight``) with its bits, quantizer,
-  rounding, status (``quantized``/``partial``/``full_precision``) and the reason; no silent fallback (issue 7);
+  rounding, status (``quantized``/``partial``/``full_precision``) and the reason; no silent fallback;
 - ``report.memory``: bytes of the tensors saved for backward, fqt vs the same model compiled with ``bits="fp"``;
 - ``report.saved``: one row per non-GEMM saved activation (`fqtc.passes.save_act`): op, bits, storage, bytes
   saved vs fp32;

@@ -1,4 +1,4 @@
-"""fqtc.explain (issue 7): one row per GEMM with role, bits and status from node.meta["fqt"]; FP sites with the
+"""fqtc.explain: one row per GEMM with role, bits and status from node.meta["fqt"]; FP sites with the
 reason; table, JSON, annotated graphs, DOT; measured SQNR and saved-for-backward memory; option log_sqnr."""
 
 import json

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the fqt ops and the pass that selects them on CUDA graphs (issue 6).
+"""Fused Triton kernels for the fqt ops and the pass that selects them on CUDA graphs (docs/kernels.md).
 
 Importing this package never imports Triton: kernels live in submodules (`quantize`, `gemm`) loaded on demand, and
 `register_cuda_kernels` installs them as the CUDA implementations of the fqt ops only when Triton and a CUDA device

@@ -24,7 +24,7 @@ from typing import Callable
 
 L2_BYTES = 50 * 2**20  # H100 SXM L2 (50 MiB): the budget the grouped-ordering working set must fit
 SMS = 132  # H100 SXM streaming multiprocessors: programs in flight per wave
-FUSED_RATIO_LIMIT = 1.1  # acceptance bound of issue 6 for every fused kernel
+FUSED_RATIO_LIMIT = 1.1  # bound for every fused kernel (docs/kernels.md, "Traffic model")
 
 _SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 

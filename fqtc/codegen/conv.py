@@ -1,4 +1,4 @@
-"""Integer conv2d as implicit GEMMs (issue 6, item 6), bit-exact with `fqtc.quant.conv`.
+"""Integer conv2d as implicit GEMMs (docs/kernels.md, "6. conv"), bit-exact with `fqtc.quant.conv`.
 
 Each of the three conv GEMMs of a site runs as one Triton kernel that computes the im2col (or col2im) addresses
 inside its K loop and gathers the int8 codes straight from their NCHW storage: nothing is unfolded, nothing

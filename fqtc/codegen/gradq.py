@@ -1,4 +1,4 @@
-"""Triton kernels for the gradient quantizers of `fqtc.quant.gradq` (issue 3), bit-exact with the references.
+"""Triton kernels for the gradient quantizers of `fqtc.quant.gradq` bit-exact with the references (docs/kernels.md).
 
 - PTQ / PSQ / SCQ (`fqtc.quant.gradq.grad_quantize` with ``ptq``/``psq``/``scq``): the uniform quantize kernels of
   `fqtc.codegen.quantize` with the gradient non-finite policy (a NaN group keeps a NaN scale, codes 0).

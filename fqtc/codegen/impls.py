@@ -97,7 +97,7 @@ def qgemm_fused_grad_quant_cuda(a: Tensor, quantizer: str, bits: int, reduce_dim
 
 def grad_quantize_cuda(x: Tensor, quantizer: str, bits: int, reduce_dims: list[int], rounding: str, seed: int,
                        stream: int, step: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``fqt::grad_quantize`` (issue 3): PTQ/PSQ/SCQ on the quantize kernels; AQ and uncovered layouts run the
+    """``fqt::grad_quantize``: PTQ/PSQ/SCQ on the quantize kernels; AQ and uncovered layouts run the
     reference (counted)."""
     from fqtc.codegen import gradq as _kgq
     from fqtc.quant import gradq as _gradq
@@ -121,7 +121,7 @@ def grad_quantize_cuda(x: Tensor, quantizer: str, bits: int, reduce_dims: list[i
 
 def bhq_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int,
              step: Tensor, amax: Tensor | None = None) -> Tensor:
-    """``fqt::bhq`` (issue 3): transform, quantize, dequantize and invert fused per Householder group."""
+    """``fqt::bhq``: transform, quantize, dequantize and invert fused per Householder group."""
     from fqtc.codegen import gradq as _kgq
     from fqtc.quant import gradq as _gradq
 
@@ -137,7 +137,7 @@ def lwq_update_cuda(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, s
                     hparams: list[float], shape: list[int], wbits: int, lbits: int, seed: int, stream: int,
                     step: Tensor, skip: Tensor, refresh: bool, mu_interval: int, lr: Tensor | None = None,
                     mu_thresholds: list[float] | None = None) -> Tensor:
-    """``fqt::lwq_update`` (issue 8): the one-pass SGD or AdamW kernel where it applies (fp32 optimizer states,
+    """``fqt::lwq_update``: the one-pass SGD or AdamW kernel where it applies (fp32 optimizer states,
     no importance-level re-selection step), else the reference (counted). A tensor ``lr`` is read once here (one
     host sync) and passed to the kernel as its scalar; the kernel's float64/fp32 roundings of it match the
     reference's tensor-lr expressions (`fqtc.ops.lwq.optimizer_math`)."""
@@ -159,7 +159,7 @@ def lwq_update_cuda(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, s
 def qconv2d_cuda(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor | None, bias: Tensor | None,
                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
                  out_dtype: torch.dtype) -> Tensor:
-    """``fqt::qconv2d`` (issue 4): the implicit-GEMM int8 conv kernel (groups=1), else the reference (counted)."""
+    """``fqt::qconv2d``: the implicit-GEMM int8 conv kernel (groups=1), else the reference (counted)."""
     from fqtc.codegen import conv as _kc
     from fqtc.quant import conv as _conv
 
@@ -173,7 +173,7 @@ def qconv2d_cuda(x: Tensor, x_scale: Tensor | None, w: Tensor, w_scale: Tensor |
 def qconv2d_input_cuda(g: Tensor, g_scale: Tensor | None, w: Tensor, w_scale: Tensor | None, input_size: list[int],
                        stride: list[int], padding: list[int], dilation: list[int], groups: int,
                        out_dtype: torch.dtype) -> Tensor:
-    """``fqt::qconv2d_input`` (issue 4): the transposed conv as an implicit-GEMM kernel (groups=1), else the
+    """``fqt::qconv2d_input``: the transposed conv as an implicit-GEMM kernel (groups=1), else the
     reference (counted)."""
     from fqtc.codegen import conv as _kc
     from fqtc.quant import conv as _conv
@@ -189,7 +189,7 @@ def qconv2d_input_cuda(g: Tensor, g_scale: Tensor | None, w: Tensor, w_scale: Te
 def qconv2d_weight_cuda(x: Tensor, x_scale: Tensor | None, g: Tensor, g_scale: Tensor | None,
                         weight_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, out_dtype: torch.dtype) -> Tensor:
-    """``fqt::qconv2d_weight`` (issue 4): implicit-GEMM kernel reducing over N*H_out*W_out (groups=1), else the
+    """``fqt::qconv2d_weight``: implicit-GEMM kernel reducing over N*H_out*W_out (groups=1), else the
     reference (counted)."""
     from fqtc.codegen import conv as _kc
     from fqtc.quant import conv as _conv

@@ -45,7 +45,7 @@ from fqtc.quant.gemm import not_integer_reason
 from fqtc.quant.gradq import AMAX_QUANTIZERS
 
 fqt = torch.ops.fqt
-# fqt::grad_quantize exists when the gradient quantizers (issue 3) are installed
+# fqt::grad_quantize exists when the gradient quantizers (fqtc/ops/grad.py) are installed
 _GRAD_QUANTIZE = getattr(getattr(fqt, "grad_quantize", None), "default", None)
 
 

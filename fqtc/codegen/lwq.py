@@ -1,4 +1,4 @@
-"""Triton kernels for ``fqt::lwq_update`` (issue 8's latent weights): decode -> optimizer step -> re-encode, one pass.
+"""Triton kernels for ``fqt::lwq_update`` (docs/latent_weights.md): decode -> optimizer step -> re-encode, one pass.
 
 Reference: `fqtc.ops.lwq.lwq_update` with `fqtc.quant.lwq.decode`, `fqtc.ops.lwq.optimizer_math` ("sgd" or
 "adamw") and `fqtc.quant.lwq.encode_latent` (scale refresh + dual quantizer with the stochastic non-uniform

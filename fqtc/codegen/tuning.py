@@ -1,4 +1,4 @@
-"""Tile-config autotuning keyed on bucketed shapes (issue 6: "no re-autotune for every sequence length").
+"""Tile-config autotuning keyed on bucketed shapes: no re-autotune for every sequence length.
 
 A GEMM's bucket is its shape class (``small_m`` / ``large``) and the next powers of two of M, N and K, plus whatever
 changes the kernel's code (prologue mode, requantizing epilogue, bias, output dtype). The first launch of a bucket

@@ -32,7 +32,7 @@ The ``com.fqt`` domain (version 1) holds what no standard op expresses. Each of 
   counter-based stream (element index, key), identical bits to `fqtc.quant.rng.uniform_like`.
 
 A graph with an fqt op that has no translation yet fails before export with a `NotImplementedError` naming the
-op (issue 7: no silent fallback); an aten op torch cannot export fails with torch's error, re-raised naming the op.
+op (no silent fallback); an aten op torch cannot export fails with torch's error, re-raised naming the op.
 """
 
 from __future__ import annotations
@@ -583,7 +583,7 @@ def export_graph(gm: fx.GraphModule, args: Sequence[Any], path: str, which: str 
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
             warnings.simplefilter("ignore")
             prog = _torch_onnx_export(prepared, tuple(args), names)
-    except Exception as e:  # name the op torch could not translate (issue 7: a clear error naming the op)
+    except Exception as e:  # name the op torch could not translate (a clear error naming the op)
         text = str(e)
         ours = re.search(r"fqtc\.export_onnx: [^\n]*", text)
         if ours:

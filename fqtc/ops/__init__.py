@@ -6,17 +6,17 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
 
 - `fqtc.ops.stepcounter`: ``fqt::step`` and the per-model stochastic-rounding step counters
 - `fqtc.ops.core`: ``fqt::stream_key``, ``fqt::quantize``, ``fqt::qgemm``
-- `fqtc.ops.conv`: ``fqt::qconv2d``, ``fqt::qconv2d_input``, ``fqt::qconv2d_weight`` (convolution sites, issue 4)
-- `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq`` (gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ, issue 3)
-- `fqtc.ops.lwq`: ``fqt::lwq_dequantize``, ``fqt::lwq_unpack``, ``fqt::lwq_update`` (latent weights, issue 8)
+- `fqtc.ops.conv`: ``fqt::qconv2d``, ``fqt::qconv2d_input``, ``fqt::qconv2d_weight`` (convolution sites)
+- `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq`` (gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ)
+- `fqtc.ops.lwq`: ``fqt::lwq_dequantize``, ``fqt::lwq_unpack``, ``fqt::lwq_update`` (latent weights)
 - `fqtc.ops.fused`: ``fqt::qgemm_fused_quant``, ``fqt::qgemm_fused_grad_quant`` (quantization fused into the
-  GEMM prologue, issue 6)
+  GEMM prologue, docs/kernels.md)
 """
 
 from fqtc.ops import (
     conv,  # noqa: F401  (registers fqt::qconv2d, fqt::qconv2d_input, fqt::qconv2d_weight)
-    fused,  # noqa: F401  (registers fqt::qgemm_fused_quant: codegen fusion, issue 6)
-    grad,  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers, issue 3)
+    fused,  # noqa: F401  (registers fqt::qgemm_fused_quant: codegen fusion)
+    grad,  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers)
     lwq,  # noqa: F401  (registers the fqt::lwq_* ops)
 )
 from fqtc.ops.core import dequantize, qgemm, quantize

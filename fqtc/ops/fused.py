@@ -7,7 +7,7 @@ Triton kernel as its CUDA implementation.
 - ``fqt::qgemm_fused_quant``: ``fqt::quantize`` of the GEMM's left operand feeding ``fqt::qgemm``
   (quantization in the GEMM prologue). Returns the GEMM output and the activation codes and scale, which backward
   GEMMs read.
-- ``fqt::qgemm_fused_grad_quant``: the same for ``fqt::grad_quantize`` (PTQ/PSQ/SCQ, issue 3) feeding the
+- ``fqt::qgemm_fused_grad_quant``: the same for ``fqt::grad_quantize`` (PTQ/PSQ/SCQ) feeding the
   ``grad_input`` GEMM: the gradient quantization in the prologue.
 """
 

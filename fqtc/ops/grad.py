@@ -1,4 +1,4 @@
-"""Gradient-quantizer ops (issue 3): ``fqt::grad_quantize`` and ``fqt::bhq``.
+"""Gradient-quantizer ops (docs/gradient_quantizers.md): ``fqt::grad_quantize`` and ``fqt::bhq``.
 
 - ``fqt::grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step) -> (codes, scale)`` for the
   quantizers whose result factors as int8 codes x a keepdim fp32 scale (PTQ, PSQ, SCQ, AQ, AQ top-k): the scale is

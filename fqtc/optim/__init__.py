@@ -1,4 +1,4 @@
-"""Latent weight quantization (LWQ, issue 8): low-bit parameter storage and fused optimizers.
+"""Latent weight quantization (LWQ, docs/latent_weights.md): low-bit parameter storage and fused optimizers.
 
 - `LatentWeight`: a parameter held as integer weight + low-bit residual + per-row scale (`fqtc.quant.lwq`).
 - `prepare(model, options)`: converts a model's GEMM weights in place (also ``fqtc.prepare``).

@@ -1,4 +1,4 @@
-"""Training-state memory measured from the tensors actually held (issue 8 acceptance: bytes per parameter)."""
+"""Training-state memory measured from the tensors actually held (bytes per parameter, docs/latent_weights.md)."""
 
 from __future__ import annotations
 

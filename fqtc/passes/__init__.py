@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fqtc.config import FQTConfig
-from fqtc.passes import gradquant  # noqa: F401  (registers the gradient-quantizer lowerings, issue 3)
+from fqtc.passes import gradquant  # noqa: F401  (registers the gradient-quantizer lowerings)
 from fqtc.passes.assign import GemmPlan, assign
 from fqtc.passes.autobits import apply_auto
 from fqtc.passes.conv import rewrite_convs, site_keys_in_order
@@ -46,19 +46,19 @@ def _warn_unmatched_keep_fp(config: FQTConfig, records: list[dict]) -> None:
 
 def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]) -> PassResult:
     """lwq -> sites -> assign -> rewrite -> conv -> save -> verify, in place on ``gm``. Returns what was decided."""
-    latent = mark_latent_weights(gm)  # LatentWeight parameters: their dequantized nodes are weights (issue 8)
+    latent = mark_latent_weights(gm)  # LatentWeight parameters: their dequantized nodes are weights
     weight_nodes = set(weight_nodes) | latent
     sites, unlinked = find_sites(gm, weight_nodes)
     # presets such as first_last count conv sites too (a CNN's first site is its stem conv): expand them over all
-    # sites in graph order before assign and the conv pass read the rules (issue 4)
+    # sites in graph order before assign and the conv pass read the rules
     config = config.expand_presets(site_keys_in_order(gm, sites))
-    config = apply_auto(gm, config, sites)  # bits="auto": the solver's decisions become rules (issue 5)
+    config = apply_auto(gm, config, sites)  # bits="auto": the solver's decisions become rules
     with warnings.catch_warnings(record=True) as assign_warnings:
         warnings.simplefilter("always")
         plans = assign(sites, config)
     counters = rewrite(gm, plans, config)
     counters.update(rotate_linear_sites(gm, config))  # option rotate: Hadamard-rotated output GEMMs
-    conv_records, conv_counters, conv_rules = rewrite_convs(gm, config)  # 2-D convolution sites (issue 4)
+    conv_records, conv_counters, conv_rules = rewrite_convs(gm, config)  # 2-D convolution sites
     counters.update(conv_counters)
     for w in assign_warnings:  # assign warns about rules matching no GEMM; one matching a conv operand did match
         if not any(f"fqt: {d} matched no GEMM operand" in str(w.message) for d in conv_rules):

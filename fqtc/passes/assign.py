@@ -83,7 +83,7 @@ def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
     """Resolve specs for every GEMM of every site; warn about rules that matched nothing.
 
     ``run_passes`` hands in a config whose presets are expanded over all sites and whose ``bits="auto"``
-    decisions are rules (`fqtc.passes.autobits.apply_auto`, issue 5); presets left unexpanded (assign called on
+    decisions are rules (`fqtc.passes.autobits.apply_auto`); presets left unexpanded (assign called on
     its own) are expanded here over the linear sites.
     """
     plans: list[GemmPlan] = []

@@ -1,4 +1,4 @@
-"""Automatic per-GEMM gradient bits (issue 5): spend bits where the gradient variance is.
+"""Automatic per-GEMM gradient bits (docs/bit_assignment.md): spend bits where the gradient variance is.
 
 With ``options={"bits": "auto", "budget": 4.5, "calibration": fqtc.calibrate(...)}`` the bits of every
 ``grad_output`` quantizer (one per backward GEMM: ``grad_input`` and ``grad_weight`` of each site) are chosen to
@@ -491,7 +491,7 @@ def plan_auto(views: Sequence[SiteView], config: Any) -> AutoPlan:
 
 
 def apply_auto(gm: Any, config: Any, linear_sites: Sequence[Any]) -> Any:
-    """``bits="auto"``: solve for this graph and return the config with the decisions as rules (issue 5).
+    """``bits="auto"``: solve for this graph and return the config with the decisions as rules.
 
     Runs after preset expansion, before assign and the conv pass read the rules. The decisions become rules *in
     front of* the user's rules (``Rule(module=<path>, role=..., operand="grad_output", bits=b, label="auto:

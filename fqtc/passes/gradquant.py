@@ -1,4 +1,4 @@
-"""Lowering of the gradient quantizers (issue 3) into fqt ops, registered in `rewrite.QUANTIZE_LOWERINGS`.
+"""Lowering of the gradient quantizers into fqt ops, registered in `rewrite.QUANTIZE_LOWERINGS`.
 
 `rewrite` calls a lowering once per (grad_output base, spec, reduce_dims), right before the first backward GEMM that
 reads it; the grouping (``reduce_dims``) was chosen by `FQTConfig.resolve` from the quantizer and the role

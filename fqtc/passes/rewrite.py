@@ -107,7 +107,7 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
                 codes, scale = quantized[key]
                 for t in chain:
                     codes = _replay(graph, fake_mode, t, codes, node)
-                    # scale None: a lowering returned a dequantized float operand (e.g. BHQ, issue 3)
+                    # scale None: a lowering returned a dequantized float operand (e.g. BHQ)
                     scale = scale if scale is None else _replay(graph, fake_mode, t, scale, node)
                 new_args[2 * op.arg_index] = codes
                 new_args[2 * op.arg_index + 1] = scale
@@ -169,7 +169,7 @@ def _replay(graph, fake_mode, t: fx.Node, src: fx.Node, user: fx.Node) -> fx.Nod
 
 
 def _insert_observer(graph, fake_mode, base, q, plan, op: OperandPlan, step):
-    """Option ``log_sqnr`` (issue 7): route the scale through ``fqt::observe``, which logs the operand's SQNR and
+    """Option ``log_sqnr``: route the scale through ``fqt::observe``, which logs the operand's SQNR and
     range each step. The GEMMs read the observer's copy of the scale, so the node survives dead-code elimination
     and partitioning; it sits before the first consumer GEMM, in the same partition as that GEMM."""
     import fqtc.inspect  # noqa: F401  (registers fqt::observe)

@@ -68,7 +68,7 @@ def test_conv_model_charges_gathers_when_l2_overflows():
 
 
 def test_fused_ratios_within_bound():
-    """Issue 6 acceptance: every fused kernel, as the codegen pass launches it, <= 1.1x the minimum. The same
+    """Every fused kernel, as the codegen pass launches it, <= 1.1x the minimum. The same
     kernels without the producer's statistic (direct API use) are listed as such, and over the bound."""
     ms = bench.models([(4096, 4096, 4096), (8192, 11008, 4096), (16, 4096, 4096), (4096, 256, 4096),
                        (4096, 4096, 16384)], "bf16", "bf16")

@@ -1,4 +1,4 @@
-"""Gradient-quantizer kernels (issue 3's quantizers, issue 6's kernels) vs `fqtc.quant.gradq` under the Triton
+"""Gradient-quantizer kernels (docs/kernels.md, "4. gradient quantizers") vs `fqtc.quant.gradq` under the Triton
 interpreter: codes and scales bit-identical, BHQ's dequantized output identical (the fused kernel reproduces the
 reference's op order, including the ``index_add_`` summation order of the group reflections)."""
 

@@ -1,4 +1,4 @@
-"""Gradient quantizers through the compiler (issue 3): each one compiles, trains a step, and is really lowered; the
+"""Gradient quantizers through the compiler: each one compiles, trains a step, and is really lowered; the
 whole-model FQT gradient averaged over steps converges to the QAT gradient (unbiasedness end to end)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ONNX export of fqt training graphs (issue 7): checker(full_check), onnxruntime runs the forward and backward
+"""ONNX export of fqt training graphs: checker(full_check), onnxruntime runs the forward and backward
 graphs and matches the PyTorch graphs exactly on integer paths with nearest rounding; SR paths: the standard
 RandomUniformLike translation is measured by SQNR, the com.fqt counter translation is bit-exact."""
 

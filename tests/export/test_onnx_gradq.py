@@ -1,4 +1,4 @@
-"""ONNX export of the data-dependent gradient quantizers (issue 7): AQ / AQ top-k (``fqt::grad_quantize``) and
+"""ONNX export of the data-dependent gradient quantizers: AQ / AQ top-k (``fqt::grad_quantize``) and
 BHQ (``fqt::bhq``). With ``sr="counter"`` (or nearest rounding) onnxruntime reproduces PyTorch bit for bit: the
 op alone on crafted gradients (dominant rows, zero and non-finite groups, 3-D, other groupings), and inside the
 MLP's backward graph."""

@@ -1,4 +1,4 @@
-"""ONNX export of latent-weight models (issue 7): the training graphs read LWQ storage through ``fqt::lwq_unpack`` /
+"""ONNX export of latent-weight models: the training graphs read LWQ storage through ``fqt::lwq_unpack`` /
 ``fqt::lwq_dequantize``, and ``export_onnx(..., optimizer=opt)`` writes the optimizer step as ``<stem>.update.onnx``.
 With ``sr="counter"`` onnxruntime's step equals ``opt.step()`` bit for bit (codes, residuals, scales, importance
 level, states, plain parameters); the statistics are fp32 means (another summation order)."""

@@ -1,4 +1,4 @@
-"""Automatic gradient bits (issue 5): the knapsack solver, the calibration, and the end-to-end ``bits="auto"``.
+"""Automatic gradient bits: the knapsack solver, the calibration, and the end-to-end ``bits="auto"``.
 
 Solver tests are exact (brute force over every assignment of a small problem); calibration/compile tests are
 structural (decisions and reasons in the records, bits in the fqt::quantize nodes) plus one SQNR check.

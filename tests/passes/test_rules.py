@@ -1,4 +1,4 @@
-"""Per-node bit rules (issue 5): precedence, globs, module type, role/operand targeting, presets, warnings.
+"""Per-node bit rules: precedence, globs, module type, role/operand targeting, presets, warnings.
 
 Structural tests: each compiles a small model with the fqt backend and reads the decisions from the GEMM records
 (``node.meta["fqt"]``) and, where it matters, from the ``fqt::quantize`` nodes the rewrite inserted.

@@ -1,4 +1,4 @@
-"""Gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ (issue 3): unbiasedness, variance bounds, BHQ's reflection, AQ's bit
+"""Gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ: unbiasedness, variance bounds, BHQ's reflection, AQ's bit
 budget, the variance ordering on heavy-tailed gradients, bad input, config validation and the ops' fake impls.
 
 Statistical tests are deterministic: the stochastic-rounding stream is counter-based, so a test draws the same bits

@@ -59,7 +59,7 @@ def test_residual_rounding_is_unbiased(lbits, mu):
 
 @pytest.mark.parametrize("lbits,mu", [(2, 0), (4, 3), (8, 1)])
 def test_frozen_weight_tenth_step_updates_move_one_step_in_expectation(lbits, mu):
-    """Issue 8: an update of 1/10 of a step applied 10 times moves the weight by one step in expectation.
+    """An update of 1/10 of a step applied 10 times moves the weight by one step in expectation.
 
     Without the residual (round the latent weight to nearest every step) the weights stay frozen."""
     g = torch.Generator().manual_seed(0)
@@ -100,7 +100,7 @@ def _tracking_error(step_fn, w0: torch.Tensor, s: torch.Tensor, frac: float, ste
 
 @pytest.mark.parametrize("frac", [1 / 40, 1 / 200])
 def test_residual_tracks_small_updates_closer_than_plain_sr(frac):
-    """Issue 8, the mechanism behind "LWQ beats plain SR": both follow many updates far below one integer step
+    """The mechanism behind "LWQ beats plain SR": both follow many updates far below one integer step
     without bias, but plain stochastic rounding onto the integer grid (torchao's int8 weight-only training) adds a
     variance of about s*|u| per update u, while the residual's finer levels keep the latent weight's tracking error
     an order of magnitude smaller (measured at 200 updates: L4 mu 0 26x / 17x smaller for frac 1/40 / 1/200, mu 3

@@ -170,7 +170,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any],
     if propagation not in ("model", "measured"):
         raise ValueError(f"fqtc.calibrate: propagation {propagation!r}; allowed: 'model', 'measured'")
     from fqtc.backend import capture, fqt_backend
-    from fqtc.passes.common import graph_fake_mode
+    from fqtc.fx_utils import graph_fake_mode
 
     loss_fn = loss_fn or _default_loss
     spec_opts = {k: v for k, v in (options or {}).items() if k != "bits" and k not in AUTO_OPTION_KEYS}

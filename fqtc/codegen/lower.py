@@ -39,8 +39,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
 from fqtc.ops.fused import FUSABLE_GRAD_QUANTIZERS
-from fqtc.passes.common import copy_meta, graph_fake_mode, node_order, set_fake_val
 from fqtc.quant.gemm import not_integer_reason
 from fqtc.quant.gradq import AMAX_QUANTIZERS
 

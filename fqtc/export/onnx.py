@@ -51,6 +51,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from fqtc import inspect as _inspect
 from fqtc.config import FQTConfig
 from fqtc.quant.rng import GOLDEN, M1, M2, mix32_int
 
@@ -359,8 +360,7 @@ def _observe(x, codes, scale, step, tag):
 
 
 def _translations() -> dict[Any, Callable]:
-    import fqtc.inspect  # noqa: F401  (registers fqt::observe)
-    import fqtc.ops  # noqa: F401
+    import fqtc.ops  # noqa: F401  (registers the fqt ops, fqt::observe included)
     from fqtc.export import onnx_gradq as _gq  # AQ and BHQ (they use the helpers above)
     from fqtc.export import onnx_lwq as _lwq  # latent-weight ops and fqt::lwq_step (registers it)
 
@@ -629,8 +629,6 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
     """Compile ``model`` with fqt and return, per Dynamo graph, the graph modules and their runtime inputs:
     ``{"cg": CompiledGraph, "forward"/"backward"/"inference": (GraphModule, [args], [names])}``. The forward args
     end with the step value; backward args are the forward's saved outputs and seeded N(0,1) tangents."""
-    from fqtc import inspect as _inspect
-
     config = dataclasses.replace(FQTConfig.from_options(options), compiler="eager")
     ctx = contextlib.nullcontext() if training else torch.no_grad()
     with _inspect._preserve_step(), _inspect._preserve_buffers(model), ctx:
@@ -678,9 +676,6 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
             entry["backward"] = (cg.backward, bargs, bnames)
         out.append(entry)
     return out
-
-
-from fqtc import inspect as _inspect  # noqa: E402  (after TRANSLATIONS: inspect registers fqt::observe)
 
 
 def _input_names(model: torch.nn.Module, placeholders: Sequence[fx.Node], keys: Sequence[tuple | None]

@@ -9,6 +9,7 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
 - `fqtc.ops.conv`: ``fqt::qconv2d``, ``fqt::qconv2d_input``, ``fqt::qconv2d_weight`` (convolution sites)
 - `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq`` (gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ)
 - `fqtc.ops.lwq`: ``fqt::lwq_dequantize``, ``fqt::lwq_unpack``, ``fqt::lwq_update`` (latent weights)
+- `fqtc.ops.observe`: ``fqt::observe`` (per-step SQNR logging of the sites option ``log_sqnr`` names)
 - `fqtc.ops.fused`: ``fqt::qgemm_fused_quant``, ``fqt::qgemm_fused_grad_quant`` (quantization fused into the
   GEMM prologue, docs/kernels.md)
 """
@@ -18,6 +19,7 @@ from fqtc.ops import (
     fused,  # noqa: F401  (registers fqt::qgemm_fused_quant: codegen fusion)
     grad,  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers)
     lwq,  # noqa: F401  (registers the fqt::lwq_* ops)
+    observe,  # noqa: F401  (registers fqt::observe: option log_sqnr)
 )
 from fqtc.ops.core import dequantize, qgemm, quantize
 from fqtc.ops.stepcounter import get_step, set_step, step

@@ -1,4 +1,7 @@
-"""Helpers shared by the passes: operand stripping, fake values, meta copying, module paths."""
+"""Helpers shared by the passes: operand stripping, GEMM discovery, module paths, stream ids, quantizer insertion.
+
+The FX helpers the codegen pass needs too (meta copying, fake values, node order) live in `fqtc.fx_utils`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch.utils._pytree import tree_map_only
+
+from fqtc.fx_utils import copy_meta, set_fake_val
 
 aten = torch.ops.aten
 fqt = torch.ops.fqt
@@ -29,10 +32,6 @@ UNSUPPORTED_GEMMS = {
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: "fused attention is not rewritten yet",
 }
 
-# Meta keys copied onto nodes a pass creates, so partitioners and tracebacks see them as part of the same op.
-_COPY_META = ("partitioner_tag", "seq_nr", "nn_module_stack", "fwd_nn_module_stack", "source_fn_stack",
-              "fwd_source_fn_stack", "stack_trace", "autograd_backward", "original_aten")
-
 
 def strip_operand(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Walk through transposes/identities to the base node. Returns (base, transposes to replay, base-first)."""
@@ -43,29 +42,6 @@ def strip_operand(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         node = node.args[0]
     chain.reverse()
     return node, chain
-
-
-def copy_meta(dst: fx.Node, src: fx.Node) -> None:
-    for k in _COPY_META:
-        if k in src.meta:
-            dst.meta[k] = src.meta[k]
-
-
-def graph_fake_mode(graph: fx.Graph):
-    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-
-
-def set_fake_val(node: fx.Node, fake_mode) -> None:
-    """Compute ``node.meta['val']`` from its inputs' fake values (keeps the passes' invariant)."""
-    args, kwargs = tree_map_only(fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs))
-    if node.target is operator.getitem:
-        node.meta["val"] = args[0][args[1]]
-        return
-    if fake_mode is None:
-        raise RuntimeError("fqt: no fake mode found on the graph's placeholders; cannot keep node.meta['val'] valid")
-    with fake_mode:
-        node.meta["val"] = node.target(*args, **kwargs)
 
 
 _L_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
@@ -97,10 +73,6 @@ def module_of(node: fx.Node) -> tuple[str, str]:
 def stable_stream(*parts: Any) -> int:
     """A stable 32-bit stream id for the random stream of one quantizer (crc32: identical in every process)."""
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0xFFFFFFFF
-
-
-def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def tensor_shape(node: Any) -> list[int] | None:

@@ -43,16 +43,13 @@ import torch
 import torch.fx as fx
 
 from fqtc.config import FQTConfig, QuantSpec
+from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
 from fqtc.passes.common import (
-    copy_meta,
     fp_record,
     get_or_insert_step,
-    graph_fake_mode,
     insert_quantizer,
     is_backward,
     module_of,
-    node_order,
-    set_fake_val,
     stable_stream,
     tensor_shape,
 )

@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fqtc.fx_utils import copy_meta, set_fake_val
 from fqtc.passes.assign import GemmPlan, OperandPlan
-from fqtc.passes.common import copy_meta, insert_quantizer, set_fake_val, stable_stream
+from fqtc.passes.common import insert_quantizer, stable_stream
 from fqtc.passes.rewrite import QUANTIZE_LOWERINGS
 
 BHQ_NOTE = ("grad_output by BHQ: T^-1 mixes rows, so the GEMM reads the dequantized fp32 gradient T^-1 Q(T g) "

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from fqtc.passes.common import copy_meta, graph_fake_mode, set_fake_val
+from fqtc.fx_utils import copy_meta, graph_fake_mode, set_fake_val
 
 LWQ_DEQUANTIZE = torch.ops.fqt.lwq_dequantize.default
 LWQ_UNPACK = torch.ops.fqt.lwq_unpack.default

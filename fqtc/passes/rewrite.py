@@ -32,17 +32,10 @@ import torch
 import torch.fx as fx
 
 from fqtc.config import FQTConfig
+from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
+from fqtc.ops import observe as _observe  # noqa: F401  (registers fqt::observe)
 from fqtc.passes.assign import GemmPlan, OperandPlan
-from fqtc.passes.common import (
-    copy_meta,
-    get_or_insert_step,
-    graph_fake_mode,
-    insert_quantizer,
-    node_order,
-    set_fake_val,
-    stable_stream,
-    strip_operand,
-)
+from fqtc.passes.common import get_or_insert_step, insert_quantizer, stable_stream, strip_operand
 from fqtc.passes.sites import gemm_operands
 
 aten = torch.ops.aten
@@ -172,8 +165,6 @@ def _insert_observer(graph, fake_mode, base, q, plan, op: OperandPlan, step):
     """Option ``log_sqnr``: route the scale through ``fqt::observe``, which logs the operand's SQNR and
     range each step. The GEMMs read the observer's copy of the scale, so the node survives dead-code elimination
     and partitioning; it sits before the first consumer GEMM, in the same partition as that GEMM."""
-    import fqtc.inspect  # noqa: F401  (registers fqt::observe)
-
     codes, scale = q
     tag = f"{plan.site.name}/{plan.role}/{plan.site.report_name(op.key)}"
     with graph.inserting_before(plan.node):

@@ -38,7 +38,8 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fqtc.config import FQTConfig
-from fqtc.passes.common import IDENTITIES, TRANSPOSES, copy_meta, graph_fake_mode, set_fake_val, stable_stream
+from fqtc.fx_utils import copy_meta, graph_fake_mode, set_fake_val
+from fqtc.passes.common import IDENTITIES, TRANSPOSES, stable_stream
 from fqtc.quant.rotate import rotation_block
 
 fqt = torch.ops.fqt

@@ -27,7 +27,8 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from fqtc.passes.common import copy_meta, graph_fake_mode, is_forward, set_fake_val, strip_operand
+from fqtc.fx_utils import copy_meta, graph_fake_mode, set_fake_val
+from fqtc.passes.common import is_forward, strip_operand
 
 aten = torch.ops.aten
 

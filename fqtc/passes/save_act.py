@@ -66,17 +66,14 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fqtc.config import SAVE_FP_KINDS, FQTConfig
+from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
 from fqtc.passes.common import (
     IDENTITIES,
     backward_readers,
-    copy_meta,
     fake_nbytes,
     get_or_insert_step,
-    graph_fake_mode,
     is_forward,
     module_of,
-    node_order,
-    set_fake_val,
     stable_stream,
     static_shape,
 )

@@ -32,15 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fqtc.passes.common import (
-    UNSUPPORTED_GEMMS,
-    find_gemms,
-    fp_record,
-    is_backward,
-    module_of,
-    node_order,
-    strip_operand,
-)
+from fqtc.fx_utils import node_order
+from fqtc.passes.common import UNSUPPORTED_GEMMS, find_gemms, fp_record, is_backward, module_of, strip_operand
 
 
 @dataclass

@@ -13,29 +13,24 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from fqtc.export import _common
 from fqtc.quant import gradq as _gradq
 from fqtc.quant.rng import GOLDEN, mix32_int
-
-
-def _o():
-    from fqtc.export import onnx as _onnx
-
-    return _onnx
 
 
 def _c(value: float | int | Sequence, dtype: int, shape: Sequence[int] | None = None):
     import onnx
 
     vals = list(value) if isinstance(value, (list, tuple)) else [value]
-    return _o()._op().Constant(value=onnx.helper.make_tensor("c", dtype, [] if shape is None else list(shape), vals))
+    return _common._op().Constant(value=onnx.helper.make_tensor("c", dtype, [] if shape is None else list(shape), vals))
 
 
 def _ints(v: Sequence[int]):
-    return _o()._op().Constant(value_ints=[int(x) for x in v])
+    return _common._op().Constant(value_ints=[int(x) for x in v])
 
 
 def _shape_of(x, what: str) -> list[int]:
-    shape = _o()._static_shape(x)
+    shape = _common._static_shape(x)
     if shape is None:
         raise NotImplementedError(f"fqtc.export_onnx: {what} needs a static input shape")
     return shape
@@ -45,7 +40,7 @@ def _uniform(like, seed: int, stream: int, step):
     """U[0, 1) per element of ``like`` (float): the counter stream (seed, step, stream) or RandomUniformLike."""
     import onnx
 
-    o = _o()
+    o = _common
     if o._SR_MODE[0] == "counter":
         key = _c(mix32_int(seed ^ GOLDEN), onnx.TensorProto.UINT32)
         return o._fqt_opset().CounterUniform(like, o._step_key(key, step, stream))
@@ -56,7 +51,7 @@ def _group_stats(x, dims: Sequence[int], g: int):
     """Per group (row of `fqtc.quant.gradq.to_groups`, flattened to [G]): amax|x| and "has a non-finite value"."""
     import onnx
 
-    op = _o()._op()
+    op = _common._op()
     axes = _ints(dims)
     amax = op.Reshape(op.ReduceMax(op.Abs(x), axes, keepdims=1), _ints([g]))
     bad = op.Cast(op.Or(op.IsNaN(x), op.IsInf(x)), to=onnx.TensorProto.FLOAT)
@@ -66,7 +61,7 @@ def _group_stats(x, dims: Sequence[int], g: int):
 
 def _sort_desc(v, n: int):
     """(values, indices) of a stable descending sort of a 1-D tensor of static length n."""
-    op = _o()._op()
+    op = _common._op()
     return op.TopK(v, _ints([n]), axis=0, largest=1, sorted=1)
 
 
@@ -75,7 +70,7 @@ def _inclusion_probabilities(r64, m, g: int):
     """`fqtc.quant.gradq.inclusion_probabilities` (water-filling) on float64 ranges ``r64`` [G], budget ``m``."""
     import onnx
 
-    op = _o()._op()
+    op = _common._op()
     f64 = onnx.TensorProto.DOUBLE
     zero, one = _c(0.0, f64), _c(1.0, f64)
     pos = op.Greater(r64, zero)
@@ -96,7 +91,7 @@ def aq(x, quantizer: str, bits: int, reduce_dims: Sequence[int], rounding: str, 
     """fqt::grad_quantize with ``aq`` / ``aq_topk`` -> (int8 codes, keepdim scale), as `fqtc.quant.gradq.aq`."""
     import onnx
 
-    o = _o()
+    o = _common
     op = o._op()
     shape = _shape_of(x, f"fqt::grad_quantize ({quantizer})")
     bits, seed, stream = int(bits), int(seed), int(stream)
@@ -147,7 +142,7 @@ def _householder_max(k64):
     """`fqtc.quant.gradq.householder_max` elementwise on float64 group sizes."""
     import onnx
 
-    op = _o()._op()
+    op = _common._op()
     f64 = onnx.TensorProto.DOUBLE
     one = _c(1.0, f64)
     sq = op.Sqrt(k64)
@@ -162,7 +157,7 @@ def _transform(x2, n: int):
     """`bhq_transform` on the [n, E] group matrix: (order, group) int64 [n], (v, d) float32 [n]."""
     import onnx
 
-    op = _o()._op()
+    op = _common._op()
     f32, f64, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
     zero64, one64 = _c(0.0, f64), _c(1.0, f64)
     lam = op.ReduceMax(op.Abs(x2), _ints([1]), keepdims=0)
@@ -229,7 +224,7 @@ def _reflect(z, group, v, n: int, e: int):
     """`gradq._reflect`: z - 2 v (v^T z) per group; the per-group sums as ScatterElements(add), in row order."""
     import onnx
 
-    op = _o()._op()
+    op = _common._op()
     vc = op.Unsqueeze(v, _ints([1]))
     idx = op.Expand(op.Unsqueeze(group, _ints([1])), _ints([n, e]))
     w = op.ScatterElements(op.ConstantOfShape(_ints([n, e])), idx, op.Mul(vc, z), axis=0, reduction="add")
@@ -238,7 +233,7 @@ def _reflect(z, group, v, n: int, e: int):
 
 def _scatter_rows(z, order, n: int, e: int):
     """out[order] = z for a permutation ``order``."""
-    op = _o()._op()
+    op = _common._op()
     idx = op.Expand(op.Unsqueeze(order, _ints([1])), _ints([n, e]))
     return op.ScatterElements(op.ConstantOfShape(_ints([n, e])), idx, z, axis=0)
 
@@ -247,7 +242,7 @@ def bhq(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stre
     """fqt::bhq -> T^-1 Q(T x) in fp32, as `fqtc.quant.gradq.bhq` + `bhq_dequantize`."""
     import onnx
 
-    o = _o()
+    o = _common
     o._no_given_amax("fqt::bhq", amax)
     op = o._op()
     shape = _shape_of(x, "fqt::bhq")

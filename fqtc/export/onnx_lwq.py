@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import Tensor
 
 import fqtc.ops  # noqa: F401  (registers fqt::lwq_update)
+from fqtc.export import _common
 from fqtc.ops import lwq as _ops
 from fqtc.quant import lwq as _lwq
 from fqtc.quant.rng import GOLDEN, mix32_int
@@ -65,18 +66,12 @@ def _(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, strea
 
 
 # -- onnxscript helpers ---------------------------------------------------------------------------------------------
-def _onnx():
-    from fqtc.export import onnx as _o  # the shared helpers (_op, _step_key, the SR mode)
-
-    return _o
-
-
 def _c(value: float | int | Sequence, dtype: int, shape: Sequence[int] | None = None):
     """A Constant of an ONNX data type (scalar unless ``shape``)."""
     import onnx
 
     vals = list(value) if isinstance(value, (list, tuple)) else [value]
-    return _onnx()._op().Constant(value=onnx.helper.make_tensor("c", dtype, [] if shape is None else list(shape),
+    return _common._op().Constant(value=onnx.helper.make_tensor("c", dtype, [] if shape is None else list(shape),
                                                                 vals))
 
 
@@ -93,14 +88,14 @@ def _i64(v: int):
 
 
 def _ints(v: Sequence[int]):
-    return _onnx()._op().Constant(value_ints=[int(x) for x in v])
+    return _common._op().Constant(value_ints=[int(x) for x in v])
 
 
 def load_codes(stored, bits: int, shape: Sequence[int]):
     """`fqtc.quant.lwq.load_codes`: int8 codes of ``shape`` (int4: low nibble first, two's complement)."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     if bits > 4:
         return op.Reshape(stored, _ints(shape))
     n = math.prod(shape)
@@ -119,7 +114,7 @@ def store_codes(codes, bits: int, n: int):
     """`fqtc.quant.lwq.store_codes`: int8 codes as they are (bits > 4) or packed two per uint8 (low nibble first)."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     if bits > 4:
         return codes
     i32 = onnx.TensorProto.INT32
@@ -140,14 +135,14 @@ def _levels(lbits: int, mu):
     m_max = _lwq.residual_max(lbits)
     table = [float(v) for mu_i in range(len(_lwq.POLYLINE_KNOTS)) for v in _lwq.polyline_levels(lbits, mu_i).tolist()]
     t = _c(table, onnx.TensorProto.FLOAT, [len(_lwq.POLYLINE_KNOTS), m_max + 1])
-    return _onnx()._op().Gather(t, mu, axis=0)
+    return _common._op().Gather(t, mu, axis=0)
 
 
 def decode(qc, rc, s, lbits: int, levels):
     """`fqtc.quant.lwq.decode`: ``s * (q + sign(rc) * levels[min(|rc|, M)])``."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     f32 = onnx.TensorProto.FLOAT
     idx = op.Min(op.Abs(op.Cast(rc, to=onnx.TensorProto.INT64)), _i64(_lwq.residual_max(lbits)))
     r = op.Mul(op.Sign(op.Cast(rc, to=f32)), op.Gather(levels, idx, axis=0))
@@ -162,7 +157,7 @@ def _lwq_dequantize(q, r, s, mu, shape, wbits, lbits):
     import onnx
 
     shape = [int(d) for d in shape]
-    mu64 = _onnx()._op().Cast(mu, to=onnx.TensorProto.INT64)
+    mu64 = _common._op().Cast(mu, to=onnx.TensorProto.INT64)
     return decode(load_codes(q, int(wbits), shape), load_codes(r, int(lbits), shape), s, int(lbits),
                   _levels(int(lbits), mu64))
 
@@ -172,7 +167,7 @@ def _blocks(x, n: int):
     """`fqtc.quant.lwq._blocks`: the flat tensor zero-padded to whole `STATE_BLOCK`s, as [blocks, STATE_BLOCK]."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     flat = op.Reshape(x, _ints([-1]))
     pad = (-n) % _lwq.STATE_BLOCK
     if pad:
@@ -184,7 +179,7 @@ def dequantize_state(codes, amax, shape: Sequence[int], signed: bool):
     """`fqtc.quant.lwq.dequantize_state`: ``sign(c) * (|c| / levels)^2 * amax`` per block."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     n = math.prod(shape)
     c = _blocks(op.Cast(codes, to=onnx.TensorProto.FLOAT), n)
     y = op.Div(op.Abs(c), _f32(127.0 if signed else 255.0))
@@ -197,7 +192,7 @@ def quantize_state(x, n: int, signed: bool):
     """`fqtc.quant.lwq.quantize_state`: (int8/uint8 codes [n], fp32 absmax per block)."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     xb = _blocks(x, n)
     amax = op.ReduceMax(op.Abs(xb), _ints([1]), keepdims=1)
     safe = op.Where(op.Greater(amax, _f32(0.0)), amax, _f32(1.0))
@@ -217,7 +212,7 @@ def _load_states(states: Sequence[Any], shape: Sequence[int]) -> tuple[list[Any]
         signed = _dtype(states[i]) == "INT8"
         x = dequantize_state(states[i], states[i + 1], shape, signed)
         if not signed:  # Adam's second moment is stored as sqrt(v)
-            x = _onnx()._op().Mul(x, x)
+            x = _common._op().Mul(x, x)
         out.append(x)
     return out, True
 
@@ -228,7 +223,7 @@ def _store_states(values: Sequence[Any], eight_bit: bool, kinds: Sequence[bool],
         return list(values)
     out = []
     for v, signed in zip(values, kinds):
-        out.extend(quantize_state(v if signed else _onnx()._op().Sqrt(v), n, signed))
+        out.extend(quantize_state(v if signed else _common._op().Sqrt(v), n, signed))
     return out
 
 
@@ -243,7 +238,7 @@ def optimizer_math(kind: str, p, g, st: Sequence[Any], hp: Sequence[float], step
     torch casts scalars to the tensor's dtype). ``step`` is the int64 step value."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     step = op.Cast(step, to=onnx.TensorProto.FLOAT)
     if kind == "sgd":
         lr, momentum, dampening, wd, nesterov = hp
@@ -276,7 +271,7 @@ def _uniform(t, seed: int, stream: int, step):
     (``sr="counter"``) or the runtime's generator (``sr="random"``)."""
     import onnx
 
-    o = _onnx()
+    o = _common
     op = o._op()
     if o._SR_MODE[0] == "counter":
         key = _c(mix32_int(seed ^ GOLDEN), onnx.TensorProto.UINT32)
@@ -288,7 +283,7 @@ def encode_residual(r, lbits: int, levels, u):
     """`fqtc.quant.lwq.encode_residual`: searchsorted as a count of levels <= |r|, then SR between neighbours."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     i64 = onnx.TensorProto.INT64
     m_max = _lwq.residual_max(lbits)
     mag = op.Min(op.Abs(r), _f32(0.5))
@@ -305,7 +300,7 @@ def encode(t, wbits: int, lbits: int, levels, u):
     """`fqtc.quant.lwq.encode`: (int8 q, int8 residual codes, saturated mask)."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     qmax = float(_lwq.weight_qmax(wbits))
     m_max = float(_lwq.residual_max(lbits))
     qf = op.Round(t)
@@ -329,7 +324,7 @@ def _lwq_step(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, see
     """fqt::lwq_step = fqt::lwq_update (fqtc/ops/lwq.py) in standard ops, line by line."""
     import onnx
 
-    op = _onnx()._op()
+    op = _common._op()
     shape = [int(d) for d in shape]
     wbits, lbits, seed, stream, mu_interval = int(wbits), int(lbits), int(seed), int(stream), int(mu_interval)
     hp = [float(h) for h in hparams]
@@ -378,7 +373,7 @@ def _lwq_step(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, see
 
 
 def _static(v: Any) -> list[int]:
-    shape = _onnx()._static_shape(v)
+    shape = _common._static_shape(v)
     if shape is None:
         raise NotImplementedError("fqtc.export_onnx: fqt::lwq_step needs static shapes")
     return shape

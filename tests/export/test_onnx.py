@@ -195,6 +195,49 @@ def test_unknown_fqt_op_fails_naming_it(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_graphs_are_wired_by_name(tmp_path):
+    """The forward's saved outputs and the backward's inputs carry the same names, one to one (a saved parameter
+    keeps its input name, the step is fqt_step, other saved tensors saved.<fx name>); gradients are named
+    grad.<param> (grad.<input> for a data input). ONNX Runtime runs forward then backward, fed only by name, and
+    reproduces the compiled model's gradients."""
+    from tests.helpers import compile_fqt
+
+    options = {"grad_rounding": "nearest"}
+    x = _x().requires_grad_()
+    paths = fx_onnx.export_onnx(_mlp(), (x,), str(tmp_path / "m.onnx"), options)
+    fwd, bwd = (onnx.load(p) for p in paths)
+    f_in, f_out = [i.name for i in fwd.graph.input], [o.name for o in fwd.graph.output]
+    b_in, b_out = [i.name for i in bwd.graph.input], [o.name for o in bwd.graph.output]
+    saved = [n for n in b_in if not n.startswith("tangents")]
+    assert saved and f_out[len(f_out) - len(saved):] == saved  # the last forward outputs, in the backward's order
+    assert len(set(saved)) == len(saved) and "fqt_step" in saved
+    assert all(n in f_in or n == "fqt_step" or n.startswith("saved.") for n in saved), saved
+    data = [n for n in f_in if not n.startswith("param.") and n != "fqt_step"]
+    params = [n for n, _ in _mlp().named_parameters()]
+    assert b_out == [f"grad.{n}" for n in data] + [f"grad.{n}" for n in params]
+
+    torch.manual_seed(2)
+    tangent = torch.randn(6, 8)
+    model = _mlp()
+    compiled = compile_fqt(model, options)
+    with _preserve_step():
+        xr = x.detach().clone().requires_grad_()
+        ref_out = compiled(xr)
+        ref_out.backward(tangent)
+    ref = {f"grad.{n}": p.grad for n, p in model.named_parameters()} | {f"grad.{data[0]}": xr.grad}
+    feeds = {f"param.{n}": p.detach().numpy() for n, p in model.named_parameters()}
+    feeds |= {data[0]: x.detach().numpy(), "fqt_step": np.array(0, np.int64)}
+    fsess, bsess = (ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in paths)
+    values = dict(zip(f_out, fsess.run(None, {n: feeds[n] for n in f_in})))
+    torch.testing.assert_close(torch.from_numpy(values[f_out[0]]), ref_out.detach(), rtol=0, atol=0)
+    values |= feeds | {"tangents_1": tangent.numpy()}
+    grads = dict(zip(b_out, bsess.run(None, {n: values[n] for n in b_in})))
+    for name, r in ref.items():
+        exact = name.endswith(".weight")  # bias gradients: fp32 ReduceSum vs torch.sum, one rounding apart
+        torch.testing.assert_close(torch.from_numpy(grads[name]), r, rtol=0 if exact else None,
+                                   atol=0 if exact else None, msg=name)
+
+
 def test_export_onnx_inference_and_cli(tmp_path, capsys):
     """End to end through the CLI: the inference graph (training=False) matches the compiled model's output."""
     from fqtc.cli import main
@@ -246,6 +289,9 @@ def test_cli_exports_latent_weight_model_with_update_graph(tmp_path, capsys):
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     update_inputs = [i.name for i in onnx.load(str(tmp_path / "lwq.update.onnx")).graph.input]
     assert "lwq.net.1.weight.q" in update_inputs and "grad.net.1.weight" in update_inputs
+    # the backward's gradient outputs are the update graph's gradient inputs, by name
+    grads = [o.name for o in onnx.load(str(tmp_path / "lwq.backward.onnx")).graph.output]
+    assert grads == [n for n in update_inputs if n.startswith("grad.")]
 
 
 def test_bad_arguments(tmp_path):

@@ -509,13 +509,34 @@ def machine_lines(info: dict[str, Any], table: dict[str, Any], command: str) -> 
 # ----------------------------------------------------------------------------------------------------- output
 
 
+def merge_previous(result: dict[str, Any], path: str, measured: list[str]) -> None:
+    """``--merge``: append the rows of models not in ``measured`` from the JSON at ``path`` (tables with the same
+    thread count), each with a ``from_run`` note (date, load average before, command) shown in its row."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    for table in result["tables"]:
+        prev = next((t for t in old.get("tables", []) if t["threads"] == table["threads"]), None)
+        if prev is None:
+            continue
+        load = "/".join(f"{v:.2f}" for v in prev.get("loadavg_before", []))
+        for r in prev["rows"]:
+            if r["model"] in measured:
+                continue
+            r = dict(r)
+            r.setdefault("from_run", f"measured {prev['date']} (load before {load}; {old.get('command', '')})")
+            table["rows"].append(r)
+            result["models"].setdefault(r["model"], old.get("models", {}).get(r["model"], r["model"]))
+
+
 def table_markdown(rows: list[dict]) -> str:
     head = ("| model | config | step ms (median) | p25-p75 ms | vs fp32 eager | n | first step s | compile s "
-            "| saved MB | act MB | saved vs fp32 eager | error |")
+            "| saved MB | act MB | saved vs fp32 eager | error / note |")
     lines = [head, "|" + "---|" * 12]
     f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
-        err = (r.get("error") or "").replace("|", "\\|")
+        err = "; ".join(x for x in (r.get("error"), r.get("from_run")) if x).replace("|", "\\|")
         if "step_ms" not in r:
             lines.append(f"| {r['model']} | {r['config']} |  |  |  |  |  |  |  |  |  | {err} |")
             continue
@@ -617,6 +638,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
                    help="folder for step_time.md/.json/.png")
     p.add_argument("--no-save", action="store_true", help="print only; write no files")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of models this run does not measure from the existing step_time.json (same "
+                        "thread count), each marked with the date and load of the run that measured it")
     p.add_argument("--inductor-cache", choices=["fresh", "default"], default="fresh",
                    help="fresh: a new empty Inductor cache folder for this process, so compile times are cold")
     a = p.parse_args(argv)
@@ -656,6 +680,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\n" + "\n".join(lines) + "\n\n" + table_markdown(table["rows"]), flush=True)
     if not a.no_save:
         os.makedirs(a.out, exist_ok=True)
+        if a.merge:
+            merge_previous(result, os.path.join(a.out, "step_time.json"), models)
         with open(os.path.join(a.out, "step_time.md"), "w") as f:
             f.write(render_markdown(result))
         with open(os.path.join(a.out, "step_time.json"), "w") as f:

@@ -17,7 +17,10 @@ Generated here:
 - ``results/accuracy_<section>.json`` (``python -m benchmarks.accuracy --section <section>``) -> the table in
   benchmarks/README.md for section ``gradq`` ("Gradient quantizers: accuracy vs QAT"); the other sections
   (``lwq``, ``models``) write the same JSON, but their README tables predate it and are still prose;
-- ``results/distributed.json`` (benchmarks/distributed.py) -> ``results/distributed.md``, once a run has written it.
+- ``results/distributed.json`` (benchmarks/distributed.py) -> ``results/distributed.md`` and the "Data-parallel"
+  section of benchmarks/README.md, once a run has written it.
+- ``results/finetune.json`` (benchmarks/finetune.py) -> ``results/finetune.md`` and the "Fine-tuning" section of
+  benchmarks/README.md, once a run has written it.
 
 A generated table sits between ``<!-- report.py: NAME -->`` and ``<!-- /report.py: NAME -->`` lines; the text
 around it (command, machine, reading) stays hand-written.
@@ -120,13 +123,6 @@ def accuracy_table(result: dict[str, Any], drop: tuple[str, ...] = ("options",))
 
 # -- what is generated where ---------------------------------------------------------------------------------------
 # (file, block name, result file, renderer): the block between the file's report.py markers
-BLOCKS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
-    (README, "step_time_ratios", "step_time.json", step_time_ratios),
-    (README, "accuracy_gradq", "accuracy_gradq.json", accuracy_table),
-    (OUTLIERS_DOC, "outliers", "outliers.json", outliers_doc_table),
-]
-
-
 def _page(module: str, fn: str) -> Callable[[dict[str, Any]], str]:
     def render(result: dict[str, Any]) -> str:
         import importlib
@@ -135,11 +131,27 @@ def _page(module: str, fn: str) -> Callable[[dict[str, Any]], str]:
     return render
 
 
+def _untitled(module: str, fn: str) -> Callable[[dict[str, Any]], str]:
+    """A benchmark's own result page without its ``# title`` line, for a section of benchmarks/README.md."""
+    page = _page(module, fn)
+    return lambda result: "\n".join(ln for ln in page(result).splitlines() if not ln.startswith("# ")).strip()
+
+
+BLOCKS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
+    (README, "step_time_ratios", "step_time.json", step_time_ratios),
+    (README, "accuracy_gradq", "accuracy_gradq.json", accuracy_table),
+    (OUTLIERS_DOC, "outliers", "outliers.json", outliers_doc_table),
+    (README, "distributed", "distributed.json", _untitled("benchmarks.distributed", "_markdown")),
+    (README, "finetune", "finetune.json", _untitled("benchmarks.finetune", "render")),
+]
+
+
 # (whole result page, result file, renderer): pages the benchmark itself writes beside its JSON
 PAGES: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     (os.path.join(RESULTS, "step_time.md"), "step_time.json", _page("benchmarks.step_time", "render_markdown")),
     (os.path.join(RESULTS, "outliers.md"), "outliers.json", _page("benchmarks.outliers", "render")),
     (os.path.join(RESULTS, "distributed.md"), "distributed.json", _page("benchmarks.distributed", "_markdown")),
+    (os.path.join(RESULTS, "finetune.md"), "finetune.json", _page("benchmarks.finetune", "render")),
 ]
 # (plot, result file, module, function(result, path))
 PLOTS: list[tuple[str, str, str, str]] = [

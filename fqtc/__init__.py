@@ -27,16 +27,22 @@ def compile(model: torch.nn.Module, config: FQTConfig | Mapping[str, Any] | None
     """``torch.compile(model, backend=fqt_backend)`` with a typed config (or an options dict).
 
     The model's stochastic-rounding step counter (its ``fqt_step`` buffer, docs/usage.md "Reproducibility") is
-    created at once, so a checkpoint holding it loads before the first compiled call."""
+    created at once, so a checkpoint holding it loads before the first compiled call. After the first training
+    call, a `fqtc.coverage.FullPrecisionWarning` names the GEMM modules that ran outside every fqt graph (also when
+    Dynamo compiled no graph at all for the model)."""
     from functools import partial
 
     from fqtc.backend import fqt_backend
+    from fqtc.coverage import watch
     from fqtc.ops.stepcounter import counter_for
 
     cfg = FQTConfig.from_options(config)
     if isinstance(model, torch.nn.Module):
         counter_for(model)
-    return torch.compile(model, backend=partial(fqt_backend, options=cfg), **compile_kwargs)
+    compiled = torch.compile(model, backend=partial(fqt_backend, options=cfg), **compile_kwargs)
+    if isinstance(model, torch.nn.Module) and isinstance(compiled, torch.nn.Module) and compiled is not model:
+        watch(compiled, model)  # warns after the first training call if GEMMs ran outside every fqt graph
+    return compiled
 
 
 __all__ = [

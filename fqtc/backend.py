@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -34,6 +35,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fqtc.ops  # noqa: F401  (registers the fqt:: ops)
+from fqtc import coverage
 from fqtc.codegen.inductor_cpu import lower_for_inductor
 from fqtc.codegen.lower import wrap_compiler
 from fqtc.config import FQTConfig
@@ -314,7 +316,22 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     # Trace attention in its math form so Q.K^T and P.V (and their backward products) are visible bmm's.
     with sdpa_kernel(SDPBackend.MATH):
         compiled = aot(gm, example_inputs)
-    return _with_step_counter(compiled, example_inputs, is_param, owner)
+    coverage.record(x for x, p in zip(example_inputs, is_param) if p)
+    run = _with_step_counter(compiled, example_inputs, is_param, owner)
+    if owner is None or observer is not None:
+        return run
+    owner_ref = weakref.ref(getattr(owner, "_orig_mod", owner))
+
+    def run_and_check(*args: Any) -> Any:
+        # no silent full precision: once a training call's backward starts, warn about GEMM modules of the model
+        # that no fqt graph received (fqtc/coverage.py)
+        out = run(*args)
+        m = owner_ref()
+        if m is not None and torch.is_grad_enabled():
+            coverage.check_after_backward(m, out)
+        return out
+
+    return run_and_check
 
 
 _thread_safe_registration()

@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from fqtc import coverage
 from fqtc.config import BitConfig, FQTConfig
 from fqtc.ops.observe import clear_sqnr_log, sqnr_db, sqnr_log
 
@@ -152,6 +153,8 @@ class Report:
     counters: list[dict[str, int]]
     graphs: list[Any] = field(default_factory=list, repr=False)
     saved: list[dict[str, Any]] = field(default_factory=list)  # non-GEMM saved activations, `_saved_activations`
+    # GEMM modules no fqt graph received (full precision): module, type, cause, reason, fix (`fqtc.coverage`)
+    outside: list[dict[str, str]] = field(default_factory=list)
 
     # -- serialisation -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -164,7 +167,7 @@ class Report:
             d["sqnr_db"] = clean(d["sqnr_db"])
             sites.append(d)
         return {"config": self.config, "sites": sites, "memory": self.memory.to_dict() if self.memory else None,
-                "counters": self.counters, "saved": self.saved}
+                "counters": self.counters, "saved": self.saved, "outside": self.outside}
 
     def to_json(self, **kwargs: Any) -> str:
         kwargs.setdefault("indent", 2)
@@ -183,7 +186,8 @@ class Report:
         if d.get("memory"):
             m = d["memory"]
             mem = Memory([SavedTensor(**t) for t in m["fqt"]], [SavedTensor(**t) for t in m["fp32"]])
-        return Report(d["config"], sites, mem, list(d.get("counters") or []), saved=list(d.get("saved") or []))
+        return Report(d["config"], sites, mem, list(d.get("counters") or []), saved=list(d.get("saved") or []),
+                      outside=list(d.get("outside") or []))
 
     @staticmethod
     def from_json(text: str) -> "Report":
@@ -222,6 +226,9 @@ class Report:
             for r in self.saved:
                 console.print(f"saved activation {r['node']} ({r['op']}, {r['storage']}): {r['bytes']} B vs "
                               f"fp32 {r['fp32_bytes']} B")
+            for o in self.outside:
+                console.print(f"outside every fqt graph (full precision): {o['module']} ({o['type']}): "
+                              f"{o['reason']}. Fix: {o['fix']}")
         return cap.get()
 
     def graph(self, which: str = "joint", index: int = 0) -> str:
@@ -355,7 +362,7 @@ def _compile_and_capture(model: torch.nn.Module, inputs: Sequence[Any], config: 
                          record_args: bool = False) -> tuple[list[Any], dict[int, dict[str, list]]]:
     from fqtc.backend import capture, fqt_backend
 
-    with capture() as cgs:
+    with capture() as cgs, coverage.silenced(model):  # inspection reports what ran outside; it does not warn
         compiled = torch.compile(model, backend=partial(fqt_backend, options=config))
         _run_once(compiled, inputs, model)
     args: dict[int, dict[str, list]] = {}
@@ -370,7 +377,8 @@ def _compile_and_capture(model: torch.nn.Module, inputs: Sequence[Any], config: 
                 if gm is not None:
                     handles.append(gm.register_forward_pre_hook(partial(_record_args, args[i], which)))
         try:
-            _run_once(compiled, inputs, model)
+            with coverage.silenced(model):
+                _run_once(compiled, inputs, model)
         finally:
             for h in handles:
                 h.remove()
@@ -530,9 +538,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, 
     config = dataclasses.replace(FQTConfig.from_options(options), compiler="eager")
     with _preserve_step(), _preserve_buffers(model):
         cgs, graph_args = _compile_and_capture(model, example_inputs, config, record_args=sqnr)
-        if not cgs:
-            raise RuntimeError("fqtc.explain: the fqt backend compiled no graph for this model and input (Dynamo "
-                               "found nothing to compile?)")
+        outside = coverage.outside(model)  # GEMM modules no fqt graph received, e.g. all of them if Dynamo skipped
         sites: list[Site] = []
         for i, cg in enumerate(cgs):
             measured = _gemm_sqnr(cg, graph_args.get(i, {})) if sqnr else {}
@@ -549,7 +555,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, 
             mem = Memory([t for cg in cgs for t in _saved_tensors(cg)],
                          [t for cg in fp_cgs for t in _saved_tensors(cg)])
     counters = [dict(cg.result.counters) if cg.result else {} for cg in cgs]
-    return Report(config.short_str(), sites, mem, counters, cgs, _saved_activations(cgs))
+    return Report(config.short_str(), sites, mem, counters, cgs, _saved_activations(cgs), outside)
 
 
 def _saved_activations(cgs: Sequence[Any]) -> list[dict[str, Any]]:

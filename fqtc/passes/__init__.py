@@ -45,7 +45,9 @@ def _warn_unmatched_keep_fp(config: FQTConfig, records: list[dict]) -> None:
 
 
 def run_passes(gm: fx.GraphModule, config: FQTConfig, weight_nodes: set[fx.Node]) -> PassResult:
-    """lwq -> sites -> assign -> rewrite -> rotate -> conv -> save -> verify -> save_act, in place on ``gm``. Returns what was decided."""
+    """lwq -> sites -> assign -> rewrite -> rotate -> conv -> save -> verify -> save_act, in place on ``gm``.
+
+    Returns what was decided."""
     latent = mark_latent_weights(gm)  # LatentWeight parameters: their dequantized nodes are weights
     weight_nodes = set(weight_nodes) | latent
     sites, unlinked = find_sites(gm, weight_nodes)

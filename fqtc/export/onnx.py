@@ -273,6 +273,7 @@ def _translations() -> dict[Any, Callable]:
     import fqtc.ops  # noqa: F401  (registers the fqt ops, fqt::observe included)
     from fqtc.export import onnx_gradq as _gq  # AQ and BHQ (they use the helpers above)
     from fqtc.export import onnx_lwq as _lwq  # latent-weight ops and fqt::lwq_step (registers it)
+    from fqtc.export import onnx_rotate as _rot  # option rotate="hadamard"
 
     return {
         torch.ops.fqt.quantize.default: _quantize,
@@ -283,6 +284,7 @@ def _translations() -> dict[Any, Callable]:
         torch.ops.fqt.qconv2d_input.default: _qconv2d_input,
         torch.ops.fqt.qconv2d_weight.default: _qconv2d_weight,
         torch.ops.fqt.bhq.default: _gq.bhq,
+        torch.ops.fqt.rotate.default: _rot.rotate,
         **_lwq.LWQ_TRANSLATIONS,
     }
 

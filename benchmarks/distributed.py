@@ -12,8 +12,12 @@ Configurations (each rank holds one process, one thread):
 - ``fp32-ddp``: ``DDP(model)``, FP32;
 - ``fqt-ddp``: ``DDP(torch.compile(model, backend="fqt"))``, W8A8G8, fp32 gradient all-reduce;
 - ``fqt-ddp-int8``: the same with ``fqtc.distributed.register_int8_grad_comm`` (int8 stochastic-rounding codes);
-- ``fp32-fsdp2`` / ``fqt-fsdp2``: ``fully_shard`` on every Linear and on the model; fqt compiles each Linear before
-  sharding it (compile then shard, docs/distributed.md).
+- ``fp32-fsdp2`` / ``fqt-fsdp2``: ``fully_shard(model)``, then (fqt) ``torch.compile(model, backend="fqt")`` (the
+  whole-model order of docs/distributed.md; a bare ``nn.Linear`` compiled and then sharded on its own never reaches
+  the backend, so per-layer sharding of this MLP would train in FP32).
+
+Every fqt row also reports how many GEMMs its compiled graphs quantized (``quantized GEMMs``, from the graphs'
+records): a configuration that silently trained in FP32 shows 0 there.
 
 Reported per configuration and world size: the median step time (forward + backward + optimizer step; with more
 ranks than cores the processes share cores, so 4-rank times are oversubscribed on a 2-core machine); the gradient
@@ -53,9 +57,21 @@ GLOBAL_BATCH = 128
 REPORT_STEPS = (0, 10, 20, 40, 59)
 
 
+class _MLP(nn.Module):
+    """64-512-512-10 ReLU MLP (a module with its own forward: FSDP2's ``fully_shard`` on an ``nn.Sequential`` root
+    left nothing for the fqt backend to compile under torch 2.13, so the benchmark would train FP32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 512), nn.Linear(512, 512), nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    return _MLP()
 
 
 def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -94,13 +110,8 @@ def _build(config: str) -> tuple[nn.Module, nn.Module, Any]:
     m = _model()
     fqt = config.startswith("fqt")
     if config.endswith("fsdp2"):
-        for layer in m:
-            if isinstance(layer, nn.Linear):
-                if fqt:
-                    layer.compile(backend="fqt", options={"bits": "W8A8G8"})
-                fully_shard(layer)
         fully_shard(m)
-        return m, m, None
+        return m, torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if fqt else m, None
     inner = torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if fqt else m
     ddp = nn.parallel.DistributedDataParallel(inner)
     if config == "fqt-ddp-int8":
@@ -123,6 +134,7 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     import fqtc
+    from fqtc.backend import capture
 
     batches = _batches(steps)
     per = GLOBAL_BATCH // world
@@ -131,27 +143,29 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
         for config in CONFIGS:
             torch._dynamo.reset()
             try:
-                m, f, state = _build(config)
-                opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-                losses, times = [], []
-                for step, (x, y) in enumerate(batches):
-                    fqtc.set_step(step)
-                    xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-                    t0 = time.perf_counter()
-                    loss = F.cross_entropy(f(xs), ys)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    times.append(time.perf_counter() - t0)
-                    full = loss.detach().clone()
-                    dist.all_reduce(full)
-                    losses.append(full.item() / world)
+                with capture() as graphs:  # every graph the configuration compiles, for its quantized-GEMM count
+                    m, f, state = _build(config)
+                    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+                    losses, times = [], []
+                    for step, (x, y) in enumerate(batches):
+                        fqtc.set_step(step)
+                        xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+                        t0 = time.perf_counter()
+                        loss = F.cross_entropy(f(xs), ys)
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        times.append(time.perf_counter() - t0)
+                        full = loss.detach().clone()
+                        dist.all_reduce(full)
+                        losses.append(full.item() / world)
                 if config.endswith("fsdp2"):
                     bytes_step, how = _fsdp_bytes(m, world), "computed"
                 else:
                     bytes_step, how = state.payload_bytes // steps, "measured"
+                n_q = sum(1 for cg in graphs for r in cg.records if r.get("status") == "quantized")
                 res[config] = {"losses": losses, "step_ms": statistics.median(times[2:] or times) * 1e3,
-                               "bytes_per_step": bytes_step, "bytes_how": how}
+                               "bytes_per_step": bytes_step, "bytes_how": how, "quantized_gemms": n_q}
             except Exception as e:  # noqa: BLE001  (a failing configuration reports its error; others go on)
                 res[config] = {"error": f"{type(e).__name__}: {e}"[:300]}
             dist.barrier()
@@ -219,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ref = single["fqt" if config.startswith("fqt") else "fp32"]
                 gaps = [abs(a - b) for a, b in zip(r["losses"], ref)]
                 row.update(step_ms=r["step_ms"], bytes_per_step=r["bytes_per_step"], bytes_how=r["bytes_how"],
+                           quantized_gemms=r["quantized_gemms"],
                            bytes_vs_fp32_ddp=(r["bytes_per_step"] / fp32_bytes) if fp32_bytes else None,
                            losses={s: r["losses"][s] for s in REPORT_STEPS if s < len(r["losses"])},
                            single_losses={s: ref[s] for s in REPORT_STEPS if s < len(ref)}, max_loss_gap=max(gaps))
@@ -251,18 +266,19 @@ def _markdown(result: dict[str, Any]) -> str:
         "- gloo, one process per rank, one thread each; digits MLP 64-512-512-10, global batch 128; bytes = gradient "
         "and parameter payload one rank hands to the collectives per step (DDP: measured by a counting hook; FSDP2: "
         "computed from shard sizes)", "",
-        "| ranks | config | step ms | bytes/step | vs fp32 DDP | bytes | loss @0/10/20/40/59 | single-process loss "
-        "| max loss gap | error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ranks | config | quantized GEMMs | step ms | bytes/step | vs fp32 DDP | bytes | loss @0/10/20/40/59 "
+        "| single-process loss | max loss gap | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['world']} | {r['config']} |  |  |  |  |  |  |  | {r['error']} |")
+            lines.append(f"| {r['world']} | {r['config']} |  |  |  |  |  |  |  |  | {r['error']} |")
             continue
         ls = "/".join(f"{v:.3f}" for v in r["losses"].values())
         ss = "/".join(f"{v:.3f}" for v in r["single_losses"].values())
         ratio = f"{r['bytes_vs_fp32_ddp']:.2f}x" if r["bytes_vs_fp32_ddp"] is not None else ""
-        lines.append(f"| {r['world']} | {r['config']} | {r['step_ms']:.2f} | {r['bytes_per_step']} | {ratio} | "
+        lines.append(f"| {r['world']} | {r['config']} | {r.get('quantized_gemms', '')} | {r['step_ms']:.2f} | "
+                     f"{r['bytes_per_step']} | {ratio} | "
                      f"{r['bytes_how']} | {ls} | {ss} | {r['max_loss_gap']:.3f} |  |")
     return "\n".join(lines) + "\n"
 

@@ -141,6 +141,7 @@ BLOCKS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     (README, "step_time_ratios", "step_time.json", step_time_ratios),
     (README, "accuracy_gradq", "accuracy_gradq.json", accuracy_table),
     (OUTLIERS_DOC, "outliers", "outliers.json", outliers_doc_table),
+    (README, "distributed", "distributed.json", _untitled("benchmarks.distributed", "_markdown")),
 ]
 
 

@@ -82,7 +82,15 @@ def probe_onednn_conv() -> str | None:
     Without int8 dot-product instructions oneDNN multiplies u8 x s8 pairs with ``vpmaddubsw``, which saturates the
     int16 pair sums; so the path follows the GEMM's choice (`fqtc.quant.gemm.cpu_gemm_path` is ``"int_mm"`` only
     where the CPU has VNNI/AMX) and full-range probes must equal the exact result, including constant extremes at
-    `ONEDNN_K_CHUNK` taps (the largest reduction `onednn_chunked` hands it)."""
+    `ONEDNN_K_CHUNK` taps (the largest reduction `onednn_chunked` hands it). Safe to call while a graph is being
+    traced (as `fqtc.quant.gemm.probe_cpu_gemm`): the probe runs on real tensors outside any fake or proxy mode."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return _probe_onednn()
+
+
+def _probe_onednn() -> str | None:
     if not onednn_available():
         return "torch.ops.onednn.qconv2d_pointwise is not available in this torch build"
     g = torch.Generator().manual_seed(0)

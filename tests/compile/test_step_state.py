@@ -73,10 +73,13 @@ def test_two_threads_training_separate_models_do_not_interfere():
     results: dict[int, list[torch.Tensor]] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(2)
+    # the models are built here: _model() seeds torch's global generator, which two threads would share and
+    # interleave (different initial weights, not a step-counter effect)
+    models = [_model() for _ in range(2)]
 
     def worker(k: int) -> None:
         try:
-            m = _model()
+            m = models[k]
             c = torch.compile(m, backend="fqt", options=OPTIONS)
             barrier.wait()
             results[k] = [_train_step(m, c, t) for t in range(4)]

@@ -131,3 +131,18 @@ def test_unknown_path_rejected():
     x = torch.zeros((1, 2, 4, 4), dtype=torch.int8)
     with pytest.raises(ValueError):
         qc.int_conv2d(x, torch.zeros((2, 2, 3, 3), dtype=torch.int8), (1, 1), (0, 0), (1, 1), 1, path="fbgemm")
+
+
+def test_onednn_probe_is_the_same_under_a_fake_mode():
+    """The probe may first run while a graph is traced (the Inductor lowering decides the conv path there): it
+    must test the real kernel, not fail on fake tensors and cache that failure for the process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    conv_onednn.probe_onednn_conv.cache_clear()
+    try:
+        with FakeTensorMode():
+            traced = conv_onednn.probe_onednn_conv()
+        conv_onednn.probe_onednn_conv.cache_clear()
+        assert traced == conv_onednn.probe_onednn_conv()
+    finally:
+        conv_onednn.probe_onednn_conv.cache_clear()

@@ -142,6 +142,7 @@ BLOCKS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     (README, "accuracy_gradq", "accuracy_gradq.json", accuracy_table),
     (OUTLIERS_DOC, "outliers", "outliers.json", outliers_doc_table),
     (README, "distributed", "distributed.json", _untitled("benchmarks.distributed", "_markdown")),
+    (README, "finetune", "finetune.json", _untitled("benchmarks.finetune", "render")),
 ]
 
 

@@ -58,12 +58,22 @@ class _NodeTracker(fx.Interpreter):
 def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Callable]:
     """fqt ops -> their reference functions for CPU tensors (NotImplemented keeps an op as an extern call: another
     device, or a float / partially quantized product, whose reference multiplies dequantized operands)."""
+    keys: dict[tuple[int, int], Any] = {}  # (seed, step tensor) -> the graph's one fqt::stream_keys result
 
     def quantize(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
         if x.device.type != "cpu":
             return NotImplemented
-        # the stream key as its own 0-d extern node: computed once, not recomputed in every vector iteration
-        key = fqt.stream_key.default(seed, stream, step) if rounding == "stochastic" else None
+        # the stream keys of the whole graph from one extern node (`fqt::stream_keys`, made at the first
+        # stochastic quantizer): computed once per call, not per quantizer nor in every vector iteration
+        key = None
+        if rounding == "stochastic":
+            streams = info["streams"].get(seed, [])
+            if stream in streams and len(streams) > 1:
+                if (seed, id(step)) not in keys:
+                    keys[(seed, id(step))] = fqt.stream_keys.default(seed, streams, step)
+                key = keys[(seed, id(step))][streams.index(stream)]
+            else:
+                key = fqt.stream_key.default(seed, stream, step)
         info["inlined_quantize"] += 1
         return _uniform.quantize(x, bits, reduce_dims, rounding, seed, 0, stream, amax, key)
 
@@ -138,8 +148,13 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
 
     # decided on real tensors before any tracing (quant/gemm.py)
     info: dict[str, Any] = {"inlined_quantize": 0, "inlined_qgemm": 0, "kept_ops": 0, "codegen": {},
-                            "path": _gemm.cpu_gemm_path()}
+                            "path": _gemm.cpu_gemm_path(), "streams": {}}
     _conv.probe_onednn_conv()  # likewise the conv path (quant/conv.py): a probe inside the trace would be traced
+    for n in gm.graph.find_nodes(op="call_function", target=fqt.quantize.default):
+        if len(n.args) > 5 and n.args[3] == "stochastic":  # (x, bits, dims, rounding, seed, stream, step)
+            streams = info["streams"].setdefault(n.args[4], [])
+            if n.args[5] not in streams:
+                streams.append(n.args[5])
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     tracker = _NodeTracker(gm)

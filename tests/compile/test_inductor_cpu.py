@@ -174,3 +174,12 @@ def test_inductor_conv_step_equals_eager_graphs():
         seen |= targets & acc_ops
     assert seen == acc_ops
     assert any(r["codegen"]["kernel"].startswith("inductor:conv-") for r in cg.records if "codegen" in r)
+
+
+def test_stream_keys_op_equals_per_stream_keys():
+    """The lowering computes every stochastic quantizer's key of a graph with one fqt::stream_keys call."""
+    step = torch.tensor(2**33 + 7, dtype=torch.int64)
+    streams = [0, 12345, 2**32 - 1]
+    keys = torch.ops.fqt.stream_keys.default(11, streams, step)
+    assert keys.tolist() == [int(torch.ops.fqt.stream_key.default(11, s, step)) for s in streams]
+    assert keys.tolist() == [int(rng.stream_key(11, step, s)) for s in streams]

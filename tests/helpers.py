@@ -54,3 +54,17 @@ def assert_quantized_graphs(cg, n_forward: int, n_backward: int | None = None) -
         assert all(e == ["int8", "int8"] for _, e in ev), ev
         assert not [x for x in gm.graph.nodes if x.op == "call_function" and x.target in gemms]
     assert cg.records and all(r["status"] == "quantized" and "evidence" in r for r in cg.records), cg.records
+
+
+def spawn_gloo_ranks(worker, out: str, nprocs: int = 2) -> list:
+    """Run ``worker(rank, port, out)`` in ``nprocs`` spawned processes (each calls ``init_process_group("gloo")`` on
+    127.0.0.1:``port``) and return what each saved with ``torch.save(..., f"{out}.{rank}")``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker, args=(port, out), nprocs=nprocs, join=True, start_method="spawn")
+    return [torch.load(f"{out}.{r}") for r in range(nprocs)]

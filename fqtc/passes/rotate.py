@@ -39,7 +39,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from fqtc.config import FQTConfig
 from fqtc.fx_utils import copy_meta, graph_fake_mode, set_fake_val
-from fqtc.passes.common import IDENTITIES, TRANSPOSES, stable_stream
+from fqtc.passes.common import IDENTITIES, TRANSPOSES, stable_stream, strip_operand
 from fqtc.quant.rotate import rotation_block
 
 fqt = torch.ops.fqt
@@ -76,9 +76,7 @@ def _code_readers(codes: fx.Node) -> list[tuple[fx.Node, int, list[fx.Node]]]:
 
 def _source(operand: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """(quantize node, its codes getitem) behind a GEMM operand, or None when the operand is not uniform codes."""
-    n = operand
-    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in TRANSPOSES + IDENTITIES:
-        n = n.args[0]
+    n, _ = strip_operand(operand)
     if (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0
             and isinstance(n.args[0], fx.Node) and n.args[0].target is fqt.quantize.default):
         return n.args[0], n
@@ -107,7 +105,7 @@ def _plan(q: fx.Node, block: int) -> tuple[dict | None, str]:
             return None, "a quantizer input is not the 2-D operand with K last"
         for reader, idx, chain in _code_readers(codes):
             axis = _axis_after(chain, 1, 2)
-            if getattr(reader.target, "__name__", "").startswith("observe"):  # fqt::observe (option log_sqnr)
+            if reader.target is fqt.observe.default:  # option log_sqnr
                 observers.append(reader)
                 continue
             if reader.target is not fqt.qgemm.default or axis is None or idx not in (0, 2):

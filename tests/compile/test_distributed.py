@@ -12,13 +12,13 @@ bits).
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+
+from tests.helpers import spawn_gloo_ranks
 
 STEPS = 2
 
@@ -60,11 +60,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
 def test_ddp_ranks_agree_and_average_the_fqt_gradients(tmp_path):
@@ -72,8 +67,7 @@ def test_ddp_ranks_agree_and_average_the_fqt_gradients(tmp_path):
     from fqtc.backend import capture
 
     out = str(tmp_path / "res")
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=True, start_method="spawn")
-    res = [torch.load(f"{out}.{r}") for r in range(2)]
+    res = spawn_gloo_ranks(_worker, out)
     assert res[0]["quantized_sites"] > 0 and res[1]["quantized_sites"] > 0  # the rewrite ran under DDP
     for step in range(STEPS):
         for a, b in zip(res[0]["params"][step], res[1]["params"][step]):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+
+from tests.helpers import spawn_gloo_ranks
 
 DRAWS = 400
 
@@ -63,19 +63,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed without gloo")
     out = str(tmp_path_factory.mktemp("int8comm") / "res")
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=True, start_method="spawn")
-    return [torch.load(f"{out}.{r}") for r in range(2)]
+    return spawn_gloo_ranks(_worker, out)
 
 
 def test_ranks_identical_and_error_below_one_step(results):

@@ -19,13 +19,13 @@ too, so a change in what Dynamo captures under FSDP shows here.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+
+from tests.helpers import spawn_gloo_ranks
 
 CASES = ("ddp_outer", "compile_ddp", "fsdp_compile_then_shard", "fsdp_shard_then_compile", "fsdp_whole")
 OPTS = {"bits": "W8A8G8"}
@@ -135,19 +135,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed without gloo")
     out = str(tmp_path_factory.mktemp("dist") / "res")
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=True, start_method="spawn")
-    return [torch.load(f"{out}.{r}") for r in range(2)]
+    return spawn_gloo_ranks(_worker, out)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -131,7 +131,10 @@ def _fsdp_bytes(m: nn.Module, world: int) -> int:
 
 def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # gloo binds the address the hostname resolves to unless told otherwise; pin it to loopback (all ranks are on
+    # this machine, and a hostname address unreachable from the machine itself hangs every collective)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     import fqtc
     from fqtc.backend import capture

@@ -56,15 +56,56 @@ def assert_quantized_graphs(cg, n_forward: int, n_backward: int | None = None) -
     assert cg.records and all(r["status"] == "quantized" and "evidence" in r for r in cg.records), cg.records
 
 
-def spawn_gloo_ranks(worker, out: str, nprocs: int = 2) -> list:
-    """Run ``worker(rank, port, out)`` in ``nprocs`` spawned processes (each calls ``init_process_group("gloo")`` on
-    127.0.0.1:``port``) and return what each saved with ``torch.save(..., f"{out}.{rank}")``."""
+def loopback_ifname() -> str:
+    """Name of the loopback network interface (``lo`` on Linux)."""
     import socket
 
+    names = [n for _, n in socket.if_nameindex() if n.startswith("lo")]
+    return names[0] if names else "lo"
+
+
+def init_gloo(rank: int, port: int, world_size: int = 2) -> None:
+    """``init_process_group("gloo")`` for ranks on this machine, pinned to the loopback interface.
+
+    Gloo otherwise binds the address the machine's hostname resolves to; where that address is not reachable from
+    the machine itself (seen on CI machines), every collective waits for the 30-minute default timeout. A short
+    timeout turns any remaining hang into an error."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_ifname())
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+
+
+def spawn_gloo_ranks(worker, out: str, nprocs: int = 2, timeout_s: float = 600.0) -> list:
+    """Run ``worker(rank, port, out)`` in ``nprocs`` spawned processes (each calls `init_gloo`) and return what each
+    saved with ``torch.save(..., f"{out}.{rank}")``. Ranks still running after ``timeout_s`` are killed and the
+    test fails (a hung collective must not stall the suite)."""
+    import os
+    import socket
+    import time
+
+    import pytest
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(worker, args=(port, out), nprocs=nprocs, join=True, start_method="spawn")
+    old = os.environ.get("GLOO_SOCKET_IFNAME")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_ifname())  # inherited by the spawned ranks
+    try:
+        ctx = mp.start_processes(worker, args=(port, out), nprocs=nprocs, join=False, start_method="spawn")
+    finally:
+        if old is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{nprocs} gloo ranks of {worker.__module__}.{worker.__name__} still running after "
+                        f"{timeout_s:.0f} s: killed")
     return [torch.load(f"{out}.{r}") for r in range(nprocs)]

@@ -11,14 +11,12 @@ bits).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import spawn_gloo_ranks
+from tests.helpers import init_gloo, spawn_gloo_ranks
 
 STEPS = 2
 
@@ -36,8 +34,7 @@ def _shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _worker(rank: int, port: int, out: str) -> None:
     import fqtc
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port)
     torch.set_num_threads(1)
     try:
         model = _model()

@@ -10,14 +10,13 @@ within one step of the fp32 all-reduce.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import spawn_gloo_ranks
+from tests.helpers import init_gloo, spawn_gloo_ranks
 
 DRAWS = 400
 
@@ -31,8 +30,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     import fqtc
     from fqtc.distributed import Int8CommState, int8_sr_allreduce, register_int8_grad_comm
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port)
     torch.set_num_threads(1)
     try:
         state = Int8CommState(seed=3)

@@ -18,14 +18,12 @@ too, so a change in what Dynamo captures under FSDP shows here.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import spawn_gloo_ranks
+from tests.helpers import init_gloo, spawn_gloo_ranks
 
 CASES = ("ddp_outer", "compile_ddp", "fsdp_compile_then_shard", "fsdp_shard_then_compile", "fsdp_whole")
 OPTS = {"bits": "W8A8G8"}
@@ -120,8 +118,7 @@ def _run(case: str, rank: int, distributed: bool) -> tuple[dict[str, torch.Tenso
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port)
     torch.set_num_threads(1)
     try:
         res = {}

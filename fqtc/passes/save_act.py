@@ -369,9 +369,15 @@ def _fold_into_codes(graph: fx.Graph, fake_mode, m: fx.Node, c: fx.Node, mask_us
     fw_users = [u for u in c.users if is_forward(u)]
     anchor = max([m, c, *fw_users], key=lambda n: order[n])  # after the forward GEMM: keeps quantize->qgemm fusable
     code_users = [u for u in c.users if not is_forward(u)]
+    # ~c == -1 - c in two's complement; the encode and decode run on float32 values (exact for |v| <= 128): int8
+    # compares, selects and bitwise ops vectorize poorly in Inductor's C++ backend (torch 2.13: about 10x slower
+    # per element than the same ops on float32), and the float forms fuse into the quantizer's loop
+    f32 = {"dtype": torch.float32}
     with graph.inserting_before(anchor.next):
-        nc = _call(graph, fake_mode, aten.bitwise_not.default, (c,), c, forward=True)
-        e = _call(graph, fake_mode, aten.where.self, (m, c, nc), c, forward=True)
+        cf = _call(graph, fake_mode, aten._to_copy.default, (c,), c, f32, forward=True)
+        ncf = _call(graph, fake_mode, aten.rsub.Scalar, (cf, -1.0), c, forward=True)
+        ef = _call(graph, fake_mode, aten.where.self, (m, cf, ncf), c, forward=True)
+        e = _call(graph, fake_mode, aten._to_copy.default, (ef,), c, {"dtype": torch.int8}, forward=True)
     _must_save(e)
     m.meta.pop("recompute", None)
     m.meta.pop("ac_graph_id", None)
@@ -379,9 +385,11 @@ def _fold_into_codes(graph: fx.Graph, fake_mode, m: fx.Node, c: fx.Node, mask_us
     e.meta["fqt"] = {"kind": "mask_codes", "mask": m.name, "codes": c.name}
     first = min(mask_users + code_users, key=lambda n: node_order(graph)[n])
     with graph.inserting_before(first):
-        m2 = _call(graph, fake_mode, aten.ge.Scalar, (e, 0), first, forward=False)
-        ne = _call(graph, fake_mode, aten.bitwise_not.default, (e,), first, forward=False)
-        c2 = _call(graph, fake_mode, aten.where.self, (m2, e, ne), first, forward=False)
+        ef2 = _call(graph, fake_mode, aten._to_copy.default, (e,), first, f32, forward=False)
+        m2 = _call(graph, fake_mode, aten.ge.Scalar, (ef2, 0), first, forward=False)
+        nef = _call(graph, fake_mode, aten.rsub.Scalar, (ef2, -1.0), first, forward=False)
+        cf2 = _call(graph, fake_mode, aten.where.self, (m2, ef2, nef), first, forward=False)
+        c2 = _call(graph, fake_mode, aten._to_copy.default, (cf2,), first, {"dtype": torch.int8}, forward=False)
     c2.meta["fqt"] = {"kind": "codes_decode", "codes": c.name}
     for u in mask_users:
         u.replace_input_with(m, m2)

@@ -397,28 +397,35 @@ def _fold_into_codes(graph: fx.Graph, fake_mode, m: fx.Node, c: fx.Node, mask_us
         u.replace_input_with(c, c2)
 
 
-def _powers_of_two(graph: fx.Graph, fake_mode, meta_from: fx.Node, dev: torch.device, forward: bool) -> fx.Node:
-    """[1, 2, 4, ..., 128] (int32): the weight of bit k in a packed byte."""
-    k = _call(graph, fake_mode, aten.arange.default, (8,), meta_from, {"dtype": torch.int32, "device": dev},
-              forward=forward)
-    return _call(graph, fake_mode, aten.pow.Scalar, (2, k), meta_from, forward=forward)
+def _powers(graph: fx.Graph, fake_mode, meta_from: fx.Node, dev: torch.device, forward: bool, base: float,
+            first: int = 0) -> fx.Node:
+    """[[base**first], [base**(first+1)], ..., 8 rows] (float32, shape (8, 1)): exact powers of two."""
+    k = _call(graph, fake_mode, aten.arange.start, (first, first + 8), meta_from,
+              {"dtype": torch.float32, "device": dev}, forward=forward)
+    p = _call(graph, fake_mode, aten.pow.Scalar, (base, k), meta_from, forward=forward)
+    return _call(graph, fake_mode, aten.view.default, (p, [8, 1]), meta_from, forward=forward)
 
 
 def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]) -> None:
+    """Planar packing: with ``M = ceil(numel / 8)``, bit k of byte j is flat element ``k*M + j``. Both directions are
+    then contiguous, vectorizable loops over ``j`` (an interleaved layout, element ``8j + k``, makes Inductor's C++
+    backend emit scalar loops over an inner dim of 8), and they run in float32 arithmetic, exact for these integers
+    (0..255, powers of two): Inductor vectorizes float32 far better than uint8/int32 bit operations, and ONNX has
+    Mul/ReduceSum/Floor for every step (fqtc.export.onnx)."""
     val = m.meta["val"]
     shape, numel, dev = list(val.shape), int(val.numel()), val.device
-    pad = (-numel) % 8
+    rows = -(-numel // 8)
+    pad = 8 * rows - numel
     with graph.inserting_before(m.next):
         flat = _call(graph, fake_mode, aten.view.default, (m, [-1]), m, forward=True)
-        # bit k of each byte is element 8i+k: a dot product with the powers of two (the bits are disjoint, so the
-        # sum is their bitwise OR), in int32 arithmetic that ONNX Mul/ReduceSum/BitwiseAnd accept (fqtc.export.onnx)
-        i32 = _call(graph, fake_mode, aten._to_copy.default, (flat,), m, {"dtype": torch.int32}, forward=True)
+        f32 = _call(graph, fake_mode, aten._to_copy.default, (flat,), m, {"dtype": torch.float32}, forward=True)
         if pad:
-            i32 = _call(graph, fake_mode, aten.constant_pad_nd.default, (i32, [0, pad], 0), m, forward=True)
-        rows = _call(graph, fake_mode, aten.view.default, (i32, [-1, 8]), m, forward=True)
-        w = _powers_of_two(graph, fake_mode, m, dev, True)
-        total = _call(graph, fake_mode, aten.sum.dim_IntList, (_call(graph, fake_mode, aten.mul.Tensor, (rows, w), m,
-                                                                      forward=True), [1], False), m, forward=True)
+            f32 = _call(graph, fake_mode, aten.constant_pad_nd.default, (f32, [0, pad], 0.0), m, forward=True)
+        planes = _call(graph, fake_mode, aten.view.default, (f32, [8, rows]), m, forward=True)
+        w = _powers(graph, fake_mode, m, dev, True, 2.0)
+        # the bits are disjoint, so the sum of bit * 2**k is their bitwise OR
+        total = _call(graph, fake_mode, aten.sum.dim_IntList, (_call(graph, fake_mode, aten.mul.Tensor, (planes, w), m,
+                                                                      forward=True), [0], False), m, forward=True)
         p = _call(graph, fake_mode, aten._to_copy.default, (total,), m, {"dtype": torch.uint8}, forward=True)
     _must_save(p)
     m.meta.pop("recompute", None)
@@ -427,11 +434,16 @@ def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]
     p.meta["fqt"] = {"kind": "mask_packed", "mask": m.name}
     first = min(mask_users, key=lambda n: node_order(graph)[n])
     with graph.inserting_before(first):
-        w2 = _powers_of_two(graph, fake_mode, first, dev, False)
-        col = _call(graph, fake_mode, aten.unsqueeze.default, (p, 1), first, forward=False)
-        col = _call(graph, fake_mode, aten._to_copy.default, (col,), first, {"dtype": torch.int32}, forward=False)
-        a = _call(graph, fake_mode, aten.bitwise_and.Tensor, (col, w2), first, forward=False)
-        b = _call(graph, fake_mode, aten.ne.Scalar, (a, 0), first, forward=False)
+        pf = _call(graph, fake_mode, aten._to_copy.default, (p,), first, {"dtype": torch.float32}, forward=False)
+        pf = _call(graph, fake_mode, aten.view.default, (pf, [1, rows]), first, forward=False)
+        # bit k = floor(b / 2**k) - 2 * floor(b / 2**(k+1)); multiplying by 2**-k is exact
+        lo = _call(graph, fake_mode, aten.floor.default, (_call(graph, fake_mode, aten.mul.Tensor, (
+            pf, _powers(graph, fake_mode, first, dev, False, 0.5)), first, forward=False),), first, forward=False)
+        hi = _call(graph, fake_mode, aten.floor.default, (_call(graph, fake_mode, aten.mul.Tensor, (
+            pf, _powers(graph, fake_mode, first, dev, False, 0.5, 1)), first, forward=False),), first, forward=False)
+        bit = _call(graph, fake_mode, aten.sub.Tensor, (lo, _call(graph, fake_mode, aten.mul.Tensor, (hi, 2.0), first,
+                                                                  forward=False)), first, forward=False)
+        b = _call(graph, fake_mode, aten.ne.Scalar, (bit, 0), first, forward=False)
         f = _call(graph, fake_mode, aten.view.default, (b, [-1]), first, forward=False)
         if pad:
             f = _call(graph, fake_mode, aten.slice.Tensor, (f, 0, 0, numel), first, forward=False)

@@ -398,33 +398,48 @@ def _fold_into_codes(graph: fx.Graph, fake_mode, m: fx.Node, c: fx.Node, mask_us
 
 
 def _powers(graph: fx.Graph, fake_mode, meta_from: fx.Node, dev: torch.device, forward: bool, base: float,
-            first: int = 0) -> fx.Node:
-    """[[base**first], [base**(first+1)], ..., 8 rows] (float32, shape (8, 1)): exact powers of two."""
+            ndim: int, first: int = 0) -> fx.Node:
+    """``base**first, ..., base**(first+7)`` (float32, shape ``(8, 1, ..., 1)`` of ``ndim`` dims): exact powers of
+    two."""
     k = _call(graph, fake_mode, aten.arange.start, (first, first + 8), meta_from,
               {"dtype": torch.float32, "device": dev}, forward=forward)
     p = _call(graph, fake_mode, aten.pow.Scalar, (base, k), meta_from, forward=forward)
-    return _call(graph, fake_mode, aten.view.default, (p, [8, 1]), meta_from, forward=forward)
+    return _call(graph, fake_mode, aten.view.default, (p, [8] + [1] * (ndim - 1)), meta_from, forward=forward)
+
+
+def _plane_shape(shape: list[int]) -> tuple[list[int], int]:
+    """The packed layout of a mask of ``shape``: planes ``[8, P/8, *shape[j:]]`` for the shortest prefix
+    ``P = prod(shape[:j])`` divisible by 8, so a loop over the mask's own shape finds its byte by splitting only
+    the outer (prefix) index; else the flat mask padded to ``[8, ceil(numel/8)]``. Returns (planes, pad)."""
+    p = 1
+    for j, d in enumerate(shape):
+        p *= d
+        if p % 8 == 0:
+            return [8, p // 8, *shape[j + 1:]], 0
+    numel = p
+    rows = -(-numel // 8)
+    return [8, rows], 8 * rows - numel
 
 
 def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]) -> None:
-    """Planar packing: with ``M = ceil(numel / 8)``, bit k of byte j is flat element ``k*M + j``. Both directions are
-    then contiguous, vectorizable loops over ``j`` (an interleaved layout, element ``8j + k``, makes Inductor's C++
-    backend emit scalar loops over an inner dim of 8), and they run in float32 arithmetic, exact for these integers
+    """Planar packing (`_plane_shape`): bit k of a byte holds plane k, so both directions are contiguous,
+    vectorizable loops (an interleaved layout, bit k of byte j = element ``8j + k``, makes Inductor's C++ backend
+    emit scalar loops over an inner dim of 8 or gathers). Both run in float32 arithmetic, exact for these integers
     (0..255, powers of two): Inductor vectorizes float32 far better than uint8/int32 bit operations, and ONNX has
     Mul/ReduceSum/Floor for every step (fqtc.export.onnx)."""
     val = m.meta["val"]
     shape, numel, dev = list(val.shape), int(val.numel()), val.device
-    rows = -(-numel // 8)
-    pad = 8 * rows - numel
+    planes, pad = _plane_shape(shape)
+    nd = len(planes)
     with graph.inserting_before(m.next):
-        flat = _call(graph, fake_mode, aten.view.default, (m, [-1]), m, forward=True)
-        f32 = _call(graph, fake_mode, aten._to_copy.default, (flat,), m, {"dtype": torch.float32}, forward=True)
+        f32 = _call(graph, fake_mode, aten._to_copy.default, (m,), m, {"dtype": torch.float32}, forward=True)
         if pad:
+            f32 = _call(graph, fake_mode, aten.view.default, (f32, [-1]), m, forward=True)
             f32 = _call(graph, fake_mode, aten.constant_pad_nd.default, (f32, [0, pad], 0.0), m, forward=True)
-        planes = _call(graph, fake_mode, aten.view.default, (f32, [8, rows]), m, forward=True)
-        w = _powers(graph, fake_mode, m, dev, True, 2.0)
+        f32 = _call(graph, fake_mode, aten.view.default, (f32, planes), m, forward=True)
+        w = _powers(graph, fake_mode, m, dev, True, 2.0, nd)
         # the bits are disjoint, so the sum of bit * 2**k is their bitwise OR
-        total = _call(graph, fake_mode, aten.sum.dim_IntList, (_call(graph, fake_mode, aten.mul.Tensor, (planes, w), m,
+        total = _call(graph, fake_mode, aten.sum.dim_IntList, (_call(graph, fake_mode, aten.mul.Tensor, (f32, w), m,
                                                                       forward=True), [0], False), m, forward=True)
         p = _call(graph, fake_mode, aten._to_copy.default, (total,), m, {"dtype": torch.uint8}, forward=True)
     _must_save(p)
@@ -435,17 +450,18 @@ def _pack_bits(graph: fx.Graph, fake_mode, m: fx.Node, mask_users: list[fx.Node]
     first = min(mask_users, key=lambda n: node_order(graph)[n])
     with graph.inserting_before(first):
         pf = _call(graph, fake_mode, aten._to_copy.default, (p,), first, {"dtype": torch.float32}, forward=False)
-        pf = _call(graph, fake_mode, aten.view.default, (pf, [1, rows]), first, forward=False)
+        pf = _call(graph, fake_mode, aten.unsqueeze.default, (pf, 0), first, forward=False)
         # bit k = floor(b / 2**k) - 2 * floor(b / 2**(k+1)); multiplying by 2**-k is exact
         lo = _call(graph, fake_mode, aten.floor.default, (_call(graph, fake_mode, aten.mul.Tensor, (
-            pf, _powers(graph, fake_mode, first, dev, False, 0.5)), first, forward=False),), first, forward=False)
+            pf, _powers(graph, fake_mode, first, dev, False, 0.5, nd)), first, forward=False),), first, forward=False)
         hi = _call(graph, fake_mode, aten.floor.default, (_call(graph, fake_mode, aten.mul.Tensor, (
-            pf, _powers(graph, fake_mode, first, dev, False, 0.5, 1)), first, forward=False),), first, forward=False)
+            pf, _powers(graph, fake_mode, first, dev, False, 0.5, nd, 1)), first, forward=False),), first,
+            forward=False)
         bit = _call(graph, fake_mode, aten.sub.Tensor, (lo, _call(graph, fake_mode, aten.mul.Tensor, (hi, 2.0), first,
                                                                   forward=False)), first, forward=False)
-        b = _call(graph, fake_mode, aten.ne.Scalar, (bit, 0), first, forward=False)
-        f = _call(graph, fake_mode, aten.view.default, (b, [-1]), first, forward=False)
+        f = _call(graph, fake_mode, aten.ne.Scalar, (bit, 0), first, forward=False)
         if pad:
+            f = _call(graph, fake_mode, aten.view.default, (f, [-1]), first, forward=False)
             f = _call(graph, fake_mode, aten.slice.Tensor, (f, 0, 0, numel), first, forward=False)
         m2 = _call(graph, fake_mode, aten.view.default, (f, shape), first, forward=False)
     for u in mask_users:

@@ -130,8 +130,8 @@ def capture() -> Iterator[list[CompiledGraph]]:
     try:
         yield bucket
     finally:
-        with _lock:
-            _captures.remove(bucket)
+        with _lock:  # by identity: nested captures hold equal lists
+            _captures[:] = [b for b in _captures if b is not bucket]
 
 
 def compiled_graphs() -> list[CompiledGraph]:
@@ -267,19 +267,26 @@ def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None,
     return compile_graph
 
 
+_FIND_OWNER = object()
+
+
 def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | None = None,
-                observer: GemmObserver | None = None, **_: Any) -> Callable:
+                observer: GemmObserver | None = None, *, owner: Any = _FIND_OWNER, **_: Any) -> Callable:
     """``torch.compile`` backend entry point. ``options`` is parsed by `FQTConfig.from_options`.
 
     ``observer`` (calibration, `fqtc.calibrate`): called with every recorded GEMM node and its real values at run time;
-    needs ``compiler="eager"``.
+    needs ``compiler="eager"``. ``owner``: the module whose parameters the graph reads, when the graph is compiled
+    outside Dynamo's translation of the frame (found from that frame otherwise).
     """
     config = _config(options)
+    if config.bits.auto and config.calibration is None and observer is None:
+        return _calibrating_online(gm, example_inputs, config)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
     names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]
     cg = CompiledGraph(config, names)
-    owner = _owner_module(placeholders, is_param)
+    if owner is _FIND_OWNER:
+        owner = _owner_module(placeholders, is_param)
     # CUDA graphs: fuse quantize->qgemm chains into the Triton kernels first (fqtc/codegen/lower.py, docs/kernels.md)
     compiler = wrap_compiler(_make_compiler(config, observer, cg))
 
@@ -332,6 +339,44 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
         return out
 
     return run_and_check
+
+
+def _calibrating_online(gm: fx.GraphModule, example_inputs: list[Any], config: FQTConfig) -> Callable:
+    """``bits="auto"`` without ``calibration``: the graph first runs in full precision under the observer of
+    `fqtc.calibrate.GradientStats` (the statistics ``fqtc.calibrate`` collects); once ``config.calibration_steps``
+    backward passes were observed, the next training call compiles the graph once more with the solved bits and
+    every later call runs that graph (docs/bit_assignment.md, "Online calibration")."""
+    import copy
+    import dataclasses
+
+    from fqtc.config import BitConfig
+    from fqtc.passes.calib_stats import GradientStats
+
+    stats = GradientStats(config)
+    pristine = copy.deepcopy(gm)  # AOTAutograd consumes the graph it compiles
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = _owner_module(placeholders, [isinstance(x, torch.nn.Parameter) for x in example_inputs])
+    owner_ref = weakref.ref(found) if found is not None else None
+    fp = dataclasses.replace(config, bits=BitConfig.parse("fp"), compiler="eager", calibration=None)
+    with capture() as cgs:
+        fp_run = fqt_backend(gm, example_inputs, fp, observer=stats.observe)
+    state: dict[str, Any] = {"run": fp_run}
+    lock = threading.Lock()
+
+    @torch._dynamo.disable  # compiling from inside a compiled frame: keep Dynamo out of AOTAutograd's tracing
+    def solve() -> None:
+        with lock:
+            if state["run"] is fp_run:
+                cal = stats.result(cgs, stats.steps_seen())
+                state["run"] = fqt_backend(pristine, example_inputs, dataclasses.replace(config, calibration=cal),
+                                           owner=owner_ref() if owner_ref is not None else None)
+
+    def run(*args: Any) -> Any:
+        if state["run"] is fp_run and torch.is_grad_enabled() and stats.steps_seen() >= config.calibration_steps:
+            solve()
+        return state["run"](*args)
+
+    return run
 
 
 _thread_safe_registration()

@@ -296,7 +296,7 @@ DEFAULT_GRANULARITY: dict[tuple[str, str], str] = {
 _OPTION_KEYS = (
     "bits", "seed", "rounding", "forward_rounding", "grad_rounding", "rules", "keep_fp",
     "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration", "auto_objective",
-    "auto_min_bits", "save_fp", "rotate", "rotate_block",
+    "auto_min_bits", "save_fp", "rotate", "rotate_block", "calibration_steps",
 )
 # Rotations of a GEMM's reduction dimension before quantizing (fqtc/quant/rotate.py; option rotate in docs/options.md).
 ROTATIONS: tuple[str, ...] = ("none", "hadamard")
@@ -307,7 +307,7 @@ SAVE_FP_KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "gelu", "silu", "s
 # tensor's noise-to-signal ratio, "absolute" sums the added variance over all parameter-gradient elements.
 AUTO_OBJECTIVES: tuple[str, ...] = ("relative", "absolute")
 # Options that only mean something with bits="auto" (fqtc.calibrate strips them from the options it is given).
-AUTO_OPTION_KEYS: tuple[str, ...] = ("budget", "calibration", "auto_objective", "auto_min_bits")
+AUTO_OPTION_KEYS: tuple[str, ...] = ("budget", "calibration", "auto_objective", "auto_min_bits", "calibration_steps")
 
 
 @dataclass(frozen=True)
@@ -337,6 +337,11 @@ class FQTConfig:
         budget: with ``bits="auto"``: the average bits per quantized gradient element (``grad_output`` operands,
             weighted by element count), a number from 2 to 8, e.g. 4.5 (docs/bit_assignment.md).
         calibration: with ``bits="auto"``: the `fqtc.calibrate.Calibration` returned by ``fqtc.calibrate``.
+            Without it the backend calibrates online: the first ``calibration_steps`` training steps run in full
+            precision while the same statistics are collected, then each graph is compiled once more with the
+            solved bits (docs/bit_assignment.md).
+        calibration_steps: with ``bits="auto"`` and no ``calibration``: how many training steps (forward +
+            backward) are observed before the bits are solved (default 4, 1..1000).
         auto_objective: with ``bits="auto"``: what the solver minimizes. ``"relative"`` (default): the sum over
             parameter tensors of the added gradient variance divided by that tensor's squared gradient norm (the
             noise-to-signal ratio; scale-invariant, so a small layer cannot be starved). ``"absolute"``: the added
@@ -362,6 +367,7 @@ class FQTConfig:
     calibration: Any = field(default=None, compare=False, repr=False)
     auto_objective: str = "relative"
     auto_min_bits: int = MIN_BITS
+    calibration_steps: int = 4
     save_fp: tuple[str, ...] = ()
     rotate: str = "none"
     rotate_block: int = 64
@@ -386,11 +392,15 @@ class FQTConfig:
         if self.bits.auto:
             if self.budget is None:
                 raise _bad("budget", None, "a number from 2 to 8 when bits='auto', e.g. options={'bits': 'auto', "
-                           "'budget': 4.5, 'calibration': fqtc.calibrate(model, batches, loss_fn)}")
-            if self.calibration is None or not hasattr(self.calibration, "units"):
+                           "'budget': 4.5}")
+            if self.calibration is not None and not hasattr(self.calibration, "units"):
                 raise _bad("calibration", self.calibration,
-                           "the result of fqtc.calibrate(model, batches, loss_fn) when bits='auto' (the solver "
-                           "needs per-GEMM gradient statistics)")
+                           "the result of fqtc.calibrate(model, batches, loss_fn), or no calibration (the backend "
+                           "then calibrates online on the first calibration_steps training steps)")
+        cs = self.calibration_steps
+        if isinstance(cs, bool) or not isinstance(cs, int) or not 1 <= cs <= 1000:
+            raise _bad("calibration_steps", cs, "an integer from 1 to 1000 (training steps observed before the "
+                       "bits are solved)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise _bad("seed", self.seed, "an integer in [0, 2**63 - 1] (the ops take it as int64)")
         for name in ("forward_rounding", "grad_rounding"):
@@ -436,10 +446,11 @@ class FQTConfig:
                 raise _bad("rounding", r, ", ".join(ROUNDINGS))
             kw["forward_rounding"] = kw["grad_rounding"] = r
         for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler", "budget",
-                  "calibration", "auto_objective", "auto_min_bits", "save_fp", "rotate", "rotate_block"):
+                  "calibration", "auto_objective", "auto_min_bits", "save_fp", "rotate", "rotate_block",
+                  "calibration_steps"):
             if k in options:
                 kw[k] = options[k]
-        for k in ("budget", "auto_objective", "auto_min_bits"):
+        for k in ("budget", "auto_objective", "auto_min_bits", "calibration_steps"):
             if k in options and not kw.get("bits", BitConfig()).auto:
                 # user-facing check only: configs derived with dataclasses.replace (e.g. an FP reference) keep it
                 raise _bad(k, options[k], "only together with bits='auto' (or 'W8A8Gauto'); the bit string sets "

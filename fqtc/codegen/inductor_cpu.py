@@ -96,34 +96,42 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         return _gemm.dequantize_epilogue(fqt.int_gemm.default(a, b), a_scale, b_scale, bias, out_dtype)
 
     def conv(role: str, a, sa, b, sb, weight_size, stride, groups):
-        """Record a conv GEMM's form; True when it runs as an exact integer conv with an inlined epilogue."""
+        """Record a conv GEMM's form: None when it is not an exact integer conv with an inlined epilogue, else the
+        two code operands as the accumulator op takes them. On the fp32-emulated path they are float32 code values
+        (exact small integers): the int8 -> float32 conversion then fuses into the loop that produces the codes
+        instead of running as a separate full-tensor copy inside the op (`fqtc.quant.conv.float_codes`)."""
         name = tracker.current.name if tracker.current is not None else "?"
         if a.device.type != "cpu" or not _conv.integer_operands(role, a, sa, b, sb):
             info["kept_ops"] += 1
             info["codegen"][name] = {"device": a.device.type, "kernel": "reference", "fused": False,
                                      "reason": "float or partially quantized product"}
-            return False
+            return None
         info["inlined_qgemm"] += 1
         path = _conv.conv_path(role, [int(v) for v in weight_size], stride, groups, a.device)
         info["codegen"][name] = {"device": "cpu", "kernel": f"inductor:conv-{path}", "fused": True}
-        return True
+        if path == "fp32":
+            return a.to(torch.float32), b.to(torch.float32)
+        return a, b
 
     def qconv2d(x, x_scale, w, w_scale, bias, stride, padding, dilation, groups, out_dtype):
-        if not conv("output", x, x_scale, w, w_scale, w.shape, stride, groups):
+        ops = conv("output", x, x_scale, w, w_scale, w.shape, stride, groups)
+        if ops is None:
             return NotImplemented
-        acc = fqt.conv2d_acc.default(x, w, stride, padding, dilation, groups)
+        acc = fqt.conv2d_acc.default(*ops, stride, padding, dilation, groups)
         return _conv.output_epilogue(acc, x_scale, w_scale, bias, out_dtype)
 
     def qconv2d_input(g, g_scale, w, w_scale, input_size, stride, padding, dilation, groups, out_dtype):
-        if not conv("grad_input", g, g_scale, w, w_scale, w.shape, stride, groups):
+        ops = conv("grad_input", g, g_scale, w, w_scale, w.shape, stride, groups)
+        if ops is None:
             return NotImplemented
-        acc = fqt.conv2d_input_acc.default(g, w, input_size, stride, padding, dilation, groups)
+        acc = fqt.conv2d_input_acc.default(ops[0], ops[1], input_size, stride, padding, dilation, groups)
         return _conv.input_epilogue(acc, g_scale, w_scale, groups, out_dtype)
 
     def qconv2d_weight(x, x_scale, g, g_scale, weight_size, stride, padding, dilation, groups, out_dtype):
-        if not conv("grad_weight", x, x_scale, g, g_scale, weight_size, stride, groups):
+        ops = conv("grad_weight", x, x_scale, g, g_scale, weight_size, stride, groups)
+        if ops is None:
             return NotImplemented
-        acc = fqt.conv2d_weight_acc.default(x, g, weight_size, stride, padding, dilation, groups)
+        acc = fqt.conv2d_weight_acc.default(ops[0], ops[1], weight_size, stride, padding, dilation, groups)
         return _conv.weight_epilogue(acc, x_scale, g_scale, weight_size, groups, out_dtype)
 
     return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm, fqt.qconv2d.default: qconv2d,

@@ -1,7 +1,6 @@
 """Reference functions for kernel features that `fqtc.quant` does not define yet (pure tensor code, no graph code).
 
-- `pack_int4` / `unpack_int4`: two signed 4-bit codes per byte along the last dim, even index in the low nibble
-  (the layout the int4 GEMM prologue unpacks with ``(p << 4) >> 4`` and ``p >> 4``, docs/kernels.md).
+- `pack_int4` / `unpack_int4`: the kernels' int8-typed view of `fqtc.quant.int4`'s packing along the last dim.
 - `qgemm_requant`: the GEMM-with-requantized-output chain, ``quantize(scaled_gemm(...))``.
 """
 
@@ -11,26 +10,24 @@ from typing import Sequence
 
 import torch
 
+from fqtc.quant import int4 as _int4
 from fqtc.quant.gemm import scaled_gemm
 from fqtc.quant.uniform import quantize
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack int8 codes in [-8, 7] two per byte along the last dim (which must be even)."""
+    """The quantize kernel's packed output: `fqtc.quant.int4.pack_int4` along the last dim (which must be even),
+    as int8 bytes."""
     if codes.dtype != torch.int8:
         raise TypeError(f"pack_int4 expects int8 codes, got {codes.dtype}")
     if codes.dim() == 0 or codes.shape[-1] % 2:
         raise ValueError(f"pack_int4 packs pairs along the last dim; shape {list(codes.shape)} has an odd last dim")
-    c = codes.to(torch.int32)
-    return ((c[..., 0::2] & 0xF) | (c[..., 1::2] << 4)).to(torch.int8)
+    return _int4.pack_int4(codes).view(torch.int8)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4`: sign-extend each nibble back to int8."""
-    p = packed.to(torch.int32)
-    lo = ((p & 0xF) ^ 8) - 8
-    hi = packed.to(torch.int32) >> 4  # arithmetic shift of the sign-extended byte
-    return torch.stack([lo, hi], dim=-1).flatten(-2).to(torch.int8)
+    """Inverse of `pack_int4` (`fqtc.quant.int4.unpack_int4`)."""
+    return _int4.unpack_int4(packed)
 
 
 def qgemm_requant(

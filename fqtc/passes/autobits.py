@@ -429,6 +429,10 @@ def plan_auto(views: Sequence[SiteView], config: Any) -> AutoPlan:
     import sympy
 
     cal = config.calibration
+    if cal is None:
+        raise ValueError("fqt: bits='auto' needs gradient statistics: pass options['calibration'] = "
+                         "fqtc.calibrate(model, batches, loss_fn), or compile through the fqt backend, which "
+                         "calibrates online on the first calibration_steps training steps")
     objective = getattr(config, "auto_objective", "absolute")
     floor = getattr(config, "auto_min_bits", MIN_BITS)
     out_sq = {k: st.out_sq for k, st in cal.units.items()}

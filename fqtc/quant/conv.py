@@ -84,8 +84,15 @@ def _exact_dtype(device: torch.device) -> torch.dtype:
 
 def _check_codes(*ts: torch.Tensor) -> None:
     for t in ts:
-        if t.dtype != torch.int8:
-            raise TypeError(f"integer conv expects int8 codes, got {t.dtype}")
+        if t.dtype not in (torch.int8, torch.float32):
+            raise TypeError(f"integer conv expects int8 codes (or their float32 values), got {t.dtype}")
+
+
+def float_codes(*ts: torch.Tensor) -> bool:
+    """True when the codes arrive as float32 values (exact integers in [-128, 127]): only the fp32-emulated path
+    takes them, and it convolves them without converting (the compiled CPU graphs convert in the loop that
+    produces the codes, docs/kernels.md)."""
+    return any(t.dtype == torch.float32 for t in ts)
 
 
 def conv_path(role: str, weight_size: Sequence[int], stride: Sequence[int], groups: int,
@@ -214,7 +221,7 @@ def conv2d_acc(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding:
 
 def _conv2d_exact(x, w, stride, padding, dilation, groups, path):
     _check_codes(x, w)
-    path = _resolve(path, "output", x.device, w.shape, stride, groups)
+    path = "fp32" if float_codes(x, w) else _resolve(path, "output", x.device, w.shape, stride, groups)
     if path == "onednn":
         return onednn_chunked(to_u8_nhwc(x), w, stride, padding, dilation, groups)
     if path == "int_mm":
@@ -276,7 +283,7 @@ def conv2d_input_acc(input_size: Sequence[int], w: torch.Tensor, g: torch.Tensor
 
 def _conv2d_input_exact(input_size, w, g, stride, padding, dilation, groups, path):
     _check_codes(w, g)
-    path = _resolve(path, "grad_input", g.device, w.shape, stride, groups)
+    path = "fp32" if float_codes(w, g) else _resolve(path, "grad_input", g.device, w.shape, stride, groups)
     if path in ("onednn", "int_mm"):
         n, ci, h, wd = (int(v) for v in input_size)
         wt = _flipped_transposed(w, groups)
@@ -349,7 +356,7 @@ def _conv2d_weight_exact(x, weight_size, g, stride, padding, dilation, groups, p
     if g.shape[0] != n:
         raise ValueError(f"grad_output has {g.shape[0]} samples, the input {n}")
     size = [int(v) for v in weight_size]
-    path = _resolve(path, "grad_weight", x.device, size, stride, groups)
+    path = "fp32" if float_codes(x, g) else _resolve(path, "grad_weight", x.device, size, stride, groups)
     if path in ("onednn", "int_mm") and n > 0:
         return _int_mm_conv2d_weight(x, size, g, stride, padding, dilation, groups)
     dt = _exact_dtype(x.device)

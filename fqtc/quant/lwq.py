@@ -49,6 +49,7 @@ from typing import Sequence
 
 import torch
 
+from fqtc.quant import int4 as _int4
 from fqtc.quant.rng import uniform_like
 
 # papers.md section 3: (b1, b2) knots of the three-segment polyline per importance level mu
@@ -182,26 +183,16 @@ def select_mu(rho: float, lbits: int = 4, thresholds: Sequence[float] | None = N
     return sum(rho > t for t in (MU_THRESHOLDS if thresholds is None else thresholds))
 
 
-# -- packing ----------------------------------------------------------------------------------------------------
+# -- packing: flattened codes, two per byte (fqtc.quant.int4) ----------------------------------------------------
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Signed 4-bit codes in [-8, 7] (any shape) -> uint8 [ceil(n/2)]: element 2i in the low nibble, 2i+1 high.
-
-    Odd sizes pad the last high nibble with 0; `unpack_int4` with the element count drops it.
-    """
-    flat = codes.reshape(-1).to(torch.int16)
-    if flat.numel() and (int(flat.min()) < -8 or int(flat.max()) > 7):
-        raise ValueError("pack_int4: codes must lie in [-8, 7]")
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    nib = flat & 0xF
-    return (nib[0::2] | (nib[1::2] << 4)).to(torch.uint8)
+    """Signed 4-bit codes in [-8, 7] (any shape) -> uint8 [ceil(n/2)]: `fqtc.quant.int4.pack_int4` of the flattened
+    codes (element 2i in the low nibble, 2i+1 high; an odd size pads the last high nibble with 0)."""
+    return _int4.pack_int4(codes.reshape(-1))
 
 
 def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """uint8 [ceil(n/2)] -> int8 [n] signed 4-bit codes (inverse of `pack_int4`)."""
-    p = packed.to(torch.int16)
-    nib = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(-1)[:numel]
-    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
+    return _int4.unpack_int4(packed, numel)
 
 
 def store_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

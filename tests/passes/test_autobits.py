@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fqtc
 from fqtc import FQTConfig
+from fqtc.backend import capture
 from fqtc.passes.autobits import (
     CHOICES,
     Unit,
@@ -29,7 +30,7 @@ from fqtc.passes.autobits import (
     solve_greedy,
     uniform_solution,
 )
-from tests.helpers import run_and_capture, sqnr
+from tests.helpers import assert_quantized_graphs, compile_fqt, run_and_capture, sqnr
 
 QMAX = {b: 2 ** (b - 1) - 1 for b in CHOICES}
 
@@ -240,6 +241,49 @@ def test_end_to_end_auto_bits(two_heads_cal):
     assert s > 30
 
 
+def test_auto_without_calibration_calibrates_online_then_compiles_once(two_heads_cal):
+    """bits='auto' and no calibration: the first calibration_steps training steps run the full-precision graph under
+    fqtc.calibrate's observer, the next training call compiles the graph once with the solved bits, and those bits
+    are the ones an explicit fqtc.calibrate on the same batches gives."""
+    model, cal = two_heads_cal  # fqtc.calibrate on _batches() with this loss
+    R = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+
+    def loss_of(m, b):
+        return (m(b[0]) * torch.cat([R, R], -1)).sum()
+
+    opts = {"bits": "auto", "budget": 4.5, "auto_objective": "absolute"}
+    torch._dynamo.reset()
+    _, ref = run_and_capture(model, (_batches()[0][0],), {**opts, "calibration": cal})
+    want = {(r["site"], r["role"]): r["operands"]["grad_output"]["bits"] for cg in ref for r in cg.records
+            if "grad_output" in r["operands"]}
+    assert len(set(want.values())) > 1  # the solver told the heads apart: the comparison below can fail
+
+    torch._dynamo.reset()
+    online = compile_fqt(model, {**opts, "calibration_steps": 3})
+    with capture() as cgs:
+        for b in _batches():  # the calibration steps: full precision, the eager model's gradients
+            model.zero_grad(set_to_none=True)
+            loss_of(online, b).backward()
+            got = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+            loss_of(model, b).backward()
+            for g, e in zip(got, (p.grad for p in model.parameters())):
+                torch.testing.assert_close(g, e)
+        assert len(cgs) == 1 and str(cgs[0].config.bits) == "fp"
+        with torch.no_grad():  # an evaluation call neither counts nor triggers the compile
+            online(_batches()[0][0])
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            loss_of(online, _batches()[0]).backward()
+    model.zero_grad(set_to_none=True)
+    quantized = [cg for cg in cgs if cg.config.bits.auto]
+    assert len(quantized) == 1  # compiled once, then reused
+    got = {(r["site"], r["role"]): r["operands"]["grad_output"]["bits"] for r in quantized[0].records
+           if "grad_output" in r["operands"]}
+    assert got == want
+    assert_quantized_graphs(quantized[0], 3, 5)
+
+
 def test_rules_beat_auto_and_spend_budget(two_heads_cal):
     model, cal = two_heads_cal
     rule = {"module": "trunk", "operand": "grad_output", "bits": 8}
@@ -260,8 +304,13 @@ def test_rules_beat_auto_and_spend_budget(two_heads_cal):
 
 def test_auto_option_errors(two_heads_cal):
     _, cal = two_heads_cal
-    with pytest.raises(ValueError, match=r"'calibration': got None.*fqtc.calibrate"):
-        FQTConfig.from_options({"bits": "auto", "budget": 4.5})
+    assert FQTConfig.from_options({"bits": "auto", "budget": 4.5}).calibration is None  # calibrated online
+    with pytest.raises(ValueError, match=r"'calibration': got 'cal'.*fqtc.calibrate"):
+        FQTConfig.from_options({"bits": "auto", "budget": 4.5, "calibration": "cal"})
+    with pytest.raises(ValueError, match=r"'calibration_steps': got 0; allowed: an integer from 1 to 1000"):
+        FQTConfig.from_options({"bits": "auto", "budget": 4.5, "calibration_steps": 0})
+    with pytest.raises(ValueError, match=r"'calibration_steps': got 2; allowed: only together with bits='auto'"):
+        FQTConfig.from_options({"bits": "W8A8G8", "calibration_steps": 2})
     with pytest.raises(ValueError, match=r"'budget': got 9"):
         FQTConfig.from_options({"bits": "auto", "budget": 9, "calibration": cal})
     with pytest.raises(ValueError, match=r"'budget': got '4'"):

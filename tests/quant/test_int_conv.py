@@ -57,6 +57,23 @@ def test_every_path_exact(path, case):
     _eq(qc.int_conv2d_weight(x, w.shape, go, s, p, d, g, path=path), gw_ref)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+def test_float_code_values_take_the_fp32_path_exactly(case):
+    """The compiled CPU graphs hand the fp32-emulated path float32 code values (converted where the codes are
+    produced): the accumulators equal the int8 codes' exactly, and other dtypes are refused."""
+    n, ci, co, h, wd, k, s, p, d, g = case
+    gen = torch.Generator().manual_seed(7 * ci + co)
+    x, w = _codes((n, ci, h, wd), gen), _codes((co, ci // g, *k), gen)
+    go = _codes(tuple(F.conv2d(x.float(), w.float(), None, s, p, d, g).shape), gen)
+    out, gi, gw = _refs(x, w, go, s, p, d, g)
+    for got, ref in ((qc.conv2d_acc(x.float(), w.float(), s, p, d, g), out),
+                     (qc.conv2d_input_acc(x.shape, w.float(), go.float(), s, p, d, g), gi),
+                     (qc.conv2d_weight_acc(x.float(), w.shape, go.float(), s, p, d, g), gw)):
+        assert got.dtype == torch.float32 and torch.equal(got.double(), ref)
+    with pytest.raises(TypeError, match="int8 codes"):
+        qc.conv2d_acc(x.double(), w.double(), s, p, d, g)
+
+
 @pytest.mark.parametrize("path", qc.CONV_PATHS)
 def test_large_reductions_exact(path):
     """Sums far above 2^24 (odd, so no fp32 value equals them): the fp32 and oneDNN paths must chunk the reduction

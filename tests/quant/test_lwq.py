@@ -286,3 +286,22 @@ def test_bad_bits_raise_clear_errors():
         lwq.residual_max(9)
     with pytest.raises(ValueError, match="mu must be 0..3"):
         lwq.polyline_levels(4, 4)
+
+
+def test_one_int4_packing_for_latent_weights_and_kernels():
+    """Latent-weight storage and the kernels' packed codes are one layout (`fqtc.quant.int4`): pairs in row-major
+    order, even element in the low nibble; odd lengths pad and unpack back exactly."""
+    from fqtc.codegen import reference
+    from fqtc.quant import int4
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 8), (5,), (2, 3, 7), (1,)]:
+        codes = torch.randint(-8, 8, shape, dtype=torch.int8, generator=g)
+        packed = int4.pack_int4(codes)
+        assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-shape[-1] // 2)
+        assert torch.equal(int4.unpack_int4(packed, shape[-1]), codes)
+        assert torch.equal(lwq.pack_int4(codes), int4.pack_int4(codes.reshape(-1)))
+        if shape[-1] % 2 == 0:
+            assert torch.equal(reference.pack_int4(codes), packed.view(torch.int8))
+            assert torch.equal(reference.unpack_int4(reference.pack_int4(codes)), codes)
+    assert int(int4.pack_int4(torch.tensor([1, -2], dtype=torch.int8))[0]) == 0x1 | (0xE << 4)

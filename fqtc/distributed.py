@@ -25,6 +25,11 @@ Use with DDP::
 
     ddp = DDP(torch.compile(model, backend="fqt"))
     fqtc.distributed.register_int8_grad_comm(ddp, seed=0)
+
+and with FSDP2 (`int8_sr_reduce_scatter`: one shared scale per destination chunk, an ``all_to_all`` of int8 codes)::
+
+    fully_shard(block) for each block; fully_shard(model)
+    fqtc.distributed.register_int8_fsdp_reduce_scatter(model, seed=0)
 """
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations as objects (dist.GradBucket)
@@ -114,4 +119,94 @@ def register_int8_grad_comm(ddp: torch.nn.parallel.DistributedDataParallel, seed
     return state
 
 
-__all__ = ["Int8CommState", "int8_sr_allreduce", "int8_sr_hook", "register_int8_grad_comm"]
+def int8_sr_reduce_scatter(flat: torch.Tensor, state: Int8CommState, group: dist.ProcessGroup | None = None,
+                           average: bool = True, bucket: int = 0) -> torch.Tensor:
+    """Reduce-scatter of ``flat`` (fp32, ``world_size * n`` elements: chunk ``j`` belongs to rank ``j``) through int8
+    stochastic-rounding codes; returns this rank's chunk of the mean (``average``) or sum over ranks.
+
+    Each chunk ``j`` gets one scale shared by every rank (its abs-max over the ranks, in one ``MAX`` all-reduce of
+    ``2 * world_size`` floats with the non-finite flags), each rank rounds its chunks to int8 codes with its own
+    counter stream, an ``all_to_all`` hands rank ``j`` every rank's codes of chunk ``j`` (``n`` bytes per rank and
+    destination), and the int32 sum of the codes is dequantized once: unbiased, with per-element error below one
+    step, as `int8_sr_allreduce`. A chunk holding a NaN or Inf sends the whole call in fp32."""
+    if flat.dtype != torch.float32:
+        raise TypeError(f"int8 gradient communication expects fp32 gradients, got {flat.dtype}; set the FSDP "
+                        "reduce dtype to float32 (MixedPrecisionPolicy(reduce_dtype=torch.float32)) or leave it off")
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if flat.numel() % world:
+        raise ValueError(f"reduce-scatter input of {flat.numel()} elements does not split into {world} ranks")
+    step = state.step.get(bucket, 0)
+    state.step[bucket] = step + 1
+    chunks = flat.view(world, -1)
+    state.fp32_payload_bytes += flat.numel() * 4
+    finite = torch.isfinite(chunks)
+    stat = torch.cat([torch.where(finite, chunks.abs(), 0.0).amax(1) if chunks.numel() else chunks.new_zeros(world),
+                      (~finite).any(1).float()])
+    dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=group)
+    state.payload_bytes += stat.numel() * 4
+    out = torch.empty(chunks.shape[1], dtype=torch.float32, device=flat.device)
+    if stat[world:].any():
+        dist.reduce_scatter_tensor(out, flat.contiguous(), group=group)
+        state.payload_bytes += flat.numel() * 4
+        state.fp32_fallbacks += 1
+        return out / world if average else out
+    stream = rank * _STREAMS_PER_RANK + bucket % _STREAMS_PER_RANK
+    amax = stat[:world].view(world, 1)
+    codes, scale = uniform.quantize(chunks, 8, [1], "stochastic", state.seed, step, stream, amax=amax)
+    received = torch.empty_like(codes)
+    dist.all_to_all_single(received, codes, group=group)
+    state.payload_bytes += codes.numel()
+    total = received.to(torch.int32).sum(0)  # exact: |sum| <= 127 * world_size
+    out = total.float() * scale[rank]
+    return out / world if average else out
+
+
+def _reduce_scatter_comm_base() -> type:
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    return ReduceScatter
+
+
+class Int8ReduceScatter(_reduce_scatter_comm_base()):  # type: ignore[misc]
+    """FSDP2 reduce-scatter (``FSDPModule.set_custom_reduce_scatter``) running `int8_sr_reduce_scatter`; one per
+    FSDP module, ``bucket`` keeping their rounding streams apart. FSDP's ``SUM`` and ``AVG`` reductions are
+    supported; a pre-multiplied sum (a custom gradient divide factor) raises."""
+
+    def __init__(self, state: Int8CommState, bucket: int) -> None:
+        self.state, self.bucket = state, bucket
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op, async_op: bool = False):
+        if op == dist.ReduceOp.AVG:
+            average = True
+        elif op == dist.ReduceOp.SUM:
+            average = False
+        else:
+            raise ValueError(f"int8 reduce-scatter supports FSDP's SUM and AVG reductions, got {op}; leave "
+                             "set_reduce_scatter_divide_factor at its default")
+        output_tensor.copy_(int8_sr_reduce_scatter(input_tensor, self.state, group, average, self.bucket))
+        return None
+
+
+def register_int8_fsdp_reduce_scatter(model: torch.nn.Module, seed: int = 0) -> Int8CommState:
+    """Make every FSDP2 module in ``model`` (``fully_shard``-ed, fp32 gradients) reduce-scatter its gradients
+    through int8 stochastic-rounding codes (`Int8ReduceScatter`); returns the shared state (bytes, fallbacks).
+    Register after ``fully_shard`` and before the first backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        raise TypeError("register_int8_fsdp_reduce_scatter found no FSDP2 module; call fully_shard on the model "
+                        "(and its blocks) first")
+    state = Int8CommState(seed=seed)
+    for i, m in enumerate(mods):
+        m.set_custom_reduce_scatter(Int8ReduceScatter(state, i))
+    return state
+
+
+__all__ = ["Int8CommState", "Int8ReduceScatter", "int8_sr_allreduce", "int8_sr_hook", "int8_sr_reduce_scatter",
+           "register_int8_fsdp_reduce_scatter", "register_int8_grad_comm"]

@@ -14,7 +14,9 @@ Configurations (each rank holds one process, one thread):
 - ``fqt-ddp-int8``: the same with ``fqtc.distributed.register_int8_grad_comm`` (int8 stochastic-rounding codes);
 - ``fp32-fsdp2`` / ``fqt-fsdp2``: ``fully_shard(model)``, then (fqt) ``torch.compile(model, backend="fqt")`` (the
   whole-model order of docs/distributed.md; a bare ``nn.Linear`` compiled and then sharded on its own never reaches
-  the backend, so per-layer sharding of this MLP would train in FP32).
+  the backend, so per-layer sharding of this MLP would train in FP32);
+- ``fqt-fsdp2-int8``: the same with ``fqtc.distributed.register_int8_fsdp_reduce_scatter`` (int8 codes in the
+  gradient reduce-scatter; the parameter all-gathers stay fp32).
 
 Every fqt row also reports how many GEMMs its compiled graphs quantized (``quantized GEMMs``, from the graphs'
 records): a configuration that silently trained in FP32 shows 0 there.
@@ -24,7 +26,8 @@ ranks than cores the processes share cores, so 4-rank times are oversubscribed o
 bytes each rank hands to the collectives per step — for DDP measured by a communication hook that counts every
 bucket (the fp32 configurations count through a hook doing DDP's default all-reduce), for FSDP2 computed from the
 shard sizes (all-gather of the fp32 shards in forward and again in backward, reduce-scatter of the fp32 gradients),
-labelled as computed; and the training loss at a few steps beside the single-process loss of the same model on the
+labelled as computed (``fqt-fsdp2-int8``: the all-gathers computed, the reduce-scatter payload measured by its
+state); and the training loss at a few steps beside the single-process loss of the same model on the
 whole global batch (fqt single-process for fqt rows, FP32 for FP32 rows), with the largest gap over all steps.
 
 Beside the table: CPU, int8 dot-product flags, torch version, command, load average before and after, date.
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CONFIGS = ("fp32-ddp", "fqt-ddp", "fqt-ddp-int8", "fp32-fsdp2", "fqt-fsdp2")
+CONFIGS = ("fp32-ddp", "fqt-ddp", "fqt-ddp-int8", "fp32-fsdp2", "fqt-fsdp2", "fqt-fsdp2-int8")
 GLOBAL_BATCH = 128
 REPORT_STEPS = (0, 10, 20, 40, 59)
 
@@ -105,13 +108,14 @@ def _build(config: str) -> tuple[nn.Module, nn.Module, Any]:
     from torch.distributed.fsdp import fully_shard
 
     import fqtc
-    from fqtc.distributed import register_int8_grad_comm
+    from fqtc.distributed import register_int8_fsdp_reduce_scatter, register_int8_grad_comm
 
     m = _model()
     fqt = config.startswith("fqt")
-    if config.endswith("fsdp2"):
+    if "fsdp2" in config:
         fully_shard(m)
-        return m, torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if fqt else m, None
+        state = register_int8_fsdp_reduce_scatter(m, seed=0) if config.endswith("int8") else None
+        return m, torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if fqt else m, state
     inner = torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if fqt else m
     ddp = nn.parallel.DistributedDataParallel(inner)
     if config == "fqt-ddp-int8":
@@ -164,6 +168,10 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
                         losses.append(full.item() / world)
                 if config.endswith("fsdp2"):
                     bytes_step, how = _fsdp_bytes(m, world), "computed"
+                elif config.endswith("fsdp2-int8"):
+                    shard = -(-sum(p.numel() for p in m.parameters()) // world)
+                    bytes_step = 2 * shard * 4 + state.payload_bytes // steps
+                    how = "all-gather computed, reduce-scatter measured"
                 else:
                     bytes_step, how = state.payload_bytes // steps, "measured"
                 n_q = sum(1 for cg in graphs for r in cg.records if r.get("status") == "quantized")

@@ -72,7 +72,38 @@ def record(params: Iterable[torch.Tensor]) -> None:
 
 def _was_consumed(p: torch.Tensor) -> bool:
     ref = _consumed.get(id(p))
+    if ref is not None and ref() is p:
+        return True
+    # FSDP2: the module holds the sharded DTensor, the graphs receive its all-gathered (unsharded) parameter
+    full = _fsdp_unsharded.get(id(p))
+    return full is not None and full[0]() is p and _was_consumed_plain(full[1]())
+
+
+def _was_consumed_plain(p: torch.Tensor | None) -> bool:
+    ref = _consumed.get(id(p)) if p is not None else None
     return ref is not None and ref() is p
+
+
+# id(sharded parameter) -> (weakref(sharded), weakref(unsharded parameter)) of FSDP2 parameters (`_map_fsdp`)
+_fsdp_unsharded: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _map_fsdp(model: nn.Module) -> None:
+    """Link each FSDP2 sharded parameter of ``model`` to the unsharded parameter FSDP hands the forward (FSDP2 keeps
+    one unsharded parameter object per sharded one and only frees its storage between uses)."""
+    for m in model.modules():
+        get_state = getattr(m, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        try:
+            groups = get_state()._fsdp_param_groups
+        except Exception:  # noqa: BLE001  (FSDP internals: an unknown layout only loses the mapping)
+            continue
+        for group in groups or ():
+            for fp in getattr(group, "fsdp_params", ()):
+                sharded, full = getattr(fp, "sharded_param", None), getattr(fp, "_unsharded_param", None)
+                if sharded is not None and full is not None:
+                    _fsdp_unsharded[id(sharded)] = (weakref.ref(sharded), weakref.ref(full))
 
 
 def _disabled(m: nn.Module) -> bool:
@@ -84,6 +115,7 @@ def outside(model: nn.Module) -> list[dict[str, str]]:
     """The GEMM modules of ``model`` with a trainable parameter that no fqt graph received: one dict per module
     with ``module`` (its path), ``type``, ``cause`` (a key of `REASONS`), ``reason`` and ``fix``."""
     model = getattr(model, "_orig_mod", model)
+    _map_fsdp(model)
     modules = list(model.named_modules())
     any_consumed = any(_was_consumed(p) for p in model.parameters())
     rnn = any(isinstance(m, nn.RNNBase) and not any(_was_consumed(p) for p in m.parameters()) for _, m in modules)

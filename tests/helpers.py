@@ -71,16 +71,23 @@ def init_gloo(rank: int, port: int, world_size: int = 2) -> None:
     the machine itself (seen on CI machines), every collective waits for the 30-minute default timeout. A short
     timeout turns any remaining hang into an error."""
     import datetime
+    import faulthandler
     import os
+    import signal
 
+    import torch._inductor.config as inductor_config
     import torch.distributed as dist
 
+    # a rank the parent finds still running at its deadline prints every thread's stack before it is killed
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Inductor compiles in the rank's own process: no compile-worker pool per rank (two ranks on two cores)
+    inductor_config.compile_threads = 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_ifname())
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
 
 
-def spawn_gloo_ranks(worker, out: str, nprocs: int = 2, timeout_s: float = 600.0) -> list:
+def spawn_gloo_ranks(worker, out: str, nprocs: int = 2, timeout_s: float = 300.0) -> list:
     """Run ``worker(rank, port, out)`` in ``nprocs`` spawned processes (each calls `init_gloo`) and return what each
     saved with ``torch.save(..., f"{out}.{rank}")``. Ranks still running after ``timeout_s`` are killed and the
     test fails (a hung collective must not stall the suite)."""
@@ -104,6 +111,12 @@ def spawn_gloo_ranks(worker, out: str, nprocs: int = 2, timeout_s: float = 600.0
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
+            import signal
+
+            for p in ctx.processes:  # their stacks (faulthandler, registered by init_gloo) go to the test's stderr
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2)
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{nprocs} gloo ranks of {worker.__module__}.{worker.__name__} still running after "

@@ -51,7 +51,6 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from fqtc import inspect as _inspect
 from fqtc.config import FQTConfig
 from fqtc.export._common import (
     _SR_MODE,
@@ -65,6 +64,7 @@ from fqtc.export._common import (
     _static_shape,
 )
 from fqtc.export._names import grad_names, graph_outputs, saved_names
+from fqtc.inspect import driver as _inspect
 from fqtc.quant.rng import GOLDEN, M1, M2
 
 OPSET = 21
@@ -548,8 +548,8 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
     end with the step value; backward args are the forward's saved outputs and seeded N(0,1) tangents."""
     config = dataclasses.replace(FQTConfig.from_options(options), compiler="eager")
     ctx = contextlib.nullcontext() if training else torch.no_grad()
-    with _inspect._preserve_step(), _inspect._preserve_buffers(model), ctx:
-        cgs, recorded = _inspect._compile_and_capture(model, example_inputs, config, record_args=True)
+    with _inspect.preserve_step(), _inspect.preserve_buffers(model), ctx:
+        cgs, recorded = _inspect.compile_and_capture(model, example_inputs, config, record_args=True)
     out = []
     from fqtc.ops import get_step
 
@@ -571,9 +571,9 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
         entry[fwd_name] = (gm, args, names)
         if training and cg.backward is not None:
             # the backward graph reads forward outputs by name: run the forward (same step) to get them
-            interp = _inspect._KeepAll(_prepare(gm)[0])
-            with _inspect._preserve_step():
-                interp.run(*_inspect._clone_args(args))  # the forward updates BatchNorm buffers in place
+            interp = _inspect.KeepAll(_prepare(gm)[0])
+            with _inspect.preserve_step():
+                interp.run(*_inspect.clone_args(args))  # the forward updates BatchNorm buffers in place
             env = {n.name: v for n, v in interp.env.items()}
             step_names = {s.name for s in gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.step.default)}
             saved = saved_names(gm, cg.backward, input_names, step_names)
@@ -581,7 +581,7 @@ def graph_inputs(model: torch.nn.Module, example_inputs: Sequence[Any], options:
             for n in cg.backward.graph.find_nodes(op="placeholder"):
                 val = n.meta.get("val")
                 if n.name.startswith("tangents"):
-                    bargs.append(_inspect._grad_like(val))
+                    bargs.append(_inspect.grad_like(val))
                 elif n.name in step_names:
                     bargs.append(step)  # the step node's value, saved for backward
                 elif n.name in env:
@@ -607,9 +607,9 @@ def _input_names(model: torch.nn.Module, placeholders: Sequence[fx.Node], keys: 
         for name, t in items:
             if isinstance(t, LatentWeight):  # graphs read its inner tensors (the update graph's names too)
                 for inner in ("q", "r", "s", "mu"):
-                    owned[_inspect._storage_key(getattr(t, inner))] = f"lwq.{name}.{inner}"
+                    owned[_inspect.storage_key(getattr(t, inner))] = f"lwq.{name}.{inner}"
             else:
-                owned[_inspect._storage_key(t)] = f"{kind}.{name}"
+                owned[_inspect.storage_key(t)] = f"{kind}.{name}"
     names = [owned.get(k, n.name) if k is not None else n.name
              for n, k in zip(placeholders, list(keys) + [None] * len(placeholders))]
     return _unique(names)

@@ -243,6 +243,12 @@ def explain(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, 
     if not example_inputs:
         raise ValueError("fqtc.explain: give at least one example input, e.g. explain(model, torch.randn(8, 64))")
     config = dataclasses.replace(FQTConfig.from_options(options), compiler="eager")
+    if config.bits.auto and config.calibration is None:
+        # the backend would run these inputs through its online calibration, in full precision: not the graph
+        # that trains after it
+        raise ValueError("fqtc.explain: bits='auto' without 'calibration' is calibrated online during the first "
+                         "training steps, so there is no quantized graph to explain yet; pass "
+                         "options['calibration'] = fqtc.calibrate(model, batches, loss_fn)")
     with preserve_step(), preserve_buffers(model):
         cgs, graph_args = compile_and_capture(model, example_inputs, config, record_args=sqnr)
         outside = coverage.outside(model)  # GEMM modules no fqt graph received, e.g. all of them if Dynamo skipped

@@ -284,6 +284,14 @@ def test_auto_without_calibration_calibrates_online_then_compiles_once(two_heads
     assert_quantized_graphs(quantized[0], 3, 5)
 
 
+def test_explain_of_online_auto_bits_asks_for_a_calibration(two_heads_cal):
+    model, cal = two_heads_cal
+    with pytest.raises(ValueError, match=r"explain: bits='auto' without 'calibration'.*fqtc.calibrate"):
+        fqtc.explain(model, torch.randn(4, 12), options={"bits": "auto", "budget": 4.5})
+    assert fqtc.explain(model, torch.randn(4, 12), options={"bits": "auto", "budget": 4.5, "calibration": cal},
+                        memory=False).sites
+
+
 def test_rules_beat_auto_and_spend_budget(two_heads_cal):
     model, cal = two_heads_cal
     rule = {"module": "trunk", "operand": "grad_output", "bits": 8}

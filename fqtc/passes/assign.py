@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from fqtc.config import FQTConfig, QuantSpec
 from fqtc.passes.common import strip_operand, tensor_shape
+from fqtc.passes.records import GemmRecord, OperandRecord, gemm_record
 from fqtc.passes.sites import GemmSite, gemm_operands
 
 
@@ -130,30 +131,18 @@ def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
     return plans
 
 
-def record(plan: GemmPlan) -> dict:
-    """The ``node.meta["fqt"]`` record of one GEMM: the single source of truth read by inspect and export."""
+def record(plan: GemmPlan) -> GemmRecord:
+    """The ``node.meta["fqt"]`` record of one GEMM (`fqtc.passes.records.gemm_record`): the single source of truth
+    read by inspect and export."""
     site, node = plan.site, plan.node
     a, b = gemm_operands(node)
-    operands = {}
+    operands: dict[str, OperandRecord] = {}
     for op in plan.operands:
-        name = site.report_name(op.key)
-        entry = {"bits": None, "reason": op.reason}
+        entry: OperandRecord = {"bits": None, "reason": op.reason}
         if op.spec is not None:
-            entry = {**op.spec.to_dict(), "reason": op.reason, "reduce_dims": op.reduce_dims}
-        operands[name] = entry
-    status = plan.status
-    reason = {
-        "quantized": "; ".join(sorted({op.reason for op in plan.operands})),
-        "partial": "some operands kept in full precision: "
-        + ", ".join(f"{site.report_name(o.key)} ({o.reason})" for o in plan.operands if o.spec is None),
-        "full_precision": "; ".join(sorted({op.reason for op in plan.operands})),
-    }[status]
-    notes = []
-    if status == "quantized" and not plan.integer_gemm:
-        notes.append("a scale varies along the reduction axis: dequantized product, not an integer GEMM")
-    return {
-        "site": site.name, "module": site.module, "module_type": site.module_type, "role": plan.role,
-        "op": str(node.target).replace("aten.", "").replace(".default", ""), "node": node.name,
-        "status": status, "reason": reason, "operands": operands, "integer_gemm": plan.integer_gemm,
-        "shapes": {"a": tensor_shape(a), "b": tensor_shape(b), "out": tensor_shape(node)}, "notes": notes,
-    }
+            entry = {**op.spec.to_dict(), "reason": op.reason, "reduce_dims": op.reduce_dims}  # type: ignore[typeddict-item]
+        operands[site.report_name(op.key)] = entry
+    return gemm_record(site=site.name, module=site.module, module_type=site.module_type, role=plan.role,
+                       op=str(node.target).replace("aten.", "").replace(".default", ""), node=node.name,
+                       operands=operands, integer_gemm=plan.integer_gemm,
+                       shapes={"a": tensor_shape(a), "b": tensor_shape(b), "out": tensor_shape(node)})

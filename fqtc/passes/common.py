@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from fqtc.fx_utils import copy_meta, set_fake_val
+from fqtc.passes.records import GemmRecord, full_precision_record
 
 aten = torch.ops.aten
 fqt = torch.ops.fqt
@@ -188,17 +189,14 @@ def insert_quantizer(graph: fx.Graph, fake_mode, target: Any, args: tuple, befor
     return codes, scale
 
 
-def fp_record(n: fx.Node, reason: str, role: str | None = None) -> dict:
+def fp_record(n: fx.Node, reason: str, role: str | None = None) -> GemmRecord:
     """Record (``n.meta["fqt"]``) of a GEMM-like node left in full precision, with the reason: inspect lists it."""
     module, mtype = module_of(n)
     if role is None:
         role = "grad_input/grad_weight" if is_backward(n) else "output"
-    rec = {
-        "site": module or n.name, "module": module, "module_type": mtype, "role": role,
-        "op": str(n.target).replace("aten.", "").replace(".default", ""), "node": n.name,
-        "status": "full_precision", "reason": reason, "operands": {}, "integer_gemm": False,
-        "shapes": {"out": tensor_shape(n)}, "notes": [],
-    }
+    rec = full_precision_record(site=module or n.name, module=module, module_type=mtype, role=role,
+                                op=str(n.target).replace("aten.", "").replace(".default", ""), node=n.name,
+                                reason=reason, shapes={"out": tensor_shape(n)})
     n.meta["fqt"] = rec
     return rec
 

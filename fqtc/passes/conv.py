@@ -54,6 +54,7 @@ from fqtc.passes.common import (
     tensor_shape,
 )
 from fqtc.passes.gradquant import BHQ_NOTE
+from fqtc.passes.records import gemm_record
 from fqtc.quant.conv import scale_ok
 
 aten = torch.ops.aten
@@ -183,11 +184,6 @@ def _resolve(site: ConvSite, config: FQTConfig, role: str, operand: str,
     if spec is not None and spec.quantizer == "bhq":
         site.notes.append(f"{role}: {BHQ_NOTE}")
     return spec, reason
-
-
-def _status(specs: list[QuantSpec | None]) -> str:
-    n = sum(s is not None for s in specs)
-    return "quantized" if n == len(specs) else ("full_precision" if n == 0 else "partial")
 
 
 def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], dict[str, int], set[str]]:
@@ -331,20 +327,10 @@ def _finish(graph, fake_mode, site: ConvSite, orig: fx.Node, new: fx.Node, role:
             shapes: dict, records: list[dict], original: fx.Node | None = None) -> None:
     copy_meta(new, orig)
     set_fake_val(new, fake_mode)
-    status = _status([None if e.get("bits") is None else 1 for e in operands.values()])
-    reasons = sorted({e["reason"] for e in operands.values()})
-    reason = "; ".join(reasons) if status != "partial" else "some operands kept in full precision: " + ", ".join(
-        f"{k} ({e['reason']})" for k, e in operands.items() if e.get("bits") is None)
-    integer = ok and status == "quantized"
-    notes = [n for n in site.notes if n.startswith(role)]
-    if status == "quantized" and not integer:
-        notes.append("a scale varies along the reduction axis: dequantized product, not an integer GEMM")
-    rec = {
-        "site": site.name, "module": site.module, "module_type": site.module_type, "role": role,
-        "op": "convolution" if role == "output" else "convolution_backward", "node": new.name, "status": status,
-        "reason": reason, "operands": operands, "integer_gemm": integer, "shapes": shapes, "notes": notes,
-        "original_node": (original or orig).name,
-    }
+    rec = gemm_record(site=site.name, module=site.module, module_type=site.module_type, role=role,
+                      op="convolution" if role == "output" else "convolution_backward", node=new.name,
+                      operands=operands, integer_gemm=ok, shapes=shapes,
+                      notes=[n for n in site.notes if n.startswith(role)], original_node=(original or orig).name)
     new.meta["fqt"] = rec
     records.append(rec)
 

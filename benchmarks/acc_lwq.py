@@ -129,7 +129,8 @@ class Int8SR:
         from fqtc.quant.uniform import quantize
 
         for i, w in enumerate(self.weights):
-            q, s = quantize(w, self.bits, list(range(1, w.dim())), "stochastic", self.seed, self.t, 7919 + i)
+            q, s = quantize(w, self.bits, list(range(1, w.dim())), "stochastic", seed=self.seed, step=self.t,
+                            stream=7919 + i)
             w.copy_(q.float() * s)
         self.t += 1
 

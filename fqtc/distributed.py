@@ -90,7 +90,7 @@ def int8_sr_allreduce(grad: torch.Tensor, state: Int8CommState, bucket: int = 0)
         state.fp32_fallbacks += 1
         return out / world
     stream = rank * _STREAMS_PER_RANK + bucket % _STREAMS_PER_RANK
-    codes, scale = uniform.quantize(grad, 8, [0], "stochastic", state.seed, step, stream, amax=amax)
+    codes, scale = uniform.quantize(grad, 8, [0], "stochastic", seed=state.seed, step=step, stream=stream, amax=amax)
     gathered = [torch.empty_like(codes) for _ in range(world)]
     dist.all_gather(gathered, codes, group=group)
     state.payload_bytes += codes.numel()
@@ -153,7 +153,7 @@ def int8_sr_reduce_scatter(flat: torch.Tensor, state: Int8CommState, group: dist
         return out / world if average else out
     stream = rank * _STREAMS_PER_RANK + bucket % _STREAMS_PER_RANK
     amax = stat[:world].view(world, 1)
-    codes, scale = uniform.quantize(chunks, 8, [1], "stochastic", state.seed, step, stream, amax=amax)
+    codes, scale = uniform.quantize(chunks, 8, [1], "stochastic", seed=state.seed, step=step, stream=stream, amax=amax)
     received = torch.empty_like(codes)
     dist.all_to_all_single(received, codes, group=group)
     state.payload_bytes += codes.numel()

@@ -52,7 +52,7 @@ def sr_bias() -> None:
 
     for name in ("uniform_like", "uniform_like_key"):
         orig = getattr(uniform, name)
-        setattr(uniform, name, lambda *a, _f=orig: _f(*a) * 0.98 + 0.02)
+        setattr(uniform, name, lambda *a, _f=orig, **kw: _f(*a, **kw) * 0.98 + 0.02)
 
 
 def linear_state_codec() -> None:

@@ -243,12 +243,14 @@ def _attach_runs(ms: list[KernelModel], shapes, a_dtype: str, out_dtype: str, de
         a_r = x.abs().amax(dim=1, keepdim=True) if K > kq.MAX_BLOCK else None
         a_c = x.abs().amax(dim=0, keepdim=True) if M > kq.col_block(M, K)[0] else None
         runs = {
-            "quantize/row": lambda x=x, a=a_r: kq.quantize(x, 8, [1], "stochastic", 0, 0, 0, amax=a),
-            "quantize/row/int4": lambda x=x, a=a_r: kq.quantize(x, 4, [1], "stochastic", 0, 0, 0, pack_int4=True,
-                                                                amax=a),
-            "quantize/col": lambda x=x, a=a_c: kq.quantize(x, 8, [0], "stochastic", 0, 0, 0, amax=a),
-            "quantize/tensor": lambda x=x, a=a_t: kq.quantize(x, 8, [0, 1], "stochastic", 0, 0, 0, amax=a),
-            "quantize/tensor (own statistic)": lambda x=x: kq.quantize(x, 8, [0, 1], "stochastic", 0, 0, 0),
+            "quantize/row": lambda x=x, a=a_r: kq.quantize(x, 8, [1], "stochastic", seed=0, step=0, stream=0, amax=a),
+            "quantize/row/int4": lambda x=x, a=a_r: kq.quantize(x, 4, [1], "stochastic", seed=0, step=0, stream=0,
+                                                                pack_int4=True, amax=a),
+            "quantize/col": lambda x=x, a=a_c: kq.quantize(x, 8, [0], "stochastic", seed=0, step=0, stream=0, amax=a),
+            "quantize/tensor": lambda x=x, a=a_t: kq.quantize(x, 8, [0, 1], "stochastic", seed=0, step=0, stream=0,
+                                                              amax=a),
+            "quantize/tensor (own statistic)": lambda x=x: kq.quantize(x, 8, [0, 1], "stochastic", seed=0, step=0,
+                                                                       stream=0),
             # one reduction kernel computing max |x| (what Inductor emits for a standalone aten.amax(aten.abs(x)))
             "stat/amax (standalone)": lambda x=x: torch.linalg.vector_norm(x, float("inf")),
             "gemm/int8": lambda: kg.scaled_gemm(x8, sx, w8, sw, None, tdt[out_dtype]),

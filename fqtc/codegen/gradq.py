@@ -40,7 +40,7 @@ def grad_quantize(x: torch.Tensor, quantizer: str, bits: int, reduce_dims: Seque
     if quantizer not in KERNEL_QUANTIZERS:
         raise ValueError(f"grad_quantize kernel covers {KERNEL_QUANTIZERS}, got {quantizer!r}")
     dims = list(range(x.dim())) if quantizer == "ptq" else list(reduce_dims)
-    codes, scale = _kq.quantize(x, bits, dims, rounding, seed, step, stream, amax=amax)
+    codes, scale = _kq.quantize(x, bits, dims, rounding, seed=seed, step=step, stream=stream, amax=amax)
     return codes, scale.contiguous()
 
 

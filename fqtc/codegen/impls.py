@@ -36,8 +36,8 @@ def quantize_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, s
         _kq.layout_of(tuple(x.shape), reduce_dims)
     except NotImplementedError as e:
         _fallback("fqt::quantize", str(e))
-        return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream, amax)
-    return _kq.quantize(x, bits, reduce_dims, rounding, seed, step, stream, amax=amax)
+        return _uniform.quantize(x, bits, reduce_dims, rounding, seed=seed, step=step, stream=stream, amax=amax)
+    return _kq.quantize(x, bits, reduce_dims, rounding, seed=seed, step=step, stream=stream, amax=amax)
 
 
 def qgemm_cuda(a: Tensor, a_scale: Tensor | None, b: Tensor, b_scale: Tensor | None, bias: Tensor | None,
@@ -69,7 +69,8 @@ def qgemm_fused_quant_cuda(a: Tensor, bits: int, reduce_dims: list[int], roundin
     why = _prologue_unsupported(a, list(reduce_dims), b, b_scale)
     if why:
         _fallback("fqt::qgemm_fused_quant", why)
-        codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed, step, stream, a_amax)
+        codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed=seed, step=step, stream=stream,
+                                         amax=a_amax)
         return _gemm.scaled_gemm(codes, scale, b, b_scale, bias, out_dtype), codes, scale
     out, codes, scale = _kg.qgemm_fused_quant(a, bits, reduce_dims, rounding, seed, stream, step, b, b_scale, bias,
                                               out_dtype, amax=a_amax)

@@ -75,7 +75,7 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
             else:
                 key = fqt.stream_key.default(seed, stream, step)
         info["inlined_quantize"] += 1
-        return _uniform.quantize(x, bits, reduce_dims, rounding, seed, 0, stream, amax, key)
+        return _uniform.quantize(x, bits, reduce_dims, rounding, seed=seed, step=0, stream=stream, amax=amax, key=key)
 
     def qgemm(a, a_scale, b, b_scale, bias, out_dtype):
         name = tracker.current.name if tracker.current is not None else "?"

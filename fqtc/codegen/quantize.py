@@ -199,6 +199,7 @@ def quantize(
     bits: int,
     reduce_dims: Sequence[int],
     rounding: str = "nearest",
+    *,
     seed: int = 0,
     step: torch.Tensor | int = 0,
     stream: int = 0,

@@ -38,5 +38,5 @@ def qgemm_requant(
     """``out = scaled_gemm(...)`` and its codes/scale ``quantize(out, bits, reduce_dims, ...)``: the chain the GEMM
     kernel's requantizing epilogue computes in one pass."""
     out = scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
-    codes, scale = quantize(out, bits, reduce_dims, rounding, seed, step, stream)
+    codes, scale = quantize(out, bits, reduce_dims, rounding, seed=seed, step=step, stream=stream)
     return out, codes, scale

@@ -267,8 +267,9 @@ def optimizer_math(kind: str, p, g, st: Sequence[Any], hp: Sequence[float], step
 
 # -- encode (fqtc.quant.lwq.encode_latent) ---------------------------------------------------------------------------
 def _uniform(t, seed: int, stream: int, step):
-    """U[0, 1) per element of ``t`` from the same stream as `fqtc.quant.rng.uniform_like(t, seed, step, stream)`
-    (``sr="counter"``) or the runtime's generator (``sr="random"``)."""
+    """U[0, 1) per element of ``t`` from the same stream as
+    `fqtc.quant.rng.uniform_like(t, seed=seed, step=step, stream=stream)` (``sr="counter"``) or the runtime's
+    generator (``sr="random"``)."""
     import onnx
 
     o = _common

@@ -58,7 +58,7 @@ def quantize(
 
     ``amax`` (optional): the keepdim group abs-max of ``x``, computed by the caller; the codegen pass supplies it
     from ``x``'s producer so the quantize kernel reads ``x`` once (docs/kernels.md)."""
-    return _uniform.quantize(x, bits, reduce_dims, rounding, seed, step, stream, amax)
+    return _uniform.quantize(x, bits, reduce_dims, rounding, seed=seed, step=step, stream=stream, amax=amax)
 
 
 def fake_codes_and_scale(x: Tensor, reduce_dims: list[int]) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,7 @@ def qgemm_fused_quant(
     """``codes, s = quantize(a, bits, reduce_dims, rounding, seed, step, stream, a_amax)``;
     ``out = scaled_gemm(codes, s, b, b_scale, bias, out_dtype)``. Returns ``(out, codes, s)``. ``a_amax``: the
     keepdim group abs-max of ``a`` from its producer (the codegen pass supplies it, `fqtc.codegen.lower`)."""
-    codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed, step, stream, a_amax)
+    codes, scale = _uniform.quantize(a, bits, reduce_dims, rounding, seed=seed, step=step, stream=stream, amax=a_amax)
     return _gemm.scaled_gemm(codes, scale, b, b_scale, bias, out_dtype), codes, scale
 
 

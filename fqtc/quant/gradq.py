@@ -94,7 +94,7 @@ def group_scale(x: Tensor, bits: int, reduce_dims: Sequence[int]) -> Tensor:
 
 
 def _codes(y: Tensor, bits: int, rounding: str, seed: int, step: Tensor | int, stream: int) -> Tensor:
-    return to_int8_codes(round_codes(y, qmax_for(bits), rounding, seed, step, stream))
+    return to_int8_codes(round_codes(y, qmax_for(bits), rounding, seed=seed, step=step, stream=stream))
 
 
 def _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax=None) -> GradQuant:

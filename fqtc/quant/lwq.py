@@ -298,7 +298,7 @@ def encode_latent(w: torch.Tensor, s: torch.Tensor, wbits: int, lbits: int, mu: 
         t_amax = (w.float() / s).abs().amax(dim=dims, keepdim=True) if dims else (w.float() / s).abs()
         s_new = refresh_scale(t_amax, s, wbits, headroom)
     t = w.float() / s_new
-    u = uniform_like(t, seed, step, stream)
+    u = uniform_like(t, seed=seed, step=step, stream=stream)
     q, code, sat = encode(t, wbits, lbits, mu, u)
     return q, code, s_new, sat
 

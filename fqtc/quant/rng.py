@@ -96,7 +96,7 @@ def mix32_i32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def uniform_like(x: torch.Tensor, seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor:
+def uniform_like(x: torch.Tensor, *, seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor:
     """One U[0, 1) draw per element of ``x`` (row-major element index), keyed by (seed, step, stream)."""
     return uniform_like_key(x, stream_key(seed, step, stream))
 

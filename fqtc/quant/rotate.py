@@ -61,7 +61,7 @@ def hadamard(b: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 def random_signs(k: int, seed: int, stream: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``k`` fp32 signs (+1/-1), a pure function of (seed, stream)."""
-    u = uniform_like(torch.empty(k, device=device), seed, 0, stream)
+    u = uniform_like(torch.empty(k, device=device), seed=seed, step=0, stream=stream)
     return torch.where(u < 0.5, -1.0, 1.0)
 
 

@@ -80,7 +80,7 @@ def to_int8_codes(q: torch.Tensor) -> torch.Tensor:
 
 
 def round_codes(
-    y: torch.Tensor, qmax: int, rounding: str, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0,
+    y: torch.Tensor, qmax: int, rounding: str, *, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0,
     key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round real-valued codes ``y`` to integers in [-qmax, qmax] (still float32). ``key``: the precomputed
@@ -88,7 +88,7 @@ def round_codes(
     if rounding == "nearest":
         q = torch.round(y)
     elif rounding == "stochastic":
-        u = uniform_like(y, seed, step, stream) if key is None else uniform_like_key(y, key)
+        u = uniform_like(y, seed=seed, step=step, stream=stream) if key is None else uniform_like_key(y, key)
         q = torch.floor(y + u)
     else:
         raise ValueError(f"unknown rounding {rounding!r}; allowed: nearest, stochastic")
@@ -100,6 +100,7 @@ def quantize(
     bits: int,
     reduce_dims: Sequence[int],
     rounding: str = "nearest",
+    *,
     seed: int = 0,
     step: torch.Tensor | int = 0,
     stream: int = 0,
@@ -118,7 +119,7 @@ def quantize(
         scale = absmax_scale(x, bits, reduce_dims)
     else:
         scale = scale_from_amax(check_amax(amax, x, reduce_dims), bits)
-    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed, step, stream, key)
+    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed=seed, step=step, stream=stream, key=key)
     return to_int8_codes(q), scale
 
 

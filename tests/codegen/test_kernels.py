@@ -51,8 +51,8 @@ QUANT_CASES = [
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_quantize_matches_reference(shape, dims, rounding):
     x = _x(shape)
-    codes, scale = kq.quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
-    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    codes, scale = kq.quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
     _eq(codes, ref_codes)
     _eq(scale, ref_scale)
 
@@ -65,8 +65,8 @@ def test_quantize_two_sweep_path(monkeypatch, dims):
     monkeypatch.setattr(kq, "AMAX_BLOCK", 32)
     x = _x((45, 70))
     for rounding in ("nearest", "stochastic"):
-        codes, scale = kq.quantize(x, 6, dims, rounding, SEED, STEP, STREAM)
-        ref_codes, ref_scale = quantize(x, 6, dims, rounding, SEED, STEP, STREAM)
+        codes, scale = kq.quantize(x, 6, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
+        ref_codes, ref_scale = quantize(x, 6, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
         _eq(codes, ref_codes)
         _eq(scale, ref_scale)
 
@@ -83,8 +83,8 @@ def test_quantize_non_finite_matches_reference(dims, rounding):
     kernels use a NaN-propagating absmax)."""
     x = _x((37, 50))
     x[5, 7], x[20, 0] = float("nan"), float("inf")
-    codes, scale = kq.quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
-    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    codes, scale = kq.quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
     _eq(codes, ref_codes)
     _eq_nan(scale, ref_scale)
     assert not torch.isfinite(scale).all()
@@ -97,7 +97,7 @@ def test_fused_prologue_non_finite_matches_reference():
     w, sw = quantize(torch.randn(40, 24), 8, [0])
     for dims in ([1], [0, 1]):
         out, codes, scale = kg.qgemm_fused_quant(x, 8, dims, "stochastic", SEED, STREAM, STEP, w, sw)
-        ref_codes, ref_scale = quantize(x, 8, dims, "stochastic", SEED, STEP, STREAM)
+        ref_codes, ref_scale = quantize(x, 8, dims, "stochastic", seed=SEED, step=STEP, stream=STREAM)
         _eq(codes, ref_codes)
         _eq_nan(scale, ref_scale)
         _eq_nan(out, scaled_gemm(ref_codes, ref_scale, w, sw))
@@ -108,8 +108,8 @@ def test_fused_prologue_non_finite_matches_reference():
 def test_quantize_low_precision_input(dtype):
     x = _x((33, 64), dtype)
     for dims in ([1], [0, 1]):
-        codes, scale = kq.quantize(x, 8, dims, "stochastic", SEED, STEP, STREAM)
-        ref_codes, ref_scale = quantize(x, 8, dims, "stochastic", SEED, STEP, STREAM)
+        codes, scale = kq.quantize(x, 8, dims, "stochastic", seed=SEED, step=STEP, stream=STREAM)
+        ref_codes, ref_scale = quantize(x, 8, dims, "stochastic", seed=SEED, step=STEP, stream=STREAM)
         _eq(codes, ref_codes)
         _eq(scale, ref_scale)
 
@@ -118,8 +118,8 @@ def test_quantize_low_precision_input(dtype):
 @pytest.mark.parametrize("bits", [2, 4])
 def test_quantize_packed_int4(dims, bits):
     x = _x((29, 46))
-    packed, scale = kq.quantize(x, bits, dims, "stochastic", SEED, STEP, STREAM, pack_int4=True)
-    ref_codes, ref_scale = quantize(x, bits, dims, "stochastic", SEED, STEP, STREAM)
+    packed, scale = kq.quantize(x, bits, dims, "stochastic", seed=SEED, step=STEP, stream=STREAM, pack_int4=True)
+    ref_codes, ref_scale = quantize(x, bits, dims, "stochastic", seed=SEED, step=STEP, stream=STREAM)
     assert packed.shape == (29, 23) and packed.dtype == torch.int8
     _eq(packed, pack_int4(ref_codes))
     _eq(unpack_int4(packed), ref_codes)
@@ -142,9 +142,9 @@ def test_quantize_round_half_even_ties():
 def test_quantize_zero_groups_and_seed_sensitivity():
     x = _x((20, 30))
     x[3] = 0.0  # a zero row gets scale 1 and zero codes
-    codes, scale = kq.quantize(x, 8, [1], "stochastic", SEED, STEP, STREAM)
+    codes, scale = kq.quantize(x, 8, [1], "stochastic", seed=SEED, step=STEP, stream=STREAM)
     assert scale[3, 0] == 1.0 and (codes[3] == 0).all()
-    other, _ = kq.quantize(x, 8, [1], "stochastic", SEED + 1, STEP, STREAM)
+    other, _ = kq.quantize(x, 8, [1], "stochastic", seed=SEED + 1, step=STEP, stream=STREAM)
     assert not torch.equal(codes, other)  # the stream is keyed by the seed, not constant
 
 
@@ -227,7 +227,7 @@ def test_fused_quant_prologue(dims, rounding, dtype):
     b, sb = _codes((96, 70), [0], 2)
     bias = _x((70,), seed=3)
     out, codes, scale = kg.qgemm_fused_quant(x, 8, dims, rounding, SEED, STREAM, STEP, b, sb, bias)
-    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
     _eq(codes, ref_codes)
     _eq(scale, ref_scale)
     _eq(out, scaled_gemm(ref_codes, ref_scale, b, sb, bias))
@@ -238,7 +238,7 @@ def test_fused_quant_prologue_batched_long_k(monkeypatch):
     x = _x((2, 33, 150))
     b, sb = _codes((2, 150, 40), [-2], 2)
     out, codes, scale = kg.qgemm_fused_quant(x, 4, [-1], "stochastic", SEED, STREAM, STEP, b, sb)
-    ref_codes, ref_scale = quantize(x, 4, [-1], "stochastic", SEED, STEP, STREAM)
+    ref_codes, ref_scale = quantize(x, 4, [-1], "stochastic", seed=SEED, step=STEP, stream=STREAM)
     _eq(codes, ref_codes)
     _eq(scale, ref_scale)
     _eq(out, scaled_gemm(ref_codes, ref_scale, b, sb))
@@ -264,7 +264,7 @@ def test_prologue_and_epilogue_together():
     rq = kg.Requant(bits=8, rounding="stochastic", seed=SEED + 1, stream=7)
     out, codes, scale, ocodes, oscale = kg.qgemm_fused_quant(x, 8, [-1], "stochastic", SEED, STREAM, STEP, b, sb,
                                                              requant=rq)
-    ref_codes, ref_scale = quantize(x, 8, [-1], "stochastic", SEED, STEP, STREAM)
+    ref_codes, ref_scale = quantize(x, 8, [-1], "stochastic", seed=SEED, step=STEP, stream=STREAM)
     ref = qgemm_requant(ref_codes, ref_scale, b, sb, None, torch.float32, 8, [-1], "stochastic", SEED + 1, STEP, 7)
     for got, want in zip((out, codes, scale, ocodes, oscale), (ref[0], ref_codes, ref_scale, ref[1], ref[2])):
         _eq(got, want)
@@ -322,11 +322,11 @@ def test_quantize_with_producer_amax(shape, dims, rounding):
     x = _x(shape, torch.bfloat16)
     n = len(shape)
     amax = _amax(x, list(range(n)) if sorted(d % n for d in dims) == list(range(n)) else dims)
-    codes, scale = kq.quantize(x, 8, dims, rounding, SEED, STEP, STREAM, amax=amax)
-    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM, amax)
+    codes, scale = kq.quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM, amax=amax)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM, amax=amax)
     _eq(codes, ref_codes)
     _eq(scale, ref_scale)
-    plain = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    plain = quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
     _eq(codes, plain[0])
     _eq(scale, plain[1])
 
@@ -340,8 +340,8 @@ def test_quantize_producer_amax_long_groups(monkeypatch, dims):
     x = _x((45, 70))
     amax = _amax(x, dims) * 0.5
     for rounding in ("nearest", "stochastic"):
-        codes, scale = kq.quantize(x, 6, dims, rounding, SEED, STEP, STREAM, amax=amax)
-        ref_codes, ref_scale = quantize(x, 6, dims, rounding, SEED, STEP, STREAM, amax)
+        codes, scale = kq.quantize(x, 6, dims, rounding, seed=SEED, step=STEP, stream=STREAM, amax=amax)
+        ref_codes, ref_scale = quantize(x, 6, dims, rounding, seed=SEED, step=STEP, stream=STREAM, amax=amax)
         _eq(codes, ref_codes)
         _eq(scale, ref_scale)
         assert (codes.abs() == 31).any()  # saturated
@@ -355,7 +355,7 @@ def test_fused_quant_prologue_with_producer_amax(dims, rounding):
     b, sb = _codes((2, 150, 40), [-2], 2)
     amax = _amax(x, dims)
     out, codes, scale = kg.qgemm_fused_quant(x, 8, dims, rounding, SEED, STREAM, STEP, b, sb, amax=amax)
-    ref_codes, ref_scale = quantize(x, 8, dims, rounding, SEED, STEP, STREAM)
+    ref_codes, ref_scale = quantize(x, 8, dims, rounding, seed=SEED, step=STEP, stream=STREAM)
     _eq(codes, ref_codes)
     _eq(scale, ref_scale)
     _eq(out, scaled_gemm(ref_codes, ref_scale, b, sb))

@@ -38,7 +38,7 @@ def _dims(gran: str, operand: str, ndim: int) -> list[int]:
 
 def _dq(t: torch.Tensor, gran: str, operand: str, bits: int = 8, rounding: str = "nearest", stream: int = 0,
         step: int = 0) -> torch.Tensor:
-    codes, scale = quantize(t.detach(), bits, _dims(gran, operand, t.dim()), rounding, 0, step, stream)
+    codes, scale = quantize(t.detach(), bits, _dims(gran, operand, t.dim()), rounding, seed=0, step=step, stream=stream)
     return dequantize(codes, scale)
 
 

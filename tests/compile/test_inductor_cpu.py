@@ -22,8 +22,8 @@ def _variants(x: torch.Tensor, key: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for bits, dims, rounding in [(8, [0, 1], "nearest"), (8, [1], "nearest"), (4, [0], "nearest"),
                                  (8, [1], "stochastic"), (8, [0], "stochastic"), (2, [0, 1], "stochastic")]:
-        codes, scale = uniform.quantize(x, bits, dims, rounding, 0, 0, 0, None, key if rounding == "stochastic"
-                                        else None)
+        codes, scale = uniform.quantize(x, bits, dims, rounding, seed=0, step=0, stream=0, amax=None,
+                                        key=key if rounding == "stochastic" else None)
         out += [codes, scale]
     return out
 
@@ -36,7 +36,7 @@ def test_compiled_quantizer_is_bit_exact():
     x[9, 2] = float("inf")
     key = rng.stream_key(11, 1234567, 99)
     # the precomputed key gives the same draws as (seed, step, stream)
-    assert torch.equal(rng.uniform_like_key(x, key), rng.uniform_like(x, 11, 1234567, 99))
+    assert torch.equal(rng.uniform_like_key(x, key), rng.uniform_like(x, seed=11, step=1234567, stream=99))
     eager = _variants(x, key)
     compiled = torch.compile(_variants, backend="inductor", fullgraph=True)(x, key)
     for e, c in zip(eager, compiled):

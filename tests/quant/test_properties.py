@@ -83,7 +83,7 @@ def test_stochastic_rounding_is_unbiased(vals, bits, quantizer):
     total = torch.zeros_like(x, dtype=torch.float64)
     for step in range(n):
         if quantizer == "uniform":
-            dq = uniform.dequantize(*uniform.quantize(x, bits, [0, 1], "stochastic", 3, step, 9))
+            dq = uniform.dequantize(*uniform.quantize(x, bits, [0, 1], "stochastic", seed=3, step=step, stream=9))
         else:
             dq = gradq.grad_dequantize(gradq.grad_quantize(x, quantizer, bits, [-1], "stochastic", 3, step, 9),
                                        quantizer, [-1])

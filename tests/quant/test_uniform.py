@@ -21,7 +21,7 @@ def test_int32_fast_path_matches_int64_reference():
     for seed, step, stream in [(0, 0, 0), (7, 123456789012, 0xFFFFFFFF), (2**31 + 5, 3, 17)]:
         key = stream_key(seed, step, stream)
         idx = torch.arange(x.numel(), dtype=torch.int64).view(x.shape)
-        assert torch.equal(uniform_like(x, seed, step, stream), uniform_from_index(idx, key))
+        assert torch.equal(uniform_like(x, seed=seed, step=step, stream=stream), uniform_from_index(idx, key))
 
 
 def test_uniform_draws_are_uniform_and_keyed():
@@ -31,9 +31,11 @@ def test_uniform_draws_are_uniform_and_keyed():
     # mean 1/2 and variance 1/12 of U[0,1): standard errors 6.5e-4 and 1.9e-4 at n=2e5; 5-sigma tolerances
     assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())
     assert abs(u.var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / u.numel())
-    assert torch.equal(u, uniform_like(x, 3, 7, 11)), "same key must replay the same draws"
+    assert torch.equal(u, uniform_like(x, seed=3, step=7, stream=11)), "same key must replay the same draws"
     for other in [(4, 7, 11), (3, 8, 11), (3, 7, 12)]:
-        assert not torch.equal(u, uniform_like(x, *other)), f"key {other} must give a different stream"
+        seed, step, stream = other
+        assert not torch.equal(u, uniform_like(x, seed=seed, step=step, stream=stream)), \
+            f"key {other} must give a different stream"
     # step may be a tensor (the graph's step counter): same key as the int
     assert torch.equal(stream_key(3, torch.tensor(7), 11), stream_key(3, 7, 11))
     # neighbouring elements are uncorrelated (lag-1 correlation ~ N(0, 1/n))
@@ -70,12 +72,12 @@ def test_non_finite_groups_stay_non_finite(rounding):
     dequantized group is NaN; the other groups are untouched (fqtc.quant.uniform's non-finite policy)."""
     x = torch.randn(5, 8)
     x[1, 3], x[3, 0] = float("nan"), float("inf")
-    q, s = quantize(x, 8, [1], rounding, 3, 4, 5)
+    q, s = quantize(x, 8, [1], rounding, seed=3, step=4, stream=5)
     assert torch.isnan(s[1]).all() and torch.isinf(s[3]).all()
     assert (q[1] == 0).all() and (q[3] == 0).all()
     assert torch.isnan(q[[1, 3]].float() * s[[1, 3]]).all()
     ok = [0, 2, 4]
-    q_ok, s_ok = quantize(x[ok], 8, [1], rounding, 3, 4, 5)
+    q_ok, s_ok = quantize(x[ok], 8, [1], rounding, seed=3, step=4, stream=5)
     assert torch.isfinite(s[ok]).all() and torch.equal(s[ok], s_ok)
     if rounding == "nearest":  # SR draws are keyed by element index, which differs in the sub-tensor
         assert torch.equal(q[ok], q_ok)

@@ -54,10 +54,10 @@ _warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> cau
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> True once checked after a backward
 
 
-def _forget(key: int) -> Any:
+def _forget(key: int, table: dict[int, Any] | None = None) -> Any:
     def drop(_: weakref.ref) -> None:
         with _lock:
-            _consumed.pop(key, None)
+            (_consumed if table is None else table).pop(key, None)
     return drop
 
 
@@ -70,18 +70,17 @@ def record(params: Iterable[torch.Tensor]) -> None:
                 _consumed[id(p)] = weakref.ref(p, _forget(id(p)))
 
 
+def _received(p: torch.Tensor | None) -> bool:
+    ref = _consumed.get(id(p)) if p is not None else None
+    return ref is not None and ref() is p
+
+
 def _was_consumed(p: torch.Tensor) -> bool:
-    ref = _consumed.get(id(p))
-    if ref is not None and ref() is p:
+    if _received(p):
         return True
     # FSDP2: the module holds the sharded DTensor, the graphs receive its all-gathered (unsharded) parameter
     full = _fsdp_unsharded.get(id(p))
-    return full is not None and full[0]() is p and _was_consumed_plain(full[1]())
-
-
-def _was_consumed_plain(p: torch.Tensor | None) -> bool:
-    ref = _consumed.get(id(p)) if p is not None else None
-    return ref is not None and ref() is p
+    return full is not None and full[0]() is p and _received(full[1]())
 
 
 # id(sharded parameter) -> (weakref(sharded), weakref(unsharded parameter)) of FSDP2 parameters (`_map_fsdp`)
@@ -103,7 +102,8 @@ def _map_fsdp(model: nn.Module) -> None:
             for fp in getattr(group, "fsdp_params", ()):
                 sharded, full = getattr(fp, "sharded_param", None), getattr(fp, "_unsharded_param", None)
                 if sharded is not None and full is not None:
-                    _fsdp_unsharded[id(sharded)] = (weakref.ref(sharded), weakref.ref(full))
+                    key = id(sharded)
+                    _fsdp_unsharded[key] = (weakref.ref(sharded, _forget(key, _fsdp_unsharded)), weakref.ref(full))
 
 
 def _disabled(m: nn.Module) -> bool:

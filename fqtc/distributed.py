@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # FSDP2's custom-comm interface
 
 from fqtc.quant import uniform
 
@@ -63,34 +64,50 @@ class Int8CommState:
     fp32_fallbacks: int = 0
 
 
+def _check_fp32(grad: torch.Tensor, fix: str) -> None:
+    if grad.dtype != torch.float32:
+        raise TypeError(f"int8 gradient communication expects fp32 gradients, got {grad.dtype}; {fix}")
+
+
+def _next_call(state: Int8CommState, bucket: int, rank: int) -> tuple[int, int]:
+    """(rounding step, stream) of this call: calls so far on ``bucket``; rank-major streams keep ranks and buckets
+    apart."""
+    step = state.step.get(bucket, 0)
+    state.step[bucket] = step + 1
+    return step, rank * _STREAMS_PER_RANK + bucket % _STREAMS_PER_RANK
+
+
+def _shared_amax(rows: torch.Tensor, state: Int8CommState, group: dist.ProcessGroup | None) -> torch.Tensor | None:
+    """Per-row abs-max of ``rows`` ``[R, n]`` over every rank (keepdim ``[R, 1]``), from one ``MAX`` all-reduce of
+    ``[abs-max..., non-finite flag...]`` (``2 R`` floats: a MAX over NaN is not reliably NaN, so the flags carry
+    it); None when a row holds a NaN or Inf on some rank."""
+    finite = torch.isfinite(rows)
+    r = rows.shape[0]
+    stat = torch.cat([torch.where(finite, rows.abs(), 0.0).amax(1) if rows.numel() else rows.new_zeros(r),
+                      (~finite).any(1).float()])
+    dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=group)
+    state.payload_bytes += stat.numel() * 4
+    return None if stat[r:].any() else stat[:r].view(r, 1)
+
+
 def int8_sr_allreduce(grad: torch.Tensor, state: Int8CommState, bucket: int = 0) -> torch.Tensor:
     """The mean of ``grad`` over the ranks of ``state.process_group``, communicated as int8 stochastic-rounding
     codes (module doc). ``grad`` is a flat fp32 tensor; returns a new tensor of the same shape (every rank gets the
     same bits). ``bucket`` keeps the rounding streams of different gradient buffers apart."""
-    if grad.dtype != torch.float32:
-        raise TypeError(f"int8 gradient communication expects fp32 gradients, got {grad.dtype}; "
-                        "cast the gradients or leave this hook off")
+    _check_fp32(grad, "cast the gradients or leave this hook off")
     group = state.process_group
     world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    step = state.step.get(bucket, 0)
-    state.step[bucket] = step + 1
+    step, stream = _next_call(state, bucket, dist.get_rank(group))
     state.fp32_payload_bytes += grad.numel() * 4
-    # [abs-max, non-finite flag] in one MAX all-reduce: a MAX over NaN is not reliably NaN, so the flag carries it
-    finite = torch.isfinite(grad)
-    stat = torch.stack([torch.where(finite, grad.abs(), 0.0).amax() if grad.numel() else grad.new_zeros(()),
-                        (~finite).any().float()])
-    dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=group)
-    state.payload_bytes += 8
-    amax = stat[:1]
-    if stat[1] > 0:
+    amax = _shared_amax(grad.reshape(1, -1), state, group)
+    if amax is None:
         out = grad.clone()
         dist.all_reduce(out, group=group)
         state.payload_bytes += grad.numel() * 4
         state.fp32_fallbacks += 1
         return out / world
-    stream = rank * _STREAMS_PER_RANK + bucket % _STREAMS_PER_RANK
-    codes, scale = uniform.quantize(grad, 8, [0], "stochastic", seed=state.seed, step=step, stream=stream, amax=amax)
+    codes, scale = uniform.quantize(grad, 8, [0], "stochastic", seed=state.seed, step=step, stream=stream,
+                                    amax=amax.view(1))
     gathered = [torch.empty_like(codes) for _ in range(world)]
     dist.all_gather(gathered, codes, group=group)
     state.payload_bytes += codes.numel()
@@ -129,30 +146,22 @@ def int8_sr_reduce_scatter(flat: torch.Tensor, state: Int8CommState, group: dist
     counter stream, an ``all_to_all`` hands rank ``j`` every rank's codes of chunk ``j`` (``n`` bytes per rank and
     destination), and the int32 sum of the codes is dequantized once: unbiased, with per-element error below one
     step, as `int8_sr_allreduce`. A chunk holding a NaN or Inf sends the whole call in fp32."""
-    if flat.dtype != torch.float32:
-        raise TypeError(f"int8 gradient communication expects fp32 gradients, got {flat.dtype}; set the FSDP "
-                        "reduce dtype to float32 (MixedPrecisionPolicy(reduce_dtype=torch.float32)) or leave it off")
+    _check_fp32(flat, "set the FSDP reduce dtype to float32 (MixedPrecisionPolicy(reduce_dtype=torch.float32)) or "
+                "leave it off")
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if flat.numel() % world:
         raise ValueError(f"reduce-scatter input of {flat.numel()} elements does not split into {world} ranks")
-    step = state.step.get(bucket, 0)
-    state.step[bucket] = step + 1
+    step, stream = _next_call(state, bucket, rank)
     chunks = flat.view(world, -1)
     state.fp32_payload_bytes += flat.numel() * 4
-    finite = torch.isfinite(chunks)
-    stat = torch.cat([torch.where(finite, chunks.abs(), 0.0).amax(1) if chunks.numel() else chunks.new_zeros(world),
-                      (~finite).any(1).float()])
-    dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=group)
-    state.payload_bytes += stat.numel() * 4
-    out = torch.empty(chunks.shape[1], dtype=torch.float32, device=flat.device)
-    if stat[world:].any():
+    amax = _shared_amax(chunks, state, group)
+    if amax is None:
+        out = torch.empty(chunks.shape[1], dtype=torch.float32, device=flat.device)
         dist.reduce_scatter_tensor(out, flat.contiguous(), group=group)
         state.payload_bytes += flat.numel() * 4
         state.fp32_fallbacks += 1
         return out / world if average else out
-    stream = rank * _STREAMS_PER_RANK + bucket % _STREAMS_PER_RANK
-    amax = stat[:world].view(world, 1)
     codes, scale = uniform.quantize(chunks, 8, [1], "stochastic", seed=state.seed, step=step, stream=stream, amax=amax)
     received = torch.empty_like(codes)
     dist.all_to_all_single(received, codes, group=group)
@@ -162,13 +171,7 @@ def int8_sr_reduce_scatter(flat: torch.Tensor, state: Int8CommState, group: dist
     return out / world if average else out
 
 
-def _reduce_scatter_comm_base() -> type:
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-
-    return ReduceScatter
-
-
-class Int8ReduceScatter(_reduce_scatter_comm_base()):  # type: ignore[misc]
+class Int8ReduceScatter(ReduceScatter):
     """FSDP2 reduce-scatter (``FSDPModule.set_custom_reduce_scatter``) running `int8_sr_reduce_scatter`; one per
     FSDP module, ``bucket`` keeping their rounding streams apart. FSDP's ``SUM`` and ``AVG`` reductions are
     supported; a pre-multiplied sum (a custom gradient divide factor) raises."""

@@ -9,6 +9,18 @@ import torch
 from fqtc.backend import capture, fqt_backend
 
 
+class ResidualBlock(torch.nn.Module):
+    """``x + b(relu(a(x)))`` with Linear(16, 32) and Linear(32, 16): the block the data-parallel tests shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 32)
+        self.b = torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(torch.relu(self.a(x)))
+
+
 def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20*log10(||ref|| / ||ref - x||) (torchao's compute_error)."""
     ref, x = ref.detach().double(), x.detach().double()

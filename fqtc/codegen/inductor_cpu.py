@@ -124,14 +124,14 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         ops = conv("grad_input", g, g_scale, w, w_scale, w.shape, stride, groups)
         if ops is None:
             return NotImplemented
-        acc = fqt.conv2d_input_acc.default(ops[0], ops[1], input_size, stride, padding, dilation, groups)
+        acc = fqt.conv2d_input_acc.default(*ops, input_size, stride, padding, dilation, groups)
         return _conv.input_epilogue(acc, g_scale, w_scale, groups, out_dtype)
 
     def qconv2d_weight(x, x_scale, g, g_scale, weight_size, stride, padding, dilation, groups, out_dtype):
         ops = conv("grad_weight", x, x_scale, g, g_scale, weight_size, stride, groups)
         if ops is None:
             return NotImplemented
-        acc = fqt.conv2d_weight_acc.default(ops[0], ops[1], weight_size, stride, padding, dilation, groups)
+        acc = fqt.conv2d_weight_acc.default(*ops, weight_size, stride, padding, dilation, groups)
         return _conv.weight_epilogue(acc, x_scale, g_scale, weight_size, groups, out_dtype)
 
     return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm, fqt.qconv2d.default: qconv2d,

@@ -16,12 +16,8 @@ from fqtc.config.options import (  # noqa: F401
     GRAD_QUANTIZER_GRANULARITY,
     SAVE_FP_KINDS,
     FQTConfig,
-    _grad_quantizer_layout,
-    _parse_rules,
 )
 from fqtc.config.spec import (  # noqa: F401
-    _BITS_RE,
-    _UNSET,
     AVERAGE_BIT_QUANTIZERS,
     DEFAULT_GRANULARITY,
     GRANULARITIES,
@@ -36,7 +32,6 @@ from fqtc.config.spec import (  # noqa: F401
     BitConfig,
     QuantSpec,
     Rule,
-    _bad,
     _glob_escape,
     validate_bits,
 )

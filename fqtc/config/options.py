@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from fqtc.config.spec import (  # noqa: F401  (re-exported through fqtc.config)
+from fqtc.config.spec import (
     _UNSET,
     AVERAGE_BIT_QUANTIZERS,
     DEFAULT_GRANULARITY,

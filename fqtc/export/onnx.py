@@ -58,14 +58,7 @@ from fqtc.export._common import (
     FQT_DOMAIN_VERSION,
 )
 from fqtc.export._names import grad_names, graph_outputs, saved_names
-from fqtc.export.onnx_ops import (  # noqa: F401  (the translations; _quantize/_grad_quantize re-exported for tests)
-    OPSET,
-    TRANSLATIONS,
-    _grad_quantize,
-    _quantize,
-    _register_schemas,
-    fqt_functions,
-)
+from fqtc.export.onnx_ops import OPSET, TRANSLATIONS, fqt_functions, register_schemas
 from fqtc.inspect import driver as _inspect
 
 SR_MODES = ("random", "counter")
@@ -195,7 +188,7 @@ def export_graph(gm: fx.GraphModule, args: Sequence[Any], path: str, which: str 
     names = _unique(list(input_names) if input_names is not None else placeholders)
     outs = prepared.graph.output_node().args[0]
     out_names = _unique([o.name for o in outs])
-    _register_schemas()
+    register_schemas()
     _SR_MODE[0] = sr
     buf = io.StringIO()
     try:

@@ -299,7 +299,7 @@ def fqt_functions() -> list:
     return [mix32, uniform]
 
 
-def _register_schemas() -> None:
+def register_schemas() -> None:
     """torch.onnx traces translations through onnxscript, which needs a schema for every op it calls."""
     from onnx import defs
 

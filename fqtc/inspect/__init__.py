@@ -21,7 +21,6 @@ and range to the ``fqtc.debug`` logger and appends a record that `sqnr_log` (re-
 """
 
 from fqtc.inspect.driver import explain
-from fqtc.inspect.driver import preserve_step as _preserve_step  # noqa: F401  (the name tests and older code use)
 from fqtc.inspect.report import Memory, Report, SavedTensor, Site
 from fqtc.ops.observe import clear_sqnr_log, sqnr_db, sqnr_log
 

@@ -127,7 +127,9 @@ def conv_path(role: str, weight_size: Sequence[int], stride: Sequence[int], grou
 
 
 def _resolve(path: str | None, role: str, device: torch.device, weight_size: Sequence[int],
-             stride: Sequence[int], groups: int) -> str:
+             stride: Sequence[int], groups: int, *codes: torch.Tensor) -> str:
+    if float_codes(*codes):
+        return "fp32"
     if path is None:
         return conv_path(role, weight_size, stride, groups, device)
     if path not in CONV_PATHS:
@@ -221,7 +223,7 @@ def conv2d_acc(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding:
 
 def _conv2d_exact(x, w, stride, padding, dilation, groups, path):
     _check_codes(x, w)
-    path = "fp32" if float_codes(x, w) else _resolve(path, "output", x.device, w.shape, stride, groups)
+    path = _resolve(path, "output", x.device, w.shape, stride, groups, x, w)
     if path == "onednn":
         return onednn_chunked(to_u8_nhwc(x), w, stride, padding, dilation, groups)
     if path == "int_mm":
@@ -283,7 +285,7 @@ def conv2d_input_acc(input_size: Sequence[int], w: torch.Tensor, g: torch.Tensor
 
 def _conv2d_input_exact(input_size, w, g, stride, padding, dilation, groups, path):
     _check_codes(w, g)
-    path = "fp32" if float_codes(w, g) else _resolve(path, "grad_input", g.device, w.shape, stride, groups)
+    path = _resolve(path, "grad_input", g.device, w.shape, stride, groups, w, g)
     if path in ("onednn", "int_mm"):
         n, ci, h, wd = (int(v) for v in input_size)
         wt = _flipped_transposed(w, groups)
@@ -356,7 +358,7 @@ def _conv2d_weight_exact(x, weight_size, g, stride, padding, dilation, groups, p
     if g.shape[0] != n:
         raise ValueError(f"grad_output has {g.shape[0]} samples, the input {n}")
     size = [int(v) for v in weight_size]
-    path = "fp32" if float_codes(x, g) else _resolve(path, "grad_weight", x.device, size, stride, groups)
+    path = _resolve(path, "grad_weight", x.device, size, stride, groups, x, g)
     if path in ("onednn", "int_mm") and n > 0:
         return _int_mm_conv2d_weight(x, size, g, stride, padding, dilation, groups)
     dt = _exact_dtype(x.device)

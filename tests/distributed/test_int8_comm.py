@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import init_gloo, spawn_gloo_ranks
+from tests.helpers import ResidualBlock, init_gloo, spawn_gloo_ranks
 
 DRAWS = 400
 
@@ -26,19 +26,10 @@ def _grad(rank: int, n: int = 512) -> torch.Tensor:
     return torch.randn(n, generator=g) * torch.logspace(-2, 0, n)
 
 
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.b(torch.relu(self.a(x)))
-
-
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.blocks = nn.ModuleList([ResidualBlock(), ResidualBlock()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for b in self.blocks:

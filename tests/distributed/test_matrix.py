@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import init_gloo, spawn_gloo_ranks
+from tests.helpers import ResidualBlock, init_gloo, spawn_gloo_ranks
 
 CASES = ("ddp_outer", "compile_ddp", "fsdp_compile_then_shard", "fsdp_shard_then_compile", "fsdp_whole")
 OPTS = {"bits": "W8A8G8"}
@@ -42,20 +42,10 @@ EXPECTED_SITES = {
 }
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(16, 32)
-        self.b = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.b(torch.relu(self.a(x)))
-
-
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks = nn.ModuleList([ResidualBlock(), ResidualBlock()])
         self.head = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

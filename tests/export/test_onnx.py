@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from benchmarks.models import MLP
 from fqtc.export import onnx as fx_onnx
-from fqtc.inspect import _preserve_step, sqnr_db
+from fqtc.inspect import sqnr_db
+from fqtc.inspect.driver import preserve_step
 
 aten = torch.ops.aten
 
@@ -57,7 +58,7 @@ def _export_and_run(tmp_path, options, sr="random", model=None, x=None):
         onnx.checker.check_model(model, full_check=True)
         ops[which] = collections.Counter(n.op_type for n in model.graph.node)
         prepared, _ = fx_onnx._prepare(gm)
-        with _preserve_step():  # on copies: a forward graph updates BatchNorm buffers in place
+        with preserve_step():  # on copies: a forward graph updates BatchNorm buffers in place
             ref = prepared(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         assert [i.name for i in sess.get_inputs()] == names
@@ -221,7 +222,7 @@ def test_graphs_are_wired_by_name(tmp_path):
     tangent = torch.randn(6, 8)
     model = _mlp()
     compiled = compile_fqt(model, options)
-    with _preserve_step():
+    with preserve_step():
         xr = x.detach().clone().requires_grad_()
         ref_out = compiled(xr)
         ref_out.backward(tangent)
@@ -306,14 +307,13 @@ def test_bad_arguments(tmp_path):
 def test_translations_refuse_a_precomputed_amax():
     """Graphs lowered for CUDA pass the producer's amax to the quantizers (docs/kernels.md); the ONNX translations
     compute the statistic themselves and refuse such a graph with a clear error instead of ignoring the input."""
-    from fqtc.export import onnx as fonnx
-    from fqtc.export import onnx_gradq
+    from fqtc.export import onnx_gradq, onnx_ops
 
     amax = torch.ones(1)
     with pytest.raises(NotImplementedError, match="precomputed amax.*export the model itself"):
-        fonnx._quantize(None, 8, [0], "nearest", 0, 0, None, amax)
+        onnx_ops._quantize(None, 8, [0], "nearest", 0, 0, None, amax)
     with pytest.raises(NotImplementedError, match="fqt::grad_quantize with a precomputed amax"):
-        fonnx._grad_quantize(None, "psq", 8, [0], "stochastic", 0, 0, None, amax)
+        onnx_ops._grad_quantize(None, "psq", 8, [0], "stochastic", 0, 0, None, amax)
     with pytest.raises(NotImplementedError, match="fqt::bhq with a precomputed amax"):
         onnx_gradq.bhq(None, 4, [-1], "stochastic", 0, 0, None, amax)
 

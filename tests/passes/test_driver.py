@@ -26,7 +26,7 @@ def test_readme_table_lists_the_driver_passes_in_order():
 
 
 @pytest.fixture()
-def joint():
+def joint(monkeypatch):
     """A Linear-ReLU-Linear joint graph as the backend's partition_fn receives it, before any pass, with the
     names of its weight placeholders."""
     captured = {}
@@ -40,11 +40,9 @@ def joint():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    fqtc.backend.run_passes = spy
-    try:
-        compile_fqt(model)(torch.randn(3, 8)).sum().backward()
-    finally:
-        fqtc.backend.run_passes = real
+    monkeypatch.setattr(fqtc.backend, "run_passes", spy)
+    compile_fqt(model)(torch.randn(3, 8)).sum().backward()
+    monkeypatch.undo()
     gm = captured["gm"]
     return gm, {n for n in gm.graph.nodes if n.name in captured["weights"]}
 

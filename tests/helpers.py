@@ -99,6 +99,20 @@ def init_gloo(rank: int, port: int, world_size: int = 2) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
 
 
+def exit_rank() -> None:
+    """End a rank that has saved its results and destroyed its process group, without tearing down its objects.
+
+    Destroying a DDP module or compiled graphs after the process group is gone can block in C++ destructors (seen
+    on CI: the worker had returned, its result was saved, and the process never exited). What a test checks is in
+    the saved file, so the rank leaves at once."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_gloo_ranks(worker, out: str, nprocs: int = 2, timeout_s: float = 300.0) -> list:
     """Run ``worker(rank, port, out)`` in ``nprocs`` spawned processes (each calls `init_gloo`) and return what each
     saved with ``torch.save(..., f"{out}.{rank}")``. Ranks still running after ``timeout_s`` are killed and the

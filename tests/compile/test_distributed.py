@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import init_gloo, spawn_gloo_ranks
+from tests.helpers import exit_rank, init_gloo, spawn_gloo_ranks
 
 STEPS = 2
 
@@ -55,6 +55,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save({"grads": grads, "params": params, "quantized_sites": n_qgemm}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_rank()  # reached only when the rank saved its results
 
 
 

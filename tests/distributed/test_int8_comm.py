@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import ResidualBlock, init_gloo, spawn_gloo_ranks
+from tests.helpers import ResidualBlock, exit_rank, init_gloo, spawn_gloo_ranks
 
 DRAWS = 400
 
@@ -105,6 +105,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                     "rs_bytes": (rs_state.payload_bytes, rs_state.fp32_payload_bytes), **fsdp}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_rank()  # reached only when the rank saved its results
 
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.helpers import ResidualBlock, init_gloo, spawn_gloo_ranks
+from tests.helpers import ResidualBlock, exit_rank, init_gloo, spawn_gloo_ranks
 
 CASES = ("ddp_outer", "compile_ddp", "fsdp_compile_then_shard", "fsdp_shard_then_compile", "fsdp_whole")
 OPTS = {"bits": "W8A8G8"}
@@ -124,6 +124,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_rank()  # reached only when the rank saved its results
 
 
 

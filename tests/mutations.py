@@ -12,8 +12,8 @@ def rewrite_skipped() -> None:
     import fqtc.passes as P
 
     P.rewrite = lambda gm, plans, config: {"gemms_rewritten": 0, "quantize_nodes": 0}
-    P.rewrite_convs = lambda gm, config: ([], {"conv_sites": 0, "conv_gemms_rewritten": 0,
-                                               "conv_quantize_nodes": 0}, set())
+    P.rewrite_convs = lambda gm, sites, config: ([], {"conv_sites": 0, "conv_gemms_rewritten": 0,
+                                                      "conv_quantize_nodes": 0})
 
 
 def exact_quantizer() -> None:

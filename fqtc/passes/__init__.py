@@ -22,13 +22,13 @@ from fqtc.config import FQTConfig
 from fqtc.passes import gradquant  # noqa: F401  (registers the gradient-quantizer lowerings)
 from fqtc.passes.assign import GemmPlan, assign
 from fqtc.passes.autobits import apply_auto
-from fqtc.passes.conv import rewrite_convs, site_keys_in_order
+from fqtc.passes.conv import rewrite_convs
 from fqtc.passes.lwq import mark_latent_weights
 from fqtc.passes.rewrite import rewrite
 from fqtc.passes.rotate import rotate_linear_sites
 from fqtc.passes.save import tag_saves
 from fqtc.passes.save_act import quantize_saved_activations
-from fqtc.passes.sites import GemmSite, find_sites
+from fqtc.passes.sites import Site, find_sites
 from fqtc.passes.verify import verify_records
 
 log = logging.getLogger("fqtc.passes")
@@ -49,7 +49,7 @@ _register_torch_log()
 
 @dataclass
 class PassResult:
-    sites: list[GemmSite]
+    sites: list[Site]
     plans: list[GemmPlan]
     records: list[dict] = field(default_factory=list)  # one per GEMM, the node.meta["fqt"] records
     counters: dict[str, int] = field(default_factory=dict)
@@ -64,14 +64,13 @@ class PassContext:
     config: FQTConfig
     weight_nodes: set[fx.Node] = field(default_factory=set)
     latent: set[fx.Node] = field(default_factory=set)
-    sites: list[GemmSite] = field(default_factory=list)
-    unlinked: list[dict] = field(default_factory=list)
-    plans: list[GemmPlan] = field(default_factory=list)
-    conv_records: list[dict] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)  # every kind, in forward graph order
+    unlinked: list[dict] = field(default_factory=list)  # records of GEMM nodes find_sites left in full precision
+    plans: list[GemmPlan] = field(default_factory=list)  # assign's plans of the linear and bmm GEMMs
+    rewrite_records: list[dict] = field(default_factory=list)  # records a rewriter wrote (convolution GEMMs)
     records: list[dict] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    assign_warnings: list[warnings.WarningMessage] = field(default_factory=list)
 
     def result(self) -> PassResult:
         counters = dict(self.counters, sites=len(self.sites), latent_weights=len(self.latent))
@@ -88,36 +87,50 @@ def _sites(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 
 def _presets(gm: fx.GraphModule, ctx: PassContext) -> None:
-    # presets such as first_last count conv sites too (a CNN's first site is its stem conv): expand them over all
-    # sites in graph order before assign and the conv pass read the rules; bits="auto": the solver's decisions
-    # become rules
-    ctx.config = ctx.config.expand_presets(site_keys_in_order(gm, ctx.sites))
+    # presets such as first_last count the sites of every kind (a CNN's first site is its stem conv): expand them
+    # over all sites in graph order before assign reads the rules; bits="auto": the solver's decisions become rules
+    ctx.config = ctx.config.expand_presets([s.module or s.name for s in ctx.sites])
     ctx.config = apply_auto(gm, ctx.config, ctx.sites)
 
 
 def _assign(gm: fx.GraphModule, ctx: PassContext) -> None:
-    # assign warns about rules matching no Linear/bmm GEMM; the conv pass decides whether they matched a conv
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ctx.plans = assign(ctx.sites, ctx.config)
-    ctx.assign_warnings = list(caught)
+    ctx.plans = assign(ctx.sites, ctx.config)
+
+
+def _rewrite_gemms(gm: fx.GraphModule, ctx: PassContext, sites: list[Site]) -> None:
+    chosen = {id(s) for s in sites}
+    ctx.counters.update(rewrite(gm, [p for p in ctx.plans if id(p.site) in chosen], ctx.config))
+
+
+def _rewrite_convs(gm: fx.GraphModule, ctx: PassContext, sites: list[Site]) -> None:
+    records, counters = rewrite_convs(gm, sites, ctx.config)  # 2-D convolution sites
+    ctx.rewrite_records.extend(records)
+    ctx.counters.update(counters)
+
+
+# site kind -> its rewriter (pt2e's annotate -> convert: assign annotated every site, the rewriter of its kind
+# converts it). Linear and bmm GEMMs share one rewriter, so a tensor both read is quantized once.
+REWRITERS: dict[str, Callable[[fx.GraphModule, PassContext, list[Site]], None]] = {
+    "linear": _rewrite_gemms,
+    "bmm": _rewrite_gemms,
+    "conv": _rewrite_convs,
+}
 
 
 def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
-    ctx.counters.update(rewrite(gm, ctx.plans, ctx.config))
+    groups: dict[Callable, list[Site]] = {fn: [] for fn in REWRITERS.values()}
+    for site in ctx.sites:
+        fn = REWRITERS.get(site.kind)
+        if fn is None:
+            raise NotImplementedError(f"fqt: no rewriter for GEMM site kind {site.kind!r} (site {site.name!r}); "
+                                      f"kinds with one: {', '.join(REWRITERS)}")
+        groups[fn].append(site)
+    for fn, sites in groups.items():
+        fn(gm, ctx, sites)
 
 
 def _rotate(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.counters.update(rotate_linear_sites(gm, ctx.config))  # option rotate: Hadamard-rotated output GEMMs
-
-
-def _conv(gm: fx.GraphModule, ctx: PassContext) -> None:
-    ctx.conv_records, conv_counters, conv_rules = rewrite_convs(gm, ctx.config)  # 2-D convolution sites
-    ctx.counters.update(conv_counters)
-    for w in ctx.assign_warnings:  # a rule that matched a conv operand did match
-        if not any(f"fqt: {d} matched no GEMM operand" in str(w.message) for d in conv_rules):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    ctx.assign_warnings = []
 
 
 def _save(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -129,7 +142,7 @@ def _verify(gm: fx.GraphModule, ctx: PassContext) -> None:
     by_orig = {n.meta["fqt"].get("original_node"): n.meta["fqt"] for n in gm.graph.nodes
                if n.meta.get("fqt", {}).get("original_node")}
     planned = [p.node.meta["fqt"] for p in ctx.plans]
-    ctx.records = [by_orig.get(r["node"], r) for r in planned] + ctx.unlinked + ctx.conv_records
+    ctx.records = [by_orig.get(r["node"], r) for r in planned] + ctx.unlinked + ctx.rewrite_records
     verify_records(gm, ctx.records)  # status from the rewritten graph, not from the plan
     _warn_unmatched_keep_fp(ctx.config, ctx.records)
 
@@ -148,7 +161,6 @@ PASSES: tuple[tuple[str, str, Callable[[fx.GraphModule, PassContext], None]], ..
     ("assign", "assign.py", _assign),
     ("rewrite", "rewrite.py", _rewrite),
     ("rotate", "rotate.py", _rotate),
-    ("conv", "conv.py", _conv),
     ("save", "save.py", _save),
     ("verify", "verify.py", _verify),
     ("save_act", "save_act.py", _save_act),

@@ -1,7 +1,11 @@
-"""Pass 2: choose a QuantSpec for every operand of every GEMM and record it in ``node.meta["fqt"]``.
+"""Pass 2: choose a QuantSpec for every operand of every GEMM of every site kind, and record it.
 
-Preconditions: `fqtc.passes.sites.find_sites` linked the GEMMs. The spec of each (site, role, operand) comes from
-`FQTConfig.resolve`: ``keep_fp`` first, then the bit string's default, then the rules in order (later wins).
+Preconditions: `fqtc.passes.sites.find_sites` found the sites and linked their GEMMs. The spec of each (site, role,
+operand) comes from `FQTConfig.resolve`: ``keep_fp`` first, then the bit string's default, then the rules in order
+(later wins). One counter of rule hits spans every kind, so a rule that matched only a convolution is not
+reported as matching nothing. Linear and bmm GEMMs get a `GemmPlan` and their ``node.meta["fqt"]`` record now;
+a convolution site keeps its decisions in ``site.specs`` (its GEMMs are two nodes, the backward one computing
+both gradients, so `fqtc.passes.conv` writes its records when it splits them).
 
 The granularity is turned into the dims of the operand's *base* tensor (the node after stripping transposes) over
 which one scale is shared: ``tensor`` -> all dims; ``token``/``sample`` (activations, gradients) and ``channel``
@@ -28,8 +32,8 @@ import torch.fx as fx
 
 from fqtc.config import FQTConfig, QuantSpec
 from fqtc.passes.common import strip_operand, tensor_shape
-from fqtc.passes.records import GemmRecord, OperandRecord, gemm_record
-from fqtc.passes.sites import GemmSite, gemm_operands
+from fqtc.passes.records import BHQ_NOTE, GemmRecord, OperandRecord, gemm_record
+from fqtc.passes.sites import CONV_ROLES, ConvSite, GemmSite, Site, gemm_operands
 
 
 @dataclass
@@ -80,47 +84,30 @@ def _scale_ok(base: fx.Node, chain: list[fx.Node], reduce_dims: list[int], arg_i
     return s.shape[-1] == 1 if arg_index == 0 else s.shape[-2] == 1
 
 
-def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
-    """Resolve specs for every GEMM of every site; warn about rules that matched nothing.
+def assign(sites: list[Site], config: FQTConfig) -> list[GemmPlan]:
+    """Resolve specs for every GEMM of every site; warn about rules that matched nothing. Returns the plans of the
+    linear and bmm GEMMs (convolution sites hold theirs in ``site.specs``).
 
     ``run_passes`` hands in a config whose presets are expanded over all sites and whose ``bits="auto"``
     decisions are rules (`fqtc.passes.autobits.apply_auto`); presets left unexpanded (assign called on
-    its own) are expanded here over the linear sites.
+    its own) are expanded here over the sites.
     """
     plans: list[GemmPlan] = []
     config = config.expand_presets([s.module or s.name for s in sites])
     rule_hits = [0] * len(config.rules)
+
+    def resolve(site: Site, role: str, operand: str) -> tuple[QuantSpec | None, str]:
+        key = site.module or site.name
+        for i, rule in enumerate(config.rules):
+            if rule.matches(key, role, operand, site.module_type):
+                rule_hits[i] += 1
+        return config.resolve(key, role, operand, site.module_type)
+
     for site in sites:
-        for role, node in site.gemms.items():
-            args = gemm_operands(node)
-            ops: list[OperandPlan] = []
-            integer = True
-            for key, idx in sorted(site.operand_pos[role].items(), key=lambda kv: kv[1]):
-                operand = site.operand_name(key)
-                for i, rule in enumerate(config.rules):
-                    if rule.matches(site.module or site.name, role, operand, site.module_type):
-                        rule_hits[i] += 1
-                spec, reason = config.resolve(site.module or site.name, role, operand, site.module_type)
-                base, chain = strip_operand(args[idx])
-                dtype = base.meta["val"].dtype
-                if spec is not None and not dtype.is_floating_point:
-                    raise TypeError(
-                        f"fqt: cannot quantize the {operand} operand of GEMM site {site.name!r} ({role}): its dtype "
-                        f"is {dtype}, not floating point. fqt quantizes float GEMMs; cast the tensor to float32/"
-                        f"bfloat16, or keep the site in full precision with options={{'keep_fp': [{site.name!r}]}}"
-                    )
-                dims: list[int] = []
-                if spec is not None:
-                    where = f"site {site.name!r}, role {role!r}"
-                    dims = reduce_dims_for(spec, operand, base.meta["val"].dim(), where)
-                    if not _scale_ok(base, chain, dims, idx):
-                        integer = False
-                else:
-                    integer = False
-                ops.append(OperandPlan(key, idx, spec, reason, dims))
-            plan = GemmPlan(site, role, node, ops, integer)
-            node.meta["fqt"] = record(plan)
-            plans.append(plan)
+        if isinstance(site, ConvSite):
+            _assign_conv(site, resolve)
+        else:
+            plans.extend(_assign_gemm(site, resolve))
     for i, hits in enumerate(rule_hits):
         if hits == 0:
             warnings.warn(
@@ -128,6 +115,46 @@ def assign(sites: list[GemmSite], config: FQTConfig) -> list[GemmPlan]:
                 "module_type against the module paths and types shown by fqtc.explain()",
                 stacklevel=2,
             )
+    return plans
+
+
+def _assign_conv(site: ConvSite, resolve) -> None:
+    for role in site.roles:
+        for operand in CONV_ROLES[role]:
+            spec, reason = site.specs[(role, operand)] = resolve(site, role, operand)
+            if spec is not None and spec.quantizer == "bhq":
+                site.notes.append(f"{role}: {BHQ_NOTE}")
+
+
+def _assign_gemm(site: GemmSite, resolve) -> list[GemmPlan]:
+    plans = []
+    for role, node in site.gemms.items():
+        args = gemm_operands(node)
+        ops: list[OperandPlan] = []
+        integer = True
+        for key, idx in sorted(site.operand_pos[role].items(), key=lambda kv: kv[1]):
+            operand = site.operand_name(key)
+            spec, reason = resolve(site, role, operand)
+            base, chain = strip_operand(args[idx])
+            dtype = base.meta["val"].dtype
+            if spec is not None and not dtype.is_floating_point:
+                raise TypeError(
+                    f"fqt: cannot quantize the {operand} operand of GEMM site {site.name!r} ({role}): its dtype "
+                    f"is {dtype}, not floating point. fqt quantizes float GEMMs; cast the tensor to float32/"
+                    f"bfloat16, or keep the site in full precision with options={{'keep_fp': [{site.name!r}]}}"
+                )
+            dims: list[int] = []
+            if spec is not None:
+                where = f"site {site.name!r}, role {role!r}"
+                dims = reduce_dims_for(spec, operand, base.meta["val"].dim(), where)
+                if not _scale_ok(base, chain, dims, idx):
+                    integer = False
+            else:
+                integer = False
+            ops.append(OperandPlan(key, idx, spec, reason, dims))
+        plan = GemmPlan(site, role, node, ops, integer)
+        node.meta["fqt"] = record(plan)
+        plans.append(plan)
     return plans
 
 

@@ -60,8 +60,7 @@ from fqtc.passes.autobits_solver import (  # noqa: F401  (re-exported: the solve
 # -- graph side ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class SiteView:
-    """What the policy needs of one GEMM site, linear (`fqtc.passes.sites.GemmSite`) or convolution
-    (`fqtc.passes.conv.ConvSite`).
+    """What the policy needs of one GEMM site of any kind (`fqtc.passes.sites.Site`).
 
     Args:
         name: site name (unique in the graph); key: the module path rules match (site name when no module).
@@ -78,10 +77,18 @@ class SiteView:
     param_role: str | None
 
 
-def site_views(linear_sites: Sequence[Any], conv_sites: Sequence[Any] = ()) -> list[SiteView]:
-    """`SiteView`s of linear and convolution sites, in graph order."""
+def site_views(sites: Sequence[Any]) -> list[SiteView]:
+    """`SiteView`s of the sites of every kind (`fqtc.passes.sites.find_sites`), in graph order."""
     views = []
-    for s in linear_sites:
+    for s in sites:
+        if s.kind == "conv":
+            into = {}
+            if s.backward is not None and 0 in s.getitems:
+                into["grad_input"] = s.forward.args[0]
+            if s.backward is not None and 1 in s.getitems:
+                into["grad_weight"] = s.forward.args[1]
+            views.append(SiteView(s.name, s.module or s.name, s.module_type, s.forward, into, "grad_weight"))
+            continue
         into = {}
         if "grad_input" in s.gemms and "g" in s.operand_pos.get("grad_input", {}):
             into["grad_input"] = s.a_base
@@ -89,13 +96,6 @@ def site_views(linear_sites: Sequence[Any], conv_sites: Sequence[Any] = ()) -> l
             into["grad_weight"] = s.b_base
         views.append(SiteView(s.name, s.module or s.name, s.module_type, s.forward, into,
                               "grad_weight" if s.b_is_weight else None))
-    for c in conv_sites:
-        into = {}
-        if c.backward is not None and 0 in c.getitems:
-            into["grad_input"] = c.forward.args[0]
-        if c.backward is not None and 1 in c.getitems:
-            into["grad_weight"] = c.forward.args[1]
-        views.append(SiteView(c.name, c.module or c.name, c.module_type, c.forward, into, "grad_weight"))
     if views:
         order = {n: i for i, n in enumerate(views[0].forward.graph.nodes)}
         views.sort(key=lambda v: order[v.forward])
@@ -300,10 +300,10 @@ def plan_auto(views: Sequence[SiteView], config: Any) -> AutoPlan:
     return AutoPlan(decisions, sol, units, objective, var_units)
 
 
-def apply_auto(gm: Any, config: Any, linear_sites: Sequence[Any]) -> Any:
+def apply_auto(gm: Any, config: Any, sites: Sequence[Any]) -> Any:
     """``bits="auto"``: solve for this graph and return the config with the decisions as rules.
 
-    Runs after preset expansion, before assign and the conv pass read the rules. The decisions become rules *in
+    Runs after preset expansion, before assign reads the rules. The decisions become rules *in
     front of* the user's rules (``Rule(module=<path>, role=..., operand="grad_output", bits=b, label="auto:
     ...")``), so user rules still win and the label is the recorded reason. The `AutoPlan` is kept in
     ``gm.meta["fqt_auto"]``. Other configs pass through.
@@ -313,10 +313,8 @@ def apply_auto(gm: Any, config: Any, linear_sites: Sequence[Any]) -> Any:
     import dataclasses
 
     from fqtc.config import Rule, _glob_escape
-    from fqtc.passes.conv import find_conv_sites
 
-    conv_sites, _ = find_conv_sites(gm)
-    plan = plan_auto(site_views(linear_sites, conv_sites), config)
+    plan = plan_auto(site_views(sites), config)
     gm.meta["fqt_auto"] = plan  # inspection: the units, the solution and its gap (CompiledGraph.joint.meta)
     auto_rules = tuple(Rule(module=_glob_escape(key), role=role, operand="grad_output", bits=b, label=why)
                        for (key, role), (b, why) in plan.decisions.items())

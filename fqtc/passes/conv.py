@@ -1,8 +1,8 @@
 """Pass: rewrite 2-D convolution sites into fqt conv ops (``output``, ``grad_input``, ``grad_weight``).
 
-A convolution site is one forward ``aten.convolution`` and the ``aten.convolution_backward`` with the same
-``seq_nr`` that reads the same input and weight nodes. The backward node computes up to three gradients at once
-(``output_mask``) and is consumed by getitems 0 (``grad_input``), 1 (``grad_weight``) and 2 (``grad_bias``). Each
+A convolution site (`fqtc.passes.sites.ConvSite`, found by `fqtc.passes.sites.find_sites`, its operands resolved
+by `fqtc.passes.assign.assign`) has its three GEMMs in two nodes: the forward ``aten.convolution`` and the
+``aten.convolution_backward`` whose getitems 0, 1, 2 are ``grad_input``, ``grad_weight`` and ``grad_bias``. Each
 getitem becomes its own op, so the partitioner sees exactly what each gradient reads:
 
 Before::
@@ -28,65 +28,25 @@ Specs come from `FQTConfig.resolve` with the same (role, operand) vocabulary as 
 ``sample`` -> per sample; activation/gradient ``channel`` -> per channel. A scale varying along a GEMM's reduction
 axes (`fqtc.quant.conv.SCALE_FREE_DIM`) gives a dequantized product and the record says so.
 
-Every convolution node gets a ``node.meta["fqt"]`` record with the schema of `fqtc.passes.assign.record`. Sites
-whose operands are all in full precision keep their aten nodes (the FP path stays bit-identical to eager);
-transposed convolutions and 1-D/3-D convolutions are kept in full precision and recorded with the reason.
+Every convolution node gets a ``node.meta["fqt"]`` record (`fqtc.passes.records.gemm_record`). Sites whose
+operands are all in full precision keep their aten nodes (the FP path stays bit-identical to eager); transposed
+convolutions and 1-D/3-D convolutions are kept in full precision by `find_sites`, recorded with the reason.
 """
 
 from __future__ import annotations
-
-import operator
-from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from fqtc.config import FQTConfig, QuantSpec
-from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
-from fqtc.passes.common import (
-    fp_record,
-    get_or_insert_step,
-    insert_quantizer,
-    is_backward,
-    module_of,
-    stable_stream,
-    tensor_shape,
-)
-from fqtc.passes.gradquant import BHQ_NOTE
+from fqtc.fx_utils import copy_meta, graph_fake_mode, set_fake_val
+from fqtc.passes.common import fp_record, get_or_insert_step, insert_quantizer, stable_stream, tensor_shape
 from fqtc.passes.records import gemm_record
+from fqtc.passes.sites import ConvSite
 from fqtc.quant.conv import scale_ok
 
 aten = torch.ops.aten
 fqt = torch.ops.fqt
-
-CONV_ROLES: dict[str, tuple[str, str]] = {
-    "output": ("input", "weight"),
-    "grad_input": ("grad_output", "weight"),
-    "grad_weight": ("input", "grad_output"),
-}
-
-
-@dataclass
-class ConvSite:
-    name: str
-    module: str
-    module_type: str
-    forward: fx.Node
-    backward: fx.Node | None = None
-    getitems: dict[int, fx.Node] = field(default_factory=dict)  # index of convolution_backward output -> getitem
-    specs: dict[tuple[str, str], tuple[QuantSpec | None, str]] = field(default_factory=dict)  # (role, operand)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def roles(self) -> list[str]:
-        roles = ["output"]
-        if 0 in self.getitems:
-            roles.append("grad_input")
-        if 1 in self.getitems:
-            roles.append("grad_weight")
-        return roles
-
 
 def conv_reduce_dims(spec: QuantSpec, operand: str, where: str) -> list[int]:
     """Dims of a 4-D conv operand sharing one scale (see the module docstring for the mapping)."""
@@ -106,103 +66,17 @@ def _scale_shape(dims: list[int]) -> list[int]:
     return [1 if d in dims else 2 for d in range(4)]
 
 
-def _unsupported_reason(n: fx.Node) -> str | None:
-    transposed = n.args[6]
-    if transposed:
-        return "transposed convolution is not rewritten (kept in full precision)"
-    val = n.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() != 4:
-        return "only 2-D convolution is rewritten; this 1-D/3-D convolution is kept in full precision"
-    if any(p != 0 for p in n.args[7]):
-        return "convolution with output_padding is not rewritten (kept in full precision)"
-    return None
+def rewrite_convs(gm: fx.GraphModule, sites: list[ConvSite], config: FQTConfig) -> tuple[list[dict], dict[str, int]]:
+    """Rewrite the convolution sites ``sites`` (their ``specs`` resolved by assign) in place.
 
-
-def find_conv_sites(gm: fx.GraphModule) -> tuple[list[ConvSite], list[dict]]:
-    """Link each forward convolution to its convolution_backward; record the ones that stay in FP."""
-    graph = gm.graph
-    order = node_order(graph)
-    convs = sorted(graph.find_nodes(op="call_function", target=aten.convolution.default), key=order.__getitem__)
-    bwds = graph.find_nodes(op="call_function", target=aten.convolution_backward.default)
-    by_seq: dict[int, list[fx.Node]] = defaultdict(list)
-    for b in bwds:
-        by_seq[b.meta.get("seq_nr", -1)].append(b)
-    sites: list[ConvSite] = []
-    fp_records: list[dict] = []
-    claimed: set[fx.Node] = set()
-    names: dict[str, int] = defaultdict(int)
-    for f in convs:
-        if is_backward(f):
-            fp_records.append(fp_record(f, "convolution inside the backward graph (double backward) is not "
-                                           "rewritten", "output"))
-            continue
-        module, mtype = module_of(f)
-        base = module or f.name
-        k = names[base]
-        names[base] += 1
-        site = ConvSite(base if k == 0 else f"{base}#{k}", module, mtype, f)
-        reason = _unsupported_reason(f)
-        for b in by_seq.get(f.meta.get("seq_nr", -2), []):
-            if b not in claimed and b.args[1] is f.args[0] and b.args[2] is f.args[1]:
-                site.backward = b
-                claimed.add(b)
-                for u in b.users:
-                    if u.target is operator.getitem:
-                        site.getitems[u.args[1]] = u
-                break
-        if reason is not None:
-            fp_records.append(fp_record(f, reason, "output"))
-            if site.backward is not None:
-                fp_records.append(fp_record(site.backward, reason, "grad_input/grad_weight"))
-            continue
-        sites.append(site)
-    for b in bwds:
-        if b not in claimed:
-            fp_records.append(fp_record(b, "convolution_backward not linked to a forward convolution",
-                                        "grad_input/grad_weight"))
-    return sites, fp_records
-
-
-def site_keys_in_order(gm: fx.GraphModule, gemm_sites: list) -> list[str]:
-    """Module paths (or names) of all GEMM and conv sites in forward graph order: what rule presets such as
-    ``first_last`` count (a CNN's first site is its stem convolution)."""
-    order = node_order(gm.graph)
-    keyed = [(order[s.forward], s.module or s.name) for s in gemm_sites]
-    for f in gm.graph.find_nodes(op="call_function", target=aten.convolution.default):
-        if not is_backward(f) and _unsupported_reason(f) is None:
-            keyed.append((order[f], module_of(f)[0] or f.name))
-    return [k for _, k in sorted(keyed)]
-
-
-def _resolve(site: ConvSite, config: FQTConfig, role: str, operand: str,
-             matched_rules: set[str]) -> tuple[QuantSpec | None, str]:
-    key = site.module or site.name
-    for rule in config.rules:
-        if rule.matches(key, role, operand, site.module_type):
-            matched_rules.add(rule.describe())
-    spec, reason = config.resolve(key, role, operand, site.module_type)
-    if spec is not None and spec.quantizer == "bhq":
-        site.notes.append(f"{role}: {BHQ_NOTE}")
-    return spec, reason
-
-
-def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], dict[str, int], set[str]]:
-    """Find, plan and rewrite every 2-D convolution site in place.
-
-    Returns (records, counters, descriptions of the rules that matched a conv operand). Presets must be expanded
-    already (`site_keys_in_order` gives the keys).
+    Returns (records, counters).
     """
     graph = gm.graph
-    sites, records = find_conv_sites(gm)
+    records: list[dict] = []
     counters = {"conv_sites": len(sites), "conv_gemms_rewritten": 0, "conv_quantize_nodes": 0}
-    matched_rules: set[str] = set()
     if not sites:
-        return records, counters, matched_rules
+        return records, counters
     fake_mode = graph_fake_mode(graph)
-    for site in sites:
-        for role in site.roles:
-            for operand in CONV_ROLES[role]:
-                site.specs[(role, operand)] = _resolve(site, config, role, operand, matched_rules)
     todo = [s for s in sites if any(sp is not None for sp, _ in s.specs.values())]
     for site in sites:
         if site not in todo:  # every operand in full precision: keep the aten ops (bit-identical to eager)
@@ -210,7 +84,7 @@ def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], di
             if site.backward is not None:
                 records.append(_site_fp_record(site, site.backward, "grad_input/grad_weight"))
     if not todo:
-        return records, counters, matched_rules
+        return records, counters
 
     step = get_or_insert_step(graph, fake_mode, todo[0].forward.meta["val"].device)
     quantized: dict[tuple, tuple[fx.Node, fx.Node]] = {}
@@ -320,7 +194,7 @@ def rewrite_convs(gm: fx.GraphModule, config: FQTConfig) -> tuple[list[dict], di
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    return records, counters, matched_rules
+    return records, counters
 
 
 def _finish(graph, fake_mode, site: ConvSite, orig: fx.Node, new: fx.Node, role: str, operands: dict, ok: bool,

@@ -31,10 +31,8 @@ import torch.fx as fx
 from fqtc.fx_utils import copy_meta, set_fake_val
 from fqtc.passes.assign import GemmPlan, OperandPlan
 from fqtc.passes.common import insert_quantizer, stable_stream
+from fqtc.passes.records import BHQ_NOTE
 from fqtc.passes.rewrite import QUANTIZE_LOWERINGS
-
-BHQ_NOTE = ("grad_output by BHQ: T^-1 mixes rows, so the GEMM reads the dequantized fp32 gradient T^-1 Q(T g) "
-            "(fqt::bhq), not int8 codes: a float product")
 
 
 def _record(plan: GemmPlan, op: OperandPlan, base: fx.Node, spec, dims, stream: int, kind: str, output: str) -> dict:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence, TypedDict
 
+# a BHQ grad_output reaches its GEMM dequantized (docs/gradient_quantizers.md): the record of that GEMM says so
+BHQ_NOTE = ("grad_output by BHQ: T^-1 mixes rows, so the GEMM reads the dequantized fp32 gradient T^-1 Q(T g) "
+            "(fqt::bhq), not int8 codes: a float product")
 NOT_INTEGER_NOTE = "a scale varies along the reduction axis: dequantized product, not an integer GEMM"
 
 

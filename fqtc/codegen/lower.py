@@ -161,7 +161,7 @@ def _stat_dims(n: fx.Node) -> list[int] | None:
     if xv is None or xv.dim() == 0 or xv.numel() <= 1:
         return None
     nd = xv.dim()
-    if n.target == fqt.bhq.default:
+    if n.target in (fqt.bhq.default, fqt.bhq_quantize.default):
         if len(n.args) > 7:
             return None
         return sorted({d % nd for d in n.args[2]})
@@ -251,7 +251,8 @@ def lower_graph(gm: fx.GraphModule, device: str | torch.device | None = None) ->
         fused += 1
     stats = 0
     for n in list(graph.nodes):
-        if n.op != "call_function" or n.target not in (fqt.quantize.default, _GRAD_QUANTIZE, fqt.bhq.default):
+        if n.op != "call_function" or n.target not in (fqt.quantize.default, _GRAD_QUANTIZE, fqt.bhq.default,
+                                                         fqt.bhq_quantize.default):
             continue
         dims = _stat_dims(n)
         if dims is None:

@@ -18,6 +18,7 @@ forward and backward graphs the partitioner produced (the graphs that run in tra
 | ``fqt::grad_quantize`` (PTQ/PSQ/SCQ) | as ``fqt::quantize`` over the groups (the same non-finite policy, ``IsNaN``) |
 | ``fqt::grad_quantize`` (AQ, AQ top-k) | ``TopK``/``CumSum`` group sampling (`fqtc.export.onnx_gradq`), then as PSQ |
 | ``fqt::bhq`` | the block Householder transform from ``TopK``/``CumSum``/masks, ``ScatterElements(add)`` |
+| ``fqt::bhq_quantize`` / ``fqt::bhq_invert`` | the two halves of ``fqt::bhq`` (codes of ``T x``, the transform) |
 | ``fqt::lwq_unpack``, ``fqt::lwq_dequantize`` | nibble unpacking, codebook ``Gather`` (`fqtc.export.onnx_lwq`) |
 | ``fqt::lwq_step`` (update graph) | decode, SGD/AdamW math, re-encode with SR (`fqtc.export.onnx_lwq`) |
 | ``fqt::qconv2d`` | ``ConvInteger`` + scale epilogue (or ``Conv`` on dequantized operands) |

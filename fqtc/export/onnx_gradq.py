@@ -238,18 +238,13 @@ def _scatter_rows(z, order, n: int, e: int):
     return op.ScatterElements(op.ConstantOfShape(_ints([n, e])), idx, z, axis=0)
 
 
-def bhq(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int, step, amax=None) -> Any:
-    """fqt::bhq -> T^-1 Q(T x) in fp32, as `fqtc.quant.gradq.bhq` + `bhq_dequantize`."""
-    import onnx
-
-    o = _common
-    o._no_given_amax("fqt::bhq", amax)
-    op = o._op()
-    shape = _shape_of(x, "fqt::bhq")
+def _groups(shape: list[int], reduce_dims: Sequence[int], what: str):
+    """(to_groups, from_groups, dims, n, e) for ``shape`` grouped by ``reduce_dims`` (`fqtc.quant.gradq.to_groups`)."""
+    op = _common._op()
     dims = _gradq._norm_dims(reduce_dims, len(shape))
     perm, inv, n, e = _gradq._group_perm(shape, dims)
     if n == 0 or e == 0:
-        raise NotImplementedError(f"fqtc.export_onnx: fqt::bhq of an empty tensor {shape}")
+        raise NotImplementedError(f"fqtc.export_onnx: {what} of an empty tensor {shape}")
     permuted = [shape[p] for p in perm]
 
     def to_groups(t):
@@ -258,6 +253,16 @@ def bhq(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stre
     def from_groups(t):
         return op.Transpose(op.Reshape(t, _ints(permuted)), perm=inv)
 
+    return to_groups, from_groups, dims, n, e
+
+
+def _bhq_quantize(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int, step, what: str):
+    """`fqtc.quant.gradq.bhq`: (codes, scale) of ``T x`` and the transform (order, group, v, d)."""
+    import onnx
+
+    op = _common._op()
+    shape = _shape_of(x, what)
+    to_groups, from_groups, dims, n, e = _groups(shape, reduce_dims, what)
     x2 = to_groups(op.Cast(x, to=onnx.TensorProto.FLOAT))
     if n < 2:  # a single row: the identity transform
         pos = _c([0], onnx.TensorProto.INT64, [1])
@@ -267,11 +272,43 @@ def bhq(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stre
     dc = op.Unsqueeze(d, _ints([1]))
     # bhq_apply: rows in grouped order, scaled by D, reflected, scattered back to x's layout
     y = from_groups(_scatter_rows(_reflect(op.Mul(op.Gather(x2, order, axis=0), dc), group, v, n, e), order, n, e))
-    codes, scale = o._group_codes(y, int(bits), dims, rounding, int(seed), int(stream), step)
-    deq = to_groups(op.Mul(op.Cast(codes, to=onnx.TensorProto.FLOAT), scale))
-    # bhq_invert: D^-1 H y
-    z = op.Div(_reflect(op.Gather(deq, order, axis=0), group, v, n, e), dc)
+    codes, scale = _common._group_codes(y, int(bits), dims, rounding, int(seed), int(stream), step)
+    return codes, scale, order, group, v, d
+
+
+def _bhq_invert(y, order, group, v, d, reduce_dims: Sequence[int], what: str, shape: list[int] | None = None):
+    """`fqtc.quant.gradq.bhq_invert`: D^-1 H y on the rows of ``y`` (``shape``: y's, when y is an intermediate)."""
+    import onnx
+
+    op = _common._op()
+    shape = _shape_of(y, what) if shape is None else shape
+    to_groups, from_groups, _, n, e = _groups(shape, reduce_dims, what)
+    y2 = to_groups(op.Cast(y, to=onnx.TensorProto.FLOAT))
+    z = op.Div(_reflect(op.Gather(y2, order, axis=0), group, v, n, e), op.Unsqueeze(d, _ints([1])))
     return from_groups(_scatter_rows(z, order, n, e))
 
 
-__all__ = ["aq", "bhq"]
+def bhq(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int, step, amax=None) -> Any:
+    """fqt::bhq -> T^-1 Q(T x) in fp32, as `fqtc.quant.gradq.bhq` + `bhq_dequantize`."""
+    import onnx
+
+    _common._no_given_amax("fqt::bhq", amax)
+    op = _common._op()
+    codes, scale, order, group, v, d = _bhq_quantize(x, bits, reduce_dims, rounding, seed, stream, step, "fqt::bhq")
+    deq = op.Mul(op.Cast(codes, to=onnx.TensorProto.FLOAT), scale)
+    return _bhq_invert(deq, order, group, v, d, reduce_dims, "fqt::bhq", _shape_of(x, "fqt::bhq"))
+
+
+def bhq_quantize(x, bits: int, reduce_dims: Sequence[int], rounding: str, seed: int, stream: int, step,
+                 amax=None) -> Any:
+    """fqt::bhq_quantize -> (codes, scale, order, group, v, d), as `fqtc.quant.gradq.bhq`."""
+    _common._no_given_amax("fqt::bhq_quantize", amax)
+    return _bhq_quantize(x, bits, reduce_dims, rounding, seed, stream, step, "fqt::bhq_quantize")
+
+
+def bhq_invert(y, order, group, v, d, reduce_dims: Sequence[int]) -> Any:
+    """fqt::bhq_invert -> T^-1 y, as `fqtc.quant.gradq.bhq_invert`."""
+    return _bhq_invert(y, order, group, v, d, reduce_dims, "fqt::bhq_invert")
+
+
+__all__ = ["aq", "bhq", "bhq_invert", "bhq_quantize"]

@@ -235,6 +235,8 @@ def _translations() -> dict[Any, Callable]:
         torch.ops.fqt.qconv2d_input.default: _qconv2d_input,
         torch.ops.fqt.qconv2d_weight.default: _qconv2d_weight,
         torch.ops.fqt.bhq.default: _gq.bhq,
+        torch.ops.fqt.bhq_quantize.default: _gq.bhq_quantize,
+        torch.ops.fqt.bhq_invert.default: _gq.bhq_invert,
         torch.ops.fqt.rotate.default: _rot.rotate,
         **_lwq.LWQ_TRANSLATIONS,
     }

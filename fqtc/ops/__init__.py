@@ -7,7 +7,8 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
 - `fqtc.ops.stepcounter`: ``fqt::step`` and the per-model stochastic-rounding step counters
 - `fqtc.ops.core`: ``fqt::stream_key``, ``fqt::quantize``, ``fqt::qgemm``
 - `fqtc.ops.conv`: ``fqt::qconv2d``, ``fqt::qconv2d_input``, ``fqt::qconv2d_weight`` (convolution sites)
-- `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq`` (gradient quantizers PTQ/PSQ/SCQ/BHQ/AQ)
+- `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq``, ``fqt::bhq_quantize``, ``fqt::bhq_invert`` (gradient
+  quantizers PTQ/PSQ/SCQ/BHQ/AQ)
 - `fqtc.ops.lwq`: ``fqt::lwq_dequantize``, ``fqt::lwq_unpack``, ``fqt::lwq_update`` (latent weights)
 - `fqtc.ops.observe`: ``fqt::observe`` (per-step SQNR logging of the sites option ``log_sqnr`` names)
 - `fqtc.ops.fused`: ``fqt::qgemm_fused_quant``, ``fqt::qgemm_fused_grad_quant`` (quantization fused into the

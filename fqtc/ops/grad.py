@@ -1,4 +1,4 @@
-"""Gradient-quantizer ops (docs/gradient_quantizers.md): ``fqt::grad_quantize`` and ``fqt::bhq``.
+"""Gradient-quantizer ops (docs/gradient_quantizers.md): ``fqt::grad_quantize``, ``fqt::bhq`` and its two halves.
 
 - ``fqt::grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step) -> (codes, scale)`` for the
   quantizers whose result factors as int8 codes x a keepdim fp32 scale (PTQ, PSQ, SCQ, AQ, AQ top-k): the scale is
@@ -7,6 +7,13 @@
 - ``fqt::bhq(x, bits, reduce_dims, rounding, seed, stream, step) -> xhat``: BHQ's ``T^-1 Q(T x)`` as a dequantized
   fp32 tensor. T^-1 mixes the rows of the quantized gradient, so it does not factor into per-row scales;
   ``fqt::qgemm`` consumes it as a float operand (scale None) and the GEMM record says so.
+- ``fqt::bhq_quantize(x, ...) -> (codes, scale, order, group, v, d)``: BHQ before its inverse: int8 codes and
+  per-row scales of ``T x`` and the transform T (`fqtc.quant.gradq.bhq_transform`'s ``aux``). A GEMM whose output
+  rows are the rows of ``x`` (``grad_input = g @ W``) stays an integer GEMM on these codes, since
+  ``T^-1 Q(T g) W = T^-1 (Q(T g) W)``: ``fqt::bhq_invert`` applies T^-1 to its output rows
+  (docs/gradient_quantizers.md, "The quantizers").
+- ``fqt::bhq_invert(y, order, group, v, d, reduce_dims) -> T^-1 y``: on a GEMM output, or on the dequantized codes
+  (``codes * scale``) for a GEMM that reduces over the rows (``grad_weight``), which is ``fqt::bhq``'s result.
 
 Reference implementations call `fqtc.quant.gradq`; fake implementations give shapes and dtypes only.
 """
@@ -52,3 +59,42 @@ def bhq(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, 
 @bhq.register_fake
 def _(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def _n_groups(x: Tensor, reduce_dims: list[int]):
+    dims = {d % x.dim() for d in reduce_dims}
+    n = 1
+    for i, s in enumerate(x.shape):
+        if i not in dims:
+            n = n * s
+    return n
+
+
+@torch.library.custom_op("fqt::bhq_quantize", mutates_args=())
+def bhq_quantize(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor,
+                 amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """BHQ's codes and keepdim scales of ``T x`` with the transform (order, group, v, d): ``fqt::bhq`` without the
+    inverse (the same draws: ``bhq_invert(codes * scale, ...)`` is ``fqt::bhq``'s result bit for bit)."""
+    q = _gradq.bhq(x, bits, reduce_dims, rounding, seed, step, stream, amax)
+    a = q.aux
+    return q.codes, q.scale.contiguous(), a["order"], a["group"], a["v"], a["d"]
+
+
+@bhq_quantize.register_fake
+def _(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
+    codes, scale = fake_codes_and_scale(x, reduce_dims)
+    n = _n_groups(x, reduce_dims)
+    return (codes, scale, x.new_empty([n], dtype=torch.int64), x.new_empty([n], dtype=torch.int64),
+            x.new_empty([n], dtype=torch.float32), x.new_empty([n], dtype=torch.float32))
+
+
+@torch.library.custom_op("fqt::bhq_invert", mutates_args=())
+def bhq_invert(y: Tensor, order: Tensor, group: Tensor, v: Tensor, d: Tensor, reduce_dims: list[int]) -> Tensor:
+    """``T^-1 y`` for the transform of `bhq_quantize`, on ``y``'s rows (the groups of ``reduce_dims``), fp32."""
+    aux = {"order": order, "group": group, "v": v, "d": d}
+    return _gradq.bhq_invert(y, aux, reduce_dims).contiguous()
+
+
+@bhq_invert.register_fake
+def _(y, order, group, v, d, reduce_dims):
+    return y.new_empty(y.shape, dtype=torch.float32)

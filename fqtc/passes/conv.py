@@ -41,7 +41,8 @@ import torch.fx as fx
 from fqtc.config import FQTConfig, QuantSpec
 from fqtc.fx_utils import copy_meta, graph_fake_mode, set_fake_val
 from fqtc.passes.common import fp_record, get_or_insert_step, insert_quantizer, stable_stream, tensor_shape
-from fqtc.passes.records import gemm_record
+from fqtc.passes.gradquant import attach_bhq_transform, bhq_dequantized, bhq_invert_after
+from fqtc.passes.records import BHQ_INT_NOTE, BHQ_NOTE, gemm_record
 from fqtc.passes.sites import ConvSite
 from fqtc.quant.conv import scale_ok
 
@@ -104,14 +105,12 @@ def rewrite_convs(gm: fx.GraphModule, sites: list[ConvSite], config: FQTConfig) 
         stream = stable_stream(site.name, role, operand, spec.short_str())
         record = {"kind": "quantize", "site": site.name, "role": role, "operand": operand, "spec": spec.to_dict(),
                   "reduce_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream}
-        if spec.quantizer == "bhq":  # T^-1 Q(T g): a dequantized fp32 operand (passes/gradquant.py)
-            with graph.inserting_before(before):
-                codes = graph.call_function(
-                    fqt.bhq.default, (base, spec.bits, dims, spec.rounding, config.seed, stream, step))
-            copy_meta(codes, before)
-            set_fake_val(codes, fake_mode)
-            codes.meta["fqt"] = {**record, "kind": "bhq", "quantizer": "bhq", "output": "dequantized"}
-            scale = None
+        if spec.quantizer == "bhq":  # codes of T g + the transform (passes/gradquant.py; read per role below)
+            codes, scale = insert_quantizer(
+                graph, fake_mode, fqt.bhq_quantize.default,
+                (base, spec.bits, dims, spec.rounding, config.seed, stream, step), before,
+                {**record, "kind": "bhq", "quantizer": "bhq", "output": "codes_scale_transform"})
+            attach_bhq_transform(graph, fake_mode, codes, scale, dims)
         elif spec.quantizer != "uniform":  # the papers' gradient quantizers: int8 codes + keepdim scale
             codes, scale = insert_quantizer(
                 graph, fake_mode, fqt.grad_quantize.default,
@@ -141,8 +140,18 @@ def rewrite_convs(gm: fx.GraphModule, sites: list[ConvSite], config: FQTConfig) 
             dims = conv_reduce_dims(spec, operand, f"{where}, role {role!r}")
             codes, scale = quant(base, spec, dims, site, role, operand, before)
             entry = {**spec.to_dict(), "reason": reason, "reduce_dims": dims}
+            if "fqt_bhq" in codes.meta:
+                # BHQ rows are samples: grad_input's output rows are the same samples, so it stays an integer conv
+                # and T^-1 goes on its output; grad_weight reduces over samples and reads T^-1 Q(T g)
+                if role == "grad_input" and sorted(dims) == [1, 2, 3]:
+                    posts.append(lambda out, c=codes: bhq_invert_after(graph, fake_mode, out, c, [1, 2, 3]))
+                    site.notes[:] = [f"{role}: {BHQ_INT_NOTE}" if n == f"{role}: {BHQ_NOTE}" else n
+                                     for n in site.notes]
+                else:
+                    return bhq_dequantized(graph, fake_mode, codes, scale), None, entry, False
             return codes, scale, entry, scale is not None and scale_ok(role, operand, _scale_shape(dims))
 
+        posts: list = []
         # output
         xa, xs, xe, xok = operand_args("output", "input", f)
         wa, ws, we, wok = operand_args("output", "weight", f)
@@ -168,6 +177,7 @@ def rewrite_convs(gm: fx.GraphModule, sites: list[ConvSite], config: FQTConfig) 
                 graph.erase_node(gi)
                 continue
             role = "grad_input" if idx == 0 else "grad_weight"
+            posts: list = []  # maps on the new op's output (BHQ's T^-1)
             if role == "grad_input":
                 ga, gs, ge, gok = operand_args(role, "grad_output", b)
                 wa, ws, we, wok = operand_args(role, "weight", b)
@@ -185,6 +195,8 @@ def rewrite_convs(gm: fx.GraphModule, sites: list[ConvSite], config: FQTConfig) 
             _finish(graph, fake_mode, site, b, new, role, operands, ok,
                     {"a": tensor_shape(g), "b": tensor_shape(w if role == "grad_input" else x),
                      "out": tensor_shape(gi)}, records, original=gi)
+            for post in posts:
+                new = post(new)
             gi.replace_all_uses_with(new)
             graph.erase_node(gi)
             counters["conv_gemms_rewritten"] += 1

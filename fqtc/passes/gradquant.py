@@ -16,14 +16,23 @@ After (``grad_quantizer="aq"``)::
 
 After (``grad_quantizer="bhq"``)::
 
-    ghat  = fqt.bhq(tangents_1, 5, [1], "stochastic", seed, stream, step)   # T^-1 Q(T g), fp32
-    qgemm = fqt.qgemm(ghat, None, w8, sw, None, float32)               # float operand: not an integer GEMM
+    bq = fqt.bhq_quantize(tangents_1, 5, [1], "stochastic", seed, stream, step)
+    g8, gs, order, group, v, d = bq[0], bq[1], bq[2], bq[3], bq[4], bq[5]   # codes, scales of T g; T
+    ghat  = fqt.bhq_invert(g8.float() * gs, order, group, v, d, [1])         # T^-1 Q(T g), fp32
+    mm_3  = fqt.qgemm(g8, gs, w8, sw, None, float32)                     # grad_input: integer GEMM ...
+    dx    = fqt.bhq_invert(mm_3, order, group, v, d, [1])                # ... T^-1 on its output rows
+    mm_4  = fqt.qgemm(ghat_t, None, x8, sx, None, float32)               # grad_weight: float operand
+
+``T^-1 Q(T g) W = T^-1 (Q(T g) W)``: the ``grad_input`` GEMM stays integer when its output rows are the gradient's
+rows (`bhq_rows_preserved`); a GEMM that reduces over the rows (``grad_weight``) reads the dequantized gradient.
 
 Records: the quantize node's ``meta["fqt"]`` has ``kind`` (``grad_quantize``/``bhq``), the spec, stream and
-``output`` (``codes_scale`` or ``dequantized``); the BHQ GEMMs' records get ``integer_gemm=False`` and a note.
+``output``; a BHQ GEMM's record notes which form it reads (``integer_gemm=False`` for the dequantized one).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -31,8 +40,8 @@ import torch.fx as fx
 from fqtc.fx_utils import copy_meta, set_fake_val
 from fqtc.passes.assign import GemmPlan, OperandPlan
 from fqtc.passes.common import insert_quantizer, stable_stream
-from fqtc.passes.records import BHQ_NOTE
-from fqtc.passes.rewrite import QUANTIZE_LOWERINGS
+from fqtc.passes.records import BHQ_INT_NOTE, BHQ_NOTE
+from fqtc.passes.rewrite import OPERAND_HOOKS, QUANTIZE_LOWERINGS
 
 
 def _record(plan: GemmPlan, op: OperandPlan, base: fx.Node, spec, dims, stream: int, kind: str, output: str) -> dict:
@@ -57,29 +66,104 @@ def lower_codes_scale(graph, fake_mode, base, spec, dims, plan: GemmPlan, op: Op
 
 
 def lower_bhq(graph, fake_mode, base, spec, dims, plan: GemmPlan, op: OperandPlan, config, step):
-    """BHQ: ``fqt::bhq`` -> a dequantized fp32 operand (scale None); marks every GEMM reading it as a float product."""
+    """BHQ: one ``fqt::bhq_quantize`` per (grad_output, spec, grouping): codes and per-row scales of ``T g`` and the
+    transform (order, group, v, d), kept in ``codes.meta["fqt_bhq"]``. `bhq_operand` then decides per GEMM."""
     site = plan.site
     stream = stable_stream(site.name, plan.role, site.report_name(op.key), spec.short_str())
-    with graph.inserting_before(plan.node):
-        xhat = graph.call_function(
-            torch.ops.fqt.bhq.default, (base, spec.bits, list(dims), spec.rounding, config.seed, stream, step)
-        )
-    copy_meta(xhat, plan.node)
-    set_fake_val(xhat, fake_mode)
-    xhat.meta["fqt"] = _record(plan, op, base, spec, dims, stream, "bhq", "dequantized")
-    # every backward GEMM of this site that shares this quantization (same spec and grouping) reads a float operand
-    for role, gemm in site.gemms.items():
-        rec = gemm.meta.get("fqt", {})
-        g = rec.get("operands", {}).get("grad_output")
-        if g and g.get("quantizer") == "bhq" and g.get("bits") == spec.bits and list(g.get("reduce_dims", [])) == list(
-                dims):
-            rec["integer_gemm"] = False
-            notes = rec.setdefault("notes", [])
-            if BHQ_NOTE not in notes:
-                notes.append(BHQ_NOTE)
-    return xhat, None
+    codes, scale = insert_quantizer(
+        graph, fake_mode, torch.ops.fqt.bhq_quantize.default,
+        (base, spec.bits, list(dims), spec.rounding, config.seed, stream, step), plan.node,
+        _record(plan, op, base, spec, dims, stream, "bhq", "codes_scale_transform"))
+    attach_bhq_transform(graph, fake_mode, codes, scale, list(dims))
+    return codes, scale
+
+
+def attach_bhq_transform(graph, fake_mode, codes: fx.Node, scale: fx.Node, dims: list[int]) -> None:
+    """The transform outputs (order, group, v, d) of the ``fqt::bhq_quantize`` behind ``codes``, as getitems right
+    after ``scale``; recorded in ``codes.meta["fqt_bhq"]`` with the grouping."""
+    qn = codes.args[0]
+    aux = []
+    at = scale
+    for i in (2, 3, 4, 5):
+        with graph.inserting_after(at):
+            at = graph.call_function(operator.getitem, (qn, i))
+        copy_meta(at, scale)
+        set_fake_val(at, fake_mode)
+        aux.append(at)
+    codes.meta["fqt_bhq"] = {"aux": aux, "dims": dims, "dequantized": None}
+
+
+def bhq_rows_preserved(base: fx.Node, gemm_out: fx.Node, dims: list[int]) -> bool:
+    """Are the rows of the GEMM output the rows of the BHQ-quantized ``base`` (the groups of ``dims``), in order? True
+    when ``base`` is the GEMM's first operand as is (no transpose or view between), grouped along its last dim, and
+    the output has the same leading dims: then ``T^-1`` can be applied to the output rows."""
+    bv, ov = base.meta.get("val"), gemm_out.meta.get("val")
+    if bv is None or ov is None or bv.dim() != ov.dim() or bv.dim() < 2:
+        return False
+    return sorted(d % bv.dim() for d in dims) == [bv.dim() - 1] and list(bv.shape[:-1]) == list(ov.shape[:-1])
+
+
+def bhq_invert_after(graph, fake_mode, out: fx.Node, codes: fx.Node, dims: list[int]) -> fx.Node:
+    """``fqt::bhq_invert`` of a GEMM output ``out`` whose rows (groups of ``dims``) are the BHQ rows of ``codes``."""
+    aux = codes.meta["fqt_bhq"]["aux"]
+    with graph.inserting_after(out):
+        inv = graph.call_function(torch.ops.fqt.bhq_invert.default, (out, *aux, list(dims)))
+    copy_meta(inv, out)
+    set_fake_val(inv, fake_mode)
+    inv.meta["fqt"] = {"kind": "bhq_invert", "of": out.name}
+    return inv
+
+
+def bhq_dequantized(graph, fake_mode, codes: fx.Node, scale: fx.Node) -> fx.Node:
+    """``T^-1 (codes * scale)`` (``fqt::bhq``'s result), once per quantization, right after the transform outputs:
+    the float operand of a GEMM that reduces over the BHQ rows (``grad_weight``)."""
+    meta = codes.meta["fqt_bhq"]
+    if meta["dequantized"] is not None:
+        return meta["dequantized"]
+    aux = meta["aux"]
+    nodes = []
+    with graph.inserting_after(aux[-1]):
+        f = graph.call_function(torch.ops.aten._to_copy.default, (codes,), {"dtype": torch.float32})
+        nodes.append(f)
+    with graph.inserting_after(f):
+        m = graph.call_function(torch.ops.aten.mul.Tensor, (f, scale))
+        nodes.append(m)
+    with graph.inserting_after(m):
+        deq = graph.call_function(torch.ops.fqt.bhq_invert.default, (m, *aux, list(meta["dims"])))
+        nodes.append(deq)
+    for n in nodes:
+        copy_meta(n, aux[-1])
+        set_fake_val(n, fake_mode)
+    deq.meta["fqt"] = {"kind": "bhq_dequantize", "codes": codes.name, "output": "dequantized"}
+    meta["dequantized"] = deq
+    return deq
+
+
+def bhq_operand(graph, fake_mode, plan: GemmPlan, op: OperandPlan, codes: fx.Node, scale: fx.Node,
+                chain: list[fx.Node]):
+    """How one GEMM reads a BHQ quantization: ``(codes, scale, post)``.
+
+    ``grad_input`` (the GEMM whose output rows are the gradient's rows, `bhq_rows_preserved`): the int8 codes of
+    ``T g`` and their scales, an integer GEMM, and ``post`` applies ``T^-1`` to its output. Any other GEMM (e.g.
+    ``grad_weight``, which reduces over the rows): the dequantized ``T^-1 Q(T g)`` as a float operand (scale
+    None), and its record says so."""
+    meta = codes.meta["fqt_bhq"]
+    rec = plan.node.meta.setdefault("fqt", {})
+    notes = rec.setdefault("notes", [])
+    base = codes.args[0].args[0]
+    if plan.role == "grad_input" and op.arg_index == 0 and not chain and bhq_rows_preserved(
+            base, plan.node, meta["dims"]):
+        if BHQ_INT_NOTE not in notes:
+            notes.append(BHQ_INT_NOTE)
+        out_dims = [plan.node.meta["val"].dim() - 1]
+        return codes, scale, lambda out: bhq_invert_after(graph, fake_mode, out, codes, out_dims)
+    rec["integer_gemm"] = False
+    if BHQ_NOTE not in notes:
+        notes.append(BHQ_NOTE)
+    return bhq_dequantized(graph, fake_mode, codes, scale), None, None
 
 
 for _name in ("ptq", "psq", "scq", "aq", "aq_topk"):
     QUANTIZE_LOWERINGS[_name] = lower_codes_scale
 QUANTIZE_LOWERINGS["bhq"] = lower_bhq
+OPERAND_HOOKS["bhq"] = bhq_operand

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence, TypedDict
 # a BHQ grad_output reaches its GEMM dequantized (docs/gradient_quantizers.md): the record of that GEMM says so
 BHQ_NOTE = ("grad_output by BHQ: T^-1 mixes rows, so the GEMM reads the dequantized fp32 gradient T^-1 Q(T g) "
             "(fqt::bhq), not int8 codes: a float product")
+BHQ_INT_NOTE = ("grad_output by BHQ: integer GEMM on the codes of T g, T^-1 applied to its output rows "
+                "(fqt::bhq_invert)")
 NOT_INTEGER_NOTE = "a scale varies along the reduction axis: dequantized product, not an integer GEMM"
 
 

@@ -79,12 +79,13 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     for (base, spec, dims), users in requests.items():
         first_plan, first_op = min(users, key=lambda u: order[u[0].node])
         q = _insert_quantize(graph, fake_mode, base, spec, list(dims), first_plan, first_op, config, step)
-        if config.log_sqnr and q[1] is not None and any(
+        if config.log_sqnr and q[1] is not None and spec.quantizer != "bhq" and any(
                 config.logs_sqnr(p.site.name, p.site.module, p.role) for p, _ in users):
             q = _insert_observer(graph, fake_mode, base, q, first_plan, first_op, step)
         quantized[(base, spec, dims)] = q
 
     # phase 2: replace each GEMM by qgemm on (replayed) codes and scales
+    quantized_ops: dict[tuple[fx.Node, int], tuple] = {}
     for plan in todo:
         node = plan.node
         args = list(gemm_operands(node))
@@ -92,12 +93,23 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
         for idx in (0, 1):
             new_args[2 * idx] = args[idx]
         lowered: set[int] = set()
+        posts: list[Callable[[fx.Node], fx.Node]] = []
+        for op in plan.operands:
+            if op.spec is None:
+                continue
+            key, chain = resolved[(node, op.arg_index)]
+            codes, scale = quantized[key]
+            hook = OPERAND_HOOKS.get(op.spec.quantizer)
+            if hook is not None:  # a quantizer whose GEMMs read it in several forms (BHQ)
+                codes, scale, post = hook(graph, fake_mode, plan, op, codes, scale, chain)
+                if post is not None:
+                    posts.append(post)
+            quantized_ops[(node, op.arg_index)] = (codes, scale, chain)
         with graph.inserting_before(node):
             for op in plan.operands:
                 if op.spec is None:
                     continue
-                key, chain = resolved[(node, op.arg_index)]
-                codes, scale = quantized[key]
+                codes, scale, chain = quantized_ops[(node, op.arg_index)]
                 for t in chain:
                     codes = _replay(graph, fake_mode, t, codes, node)
                     # scale None: a lowering returned a dequantized float operand (e.g. BHQ)
@@ -117,7 +129,10 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
         rec["node"] = q.name
         rec["original_node"] = node.name
         q.meta["fqt"] = rec
-        node.replace_all_uses_with(q)
+        out = q
+        for post in posts:  # e.g. BHQ's T^-1 on the output rows
+            out = post(out)
+        node.replace_all_uses_with(out)
         graph.erase_node(node)
 
     graph.eliminate_dead_code()
@@ -133,6 +148,10 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
 # A base node whose meta["fqt_int"] = {"codes": Node, "scale": Node, "bits": int, "reduce_dims": [...]} is already
 #   stored in integer form (latent-weight parameters): matching specs reuse its codes instead of re-quantizing.
 QUANTIZE_LOWERINGS: dict[str, Callable] = {}
+# OPERAND_HOOKS[spec.quantizer](graph, fake_mode, plan, op, codes, scale, chain) -> (codes, scale, post): how one
+#   GEMM reads a quantization whose GEMMs need different forms of it; ``post`` (or None) maps the new GEMM node to
+#   the node its users read (BHQ: T^-1 on the integer grad_input's output rows, fqtc.passes.gradquant).
+OPERAND_HOOKS: dict[str, Callable] = {}
 
 
 def _insert_quantize(graph, fake_mode, base, spec, dims, plan, op: OperandPlan, config, step):

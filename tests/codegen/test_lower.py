@@ -306,15 +306,15 @@ def bhq_graphs():
 
 
 def test_bhq_takes_the_producer_row_ranges(bhq_graphs):
-    """Every ``fqt::bhq`` gets its rows' abs-max from the producer, and the lowered backward computes the same bits
-    on the reference and on the kernels (Triton interpreter)."""
+    """Every ``fqt::bhq_quantize`` gets its rows' abs-max from the producer, and the lowered backward computes the
+    same bits on the reference and on the kernels (Triton interpreter)."""
     pytest.importorskip("triton")
     gm = bhq_graphs.backward
-    n_bhq = _count(gm, fqt.bhq.default)
+    n_bhq = _count(gm, fqt.bhq_quantize.default)
     assert n_bhq > 0
     lowered = copy.deepcopy(gm)
     counts = lower_graph(lowered, device="cuda")
-    bhqs = lowered.graph.find_nodes(op="call_function", target=fqt.bhq.default)
+    bhqs = lowered.graph.find_nodes(op="call_function", target=fqt.bhq_quantize.default)
     assert counts["statistics"] >= len(bhqs) == n_bhq
     for n in bhqs:
         assert _amax_source(n.args[7]) is n.args[0]

@@ -12,7 +12,7 @@ from tests.helpers import compile_fqt
 
 QAT_RULE = {"operand": "grad_output", "bits": "fp"}  # QAT: same forward quantization, grad_output in full precision
 LOWERED = {q: torch.ops.fqt.grad_quantize.default for q in ("ptq", "psq", "scq", "aq", "aq_topk")}
-LOWERED["bhq"] = torch.ops.fqt.bhq.default
+LOWERED["bhq"] = torch.ops.fqt.bhq_quantize.default
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,13 +71,16 @@ def test_compiles_trains_and_lowers(quantizer, bits):
     assert len(gq) == expected
     for n in gq:
         assert n.meta["fqt"]["quantizer"] == quantizer
+    if quantizer == "bhq":  # T^-1 on the 2 grad_input outputs and on the 3 dequantized gradients grad_weight reads
+        inverts = bw.find_nodes(op="call_function", target=torch.ops.fqt.bhq_invert.default)
+        assert sorted(n.args[0].target.__name__ for n in inverts) == ["mul.Tensor"] * 3 + ["qgemm.default"] * 2
     recs = [r for r in cg.records if r["role"] in ("grad_input", "grad_weight")]
     assert len(recs) == 5 and all(r["status"] == "quantized" for r in recs)
     for r in recs:
         g = r["operands"]["grad_output"]
         assert g["quantizer"] == quantizer and g["bits"] == int(bits[-1])
-        if quantizer == "bhq":
-            assert not r["integer_gemm"] and any("BHQ" in note for note in r["notes"])
+        if quantizer == "bhq":  # grad_input: integer on the codes of T g, T^-1 on its output; grad_weight: float
+            assert r["integer_gemm"] is (r["role"] == "grad_input") and any("BHQ" in note for note in r["notes"])
         elif quantizer in ("scq", "aq", "aq_topk", "ptq") or r["role"] == "grad_input":
             assert r["integer_gemm"], r  # scales factor out of the integer GEMM
         else:  # PSQ's per-sample scales lie along grad_weight's reduction axis

@@ -1,7 +1,7 @@
 """ONNX export of the data-dependent gradient quantizers: AQ / AQ top-k (``fqt::grad_quantize``) and
-BHQ (``fqt::bhq``). With ``sr="counter"`` (or nearest rounding) onnxruntime reproduces PyTorch bit for bit: the
-op alone on crafted gradients (dominant rows, zero and non-finite groups, 3-D, other groupings), and inside the
-MLP's backward graph."""
+BHQ (``fqt::bhq``; its halves ``fqt::bhq_quantize`` / ``fqt::bhq_invert``). With ``sr="counter"`` (or nearest
+rounding) onnxruntime reproduces PyTorch bit for bit: the op alone on crafted gradients (dominant rows, zero and
+non-finite groups, 3-D, other groupings), and inside the MLP's backward graph."""
 
 from __future__ import annotations
 
@@ -111,6 +111,24 @@ def test_bhq_op_bit_exact(tmp_path, shape, dims):
     _assert_exact(got[0], ref[0])
 
 
+def test_bhq_quantize_and_invert_bit_exact(tmp_path):
+    """``fqt::bhq_quantize`` (codes, scales, transform) and ``fqt::bhq_invert`` on an integer GEMM's output, as the
+    BHQ grad_input of a training graph uses them."""
+    x = _grouped((12, 16), [1])
+    w = torch.randint(-127, 128, (16, 5), dtype=torch.int8)
+    step = torch.tensor(5, dtype=torch.int64)
+
+    def fn(x, w, step):
+        codes, scale, order, group, v, d = torch.ops.fqt.bhq_quantize.default(x, 4, [1], "stochastic", 1, 777, step)
+        out = torch.ops.fqt.qgemm.default(codes, scale, w, torch.ones(1, 1), None, torch.float32)
+        return codes, scale, torch.ops.fqt.bhq_invert.default(out, order, group, v, d, [1])
+
+    ref, got, ops = _run_op(tmp_path, fn, (x, w, step))
+    assert ops["ScatterElements"] >= 2 and ops["TopK"] >= 2
+    for r, o in zip(ref, got):
+        _assert_exact(o, r)
+
+
 @pytest.mark.parametrize("case", ["zeros", "nonfinite", "one_row"])
 def test_bhq_op_identity_cases(tmp_path, case):
     """bhq_transform's identity: a zero tensor, a non-finite one (NaN spreads through its reflection as in
@@ -137,7 +155,7 @@ def test_bhq_op_identity_cases(tmp_path, case):
 def test_mlp_backward_matches_pytorch(tmp_path, options):
     rows, ops = _export_and_run(tmp_path, options, sr="counter")
     assert ops["backward"]["TopK"] >= 2  # every grad_output quantizer of the MLP is AQ / BHQ
-    if options["grad_quantizer"] == "bhq":  # T^-1 Q(T g) is a float operand: MatMul on the dequantized gradient
+    if options["grad_quantizer"] == "bhq":  # grad_weight reads the dequantized T^-1 Q(T g): a float MatMul
         assert ops["backward"]["MatMul"] >= 2
     exact = 0
     for which, name, ref, got, must_be_exact in rows:

@@ -45,7 +45,7 @@ def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
 @pytest.mark.parametrize("quantizer", list(GROUPING))
 def test_conv_lowers_each_gradient_quantizer(quantizer):
     _, _, _, cg = _setup(quantizer, "W8A8G1" if quantizer.startswith("aq") else "W8A8G8")
-    op = torch.ops.fqt.bhq.default if quantizer == "bhq" else torch.ops.fqt.grad_quantize.default
+    op = torch.ops.fqt.bhq_quantize.default if quantizer == "bhq" else torch.ops.fqt.grad_quantize.default
     nodes = [n for n in cg.backward.graph.nodes if n.op == "call_function" and n.target is op]
     assert nodes, f"no {op} in the backward graph"
     recs = {r["role"]: r for r in cg.records if r["op"] == "convolution_backward"}
@@ -53,14 +53,19 @@ def test_conv_lowers_each_gradient_quantizer(quantizer):
         g = recs[role]["operands"]["grad_output"]
         assert g["quantizer"] == quantizer and g["reduce_dims"] == DIMS[gran], (role, g)
         # integer conv when the grouping is constant along the role's reduction (per sample for grad_input,
-        # per channel for grad_weight); BHQ mixes samples, so its GEMMs read a dequantized fp32 operand
-        integer = quantizer != "bhq" and gran in ({"grad_input": ("tensor", "sample"),
-                                                   "grad_weight": ("tensor", "channel")}[role])
+        # per channel for grad_weight); BHQ mixes samples: grad_input stays integer on the codes of T g (its output
+        # rows are the samples, T^-1 goes on them), grad_weight reduces over samples and reads T^-1 Q(T g)
+        integer = gran in ({"grad_input": ("tensor", "sample"), "grad_weight": ("tensor", "channel")}[role])
+        if quantizer == "bhq":
+            integer = role == "grad_input"
         assert recs[role]["integer_gemm"] is integer, (role, recs[role])
         assert not any("not lowered" in n for n in recs[role]["notes"])
     if quantizer != "bhq":
         stored = {tuple(n.args[3]) for n in nodes}
         assert stored == {tuple(DIMS[g]) for g in GROUPING[quantizer]}
+    else:  # T^-1 on the integer grad_input's output, and on the dequantized codes grad_weight reads
+        inv = [n for n in cg.backward.graph.nodes if n.target is torch.ops.fqt.bhq_invert.default]
+        assert sorted(n.args[0].target.__name__ for n in inv) == ["mul.Tensor", "qconv2d_input.default"]
 
 
 @pytest.mark.parametrize("quantizer", ["ptq", "psq", "scq"])

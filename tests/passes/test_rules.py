@@ -128,6 +128,23 @@ def test_rules_matching_nothing_warn():
     assert any("module_type=Conv2d" in m for m in msgs) and any("module=decoder.*" in m for m in msgs)
 
 
+def test_backward_rules_do_not_warn_in_inference_graphs():
+    """An inference graph (no_grad) has no backward GEMMs: a rule naming a backward role has nothing to match there
+    and does not warn; a rule for the forward that matches nothing still does."""
+    import warnings
+
+    from tests.helpers import compile_fqt
+
+    torch.manual_seed(0)
+    model = compile_fqt(Net(), {"rules": [{"role": "grad_weight", "operand": "input", "granularity": "channel"},
+                                          {"module": "nowhere", "role": "output", "bits": 4}]})
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        model(torch.randn(6, 8))
+    msgs = [str(w.message) for w in caught if "matched no GEMM operand" in str(w.message)]
+    assert len(msgs) == 1 and "module=nowhere" in msgs[0], msgs
+
+
 def test_resolve_precedence_without_graph():
     cfg = FQTConfig.from_options({"bits": "W8A8G8", "keep_fp": ["grad_input"], "rules": [
         {"module_type": "Linear", "bits": 4},

@@ -220,6 +220,26 @@ def test_ops_fake_and_reference_agree():
     assert torch.equal(xhat, G.bhq_dequantize(G.bhq(x, 5, [1], "stochastic", 0, step, 5)))
 
 
+def test_bhq_integer_grad_input_equals_the_dequantized_product():
+    """``fqt::bhq_quantize`` + ``fqt::bhq_invert`` are ``fqt::bhq`` split in two (bit for bit), and applying T^-1 to
+    the output of the integer GEMM on the codes of T g gives the float GEMM on T^-1 Q(T g): T^-1 Q(T g) W =
+    T^-1 (Q(T g) W), equal up to fp32 rounding of the two orders of summation."""
+    g = heavy_tailed(16, 24, heavy=2)
+    step = torch.tensor(7)
+    args = (g, 5, [1], "stochastic", 0, 5, step)
+    torch.library.opcheck(torch.ops.fqt.bhq_quantize.default, args)
+    codes, scale, order, group, v, d = torch.ops.fqt.bhq_quantize(*args)
+    assert int(torch.bincount(group).max()) > 1  # a real block transform, not the identity
+    torch.library.opcheck(torch.ops.fqt.bhq_invert.default, (g, order, group, v, d, [1]))
+    ghat = torch.ops.fqt.bhq_invert(codes.float() * scale, order, group, v, d, [1])
+    assert torch.equal(ghat, torch.ops.fqt.bhq(*args))
+    w8, sw = torch.ops.fqt.quantize(torch.randn(24, 10), 8, [0, 1], "nearest", 0, 1, step)
+    integer = torch.ops.fqt.bhq_invert(torch.ops.fqt.qgemm(codes, scale, w8, sw, None, torch.float32),
+                                       order, group, v, d, [1])
+    dequantized = torch.ops.fqt.qgemm(ghat, None, w8, sw, None, torch.float32)
+    torch.testing.assert_close(integer, dequantized, rtol=1e-5, atol=1e-6 * dequantized.abs().max().item())
+
+
 def test_config_bits_and_operands():
     spec, _ = FQTConfig.from_options({"grad_quantizer": "aq", "bits": "W4A4G1"}).resolve("fc", "grad_weight",
                                                                                          "grad_output")

@@ -50,10 +50,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TOKEN_ROT = {"rotate": "hadamard", "rules": [
-    {"role": "output", "operand": "input", "granularity": "token"},
-    {"role": "grad_input", "operand": "weight", "granularity": "channel"},
-    {"role": "grad_weight", "operand": "input", "granularity": "channel"}]}
+from benchmarks.step_time import TOKEN_ROT  # noqa: E402  (the layout docs/outliers.md recommends)
+
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "W8A8G8": {"bits": "W8A8G8"},

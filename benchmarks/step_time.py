@@ -652,9 +652,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="fresh: a new empty Inductor cache folder for this process, so compile times are cold")
     a = p.parse_args(argv)
     models = _csv(a.models, ALL_MODELS, "model")
-    configs = _csv(a.configs, ALL_CONFIGS + OPTIONAL_CONFIGS, "config")
-    if a.configs == "all":
-        configs = list(ALL_CONFIGS)
+    configs = list(ALL_CONFIGS) if a.configs == "all" else _csv(a.configs, ALL_CONFIGS + OPTIONAL_CONFIGS, "config")
     if BASE not in configs:
         configs.insert(0, BASE)
     threads = [int(x) for x in a.threads.split(",") if x.strip()]

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["copy_meta", "graph_fake_mode", "node_order", "set_fake_val"]
+__all__ = ["call_node", "copy_meta", "graph_fake_mode", "node_order", "set_fake_val"]
 
 # Meta keys copied onto nodes a pass creates, so partitioners and tracebacks see them as part of the same op.
 _COPY_META = ("partitioner_tag", "seq_nr", "nn_module_stack", "fwd_nn_module_stack", "source_fn_stack",
@@ -40,6 +40,16 @@ def set_fake_val(node: fx.Node, fake_mode) -> None:
         raise RuntimeError("fqt: no fake mode found on the graph's placeholders; cannot keep node.meta['val'] valid")
     with fake_mode:
         node.meta["val"] = node.target(*args, **kwargs)
+
+
+def call_node(graph: fx.Graph, fake_mode, target, args: tuple, meta_from: fx.Node,
+              kwargs: dict | None = None) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point, with ``meta_from``'s partitioner meta
+    (`copy_meta`) and a valid fake value (`set_fake_val`): the passes' invariant for every node they create."""
+    n = graph.call_function(target, args, kwargs or {})
+    copy_meta(n, meta_from)
+    set_fake_val(n, fake_mode)
+    return n
 
 
 def node_order(graph: fx.Graph) -> dict[fx.Node, int]:

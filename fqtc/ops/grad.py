@@ -61,15 +61,6 @@ def _(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def _n_groups(x: Tensor, reduce_dims: list[int]):
-    dims = {d % x.dim() for d in reduce_dims}
-    n = 1
-    for i, s in enumerate(x.shape):
-        if i not in dims:
-            n = n * s
-    return n
-
-
 @torch.library.custom_op("fqt::bhq_quantize", mutates_args=())
 def bhq_quantize(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: int, stream: int, step: Tensor,
                  amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -83,7 +74,7 @@ def bhq_quantize(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, se
 @bhq_quantize.register_fake
 def _(x, bits, reduce_dims, rounding, seed, stream, step, amax=None):
     codes, scale = fake_codes_and_scale(x, reduce_dims)
-    n = _n_groups(x, reduce_dims)
+    n = _gradq._group_perm(x.shape, reduce_dims)[2]  # the number of rows (groups) T acts on
     return (codes, scale, x.new_empty([n], dtype=torch.int64), x.new_empty([n], dtype=torch.int64),
             x.new_empty([n], dtype=torch.float32), x.new_empty([n], dtype=torch.float32))
 

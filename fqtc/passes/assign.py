@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from fqtc.config import FQTConfig, QuantSpec
 from fqtc.passes.common import strip_operand, tensor_shape
-from fqtc.passes.records import BHQ_NOTE, GemmRecord, OperandRecord, gemm_record
+from fqtc.passes.records import GemmRecord, OperandRecord, gemm_record
 from fqtc.passes.sites import CONV_ROLES, ConvSite, GemmSite, Site, gemm_operands
 
 
@@ -123,9 +123,7 @@ def assign(sites: list[Site], config: FQTConfig) -> list[GemmPlan]:
 def _assign_conv(site: ConvSite, resolve) -> None:
     for role in site.roles:
         for operand in CONV_ROLES[role]:
-            spec, reason = site.specs[(role, operand)] = resolve(site, role, operand)
-            if spec is not None and spec.quantizer == "bhq":
-                site.notes.append(f"{role}: {BHQ_NOTE}")
+            site.specs[(role, operand)] = resolve(site, role, operand)
 
 
 def _assign_gemm(site: GemmSite, resolve) -> list[GemmPlan]:

@@ -145,9 +145,9 @@ def rewrite_convs(gm: fx.GraphModule, sites: list[ConvSite], config: FQTConfig) 
                 # and T^-1 goes on its output; grad_weight reduces over samples and reads T^-1 Q(T g)
                 if role == "grad_input" and sorted(dims) == [1, 2, 3]:
                     posts.append(lambda out, c=codes: bhq_invert_after(graph, fake_mode, out, c, [1, 2, 3]))
-                    site.notes[:] = [f"{role}: {BHQ_INT_NOTE}" if n == f"{role}: {BHQ_NOTE}" else n
-                                     for n in site.notes]
+                    site.notes.append(f"{role}: {BHQ_INT_NOTE}")
                 else:
+                    site.notes.append(f"{role}: {BHQ_NOTE}")
                     return bhq_dequantized(graph, fake_mode, codes, scale), None, entry, False
             return codes, scale, entry, scale is not None and scale_ok(role, operand, _scale_shape(dims))
 

@@ -37,7 +37,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from fqtc.fx_utils import copy_meta, set_fake_val
+from fqtc.fx_utils import call_node
 from fqtc.passes.assign import GemmPlan, OperandPlan
 from fqtc.passes.common import insert_quantizer, stable_stream
 from fqtc.passes.records import BHQ_INT_NOTE, BHQ_NOTE
@@ -86,9 +86,7 @@ def attach_bhq_transform(graph, fake_mode, codes: fx.Node, scale: fx.Node, dims:
     at = scale
     for i in (2, 3, 4, 5):
         with graph.inserting_after(at):
-            at = graph.call_function(operator.getitem, (qn, i))
-        copy_meta(at, scale)
-        set_fake_val(at, fake_mode)
+            at = call_node(graph, fake_mode, operator.getitem, (qn, i), scale)
         aux.append(at)
     codes.meta["fqt_bhq"] = {"aux": aux, "dims": dims, "dequantized": None}
 
@@ -107,9 +105,7 @@ def bhq_invert_after(graph, fake_mode, out: fx.Node, codes: fx.Node, dims: list[
     """``fqt::bhq_invert`` of a GEMM output ``out`` whose rows (groups of ``dims``) are the BHQ rows of ``codes``."""
     aux = codes.meta["fqt_bhq"]["aux"]
     with graph.inserting_after(out):
-        inv = graph.call_function(torch.ops.fqt.bhq_invert.default, (out, *aux, list(dims)))
-    copy_meta(inv, out)
-    set_fake_val(inv, fake_mode)
+        inv = call_node(graph, fake_mode, torch.ops.fqt.bhq_invert.default, (out, *aux, list(dims)), out)
     inv.meta["fqt"] = {"kind": "bhq_invert", "of": out.name}
     return inv
 
@@ -121,19 +117,12 @@ def bhq_dequantized(graph, fake_mode, codes: fx.Node, scale: fx.Node) -> fx.Node
     if meta["dequantized"] is not None:
         return meta["dequantized"]
     aux = meta["aux"]
-    nodes = []
-    with graph.inserting_after(aux[-1]):
-        f = graph.call_function(torch.ops.aten._to_copy.default, (codes,), {"dtype": torch.float32})
-        nodes.append(f)
+    with graph.inserting_after(aux[-1]):  # nodes inserted in turn, each after the previous one
+        f = call_node(graph, fake_mode, torch.ops.aten._to_copy.default, (codes,), aux[-1], {"dtype": torch.float32})
     with graph.inserting_after(f):
-        m = graph.call_function(torch.ops.aten.mul.Tensor, (f, scale))
-        nodes.append(m)
+        m = call_node(graph, fake_mode, torch.ops.aten.mul.Tensor, (f, scale), aux[-1])
     with graph.inserting_after(m):
-        deq = graph.call_function(torch.ops.fqt.bhq_invert.default, (m, *aux, list(meta["dims"])))
-        nodes.append(deq)
-    for n in nodes:
-        copy_meta(n, aux[-1])
-        set_fake_val(n, fake_mode)
+        deq = call_node(graph, fake_mode, torch.ops.fqt.bhq_invert.default, (m, *aux, list(meta["dims"])), aux[-1])
     deq.meta["fqt"] = {"kind": "bhq_dequantize", "codes": codes.name, "output": "dequantized"}
     meta["dequantized"] = deq
     return deq

@@ -85,7 +85,6 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
         quantized[(base, spec, dims)] = q
 
     # phase 2: replace each GEMM by qgemm on (replayed) codes and scales
-    quantized_ops: dict[tuple[fx.Node, int], tuple] = {}
     for plan in todo:
         node = plan.node
         args = list(gemm_operands(node))
@@ -94,22 +93,17 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
             new_args[2 * idx] = args[idx]
         lowered: set[int] = set()
         posts: list[Callable[[fx.Node], fx.Node]] = []
-        for op in plan.operands:
-            if op.spec is None:
-                continue
-            key, chain = resolved[(node, op.arg_index)]
-            codes, scale = quantized[key]
-            hook = OPERAND_HOOKS.get(op.spec.quantizer)
-            if hook is not None:  # a quantizer whose GEMMs read it in several forms (BHQ)
-                codes, scale, post = hook(graph, fake_mode, plan, op, codes, scale, chain)
-                if post is not None:
-                    posts.append(post)
-            quantized_ops[(node, op.arg_index)] = (codes, scale, chain)
         with graph.inserting_before(node):
             for op in plan.operands:
                 if op.spec is None:
                     continue
-                codes, scale, chain = quantized_ops[(node, op.arg_index)]
+                key, chain = resolved[(node, op.arg_index)]
+                codes, scale = quantized[key]
+                hook = OPERAND_HOOKS.get(op.spec.quantizer)
+                if hook is not None:  # a quantizer whose GEMMs read it in several forms (BHQ)
+                    codes, scale, post = hook(graph, fake_mode, plan, op, codes, scale, chain)
+                    if post is not None:
+                        posts.append(post)
                 for t in chain:
                     codes = _replay(graph, fake_mode, t, codes, node)
                     # scale None: a lowering returned a dequantized float operand (e.g. BHQ)

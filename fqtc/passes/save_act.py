@@ -66,7 +66,7 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fqtc.config import SAVE_FP_KINDS, FQTConfig
-from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
+from fqtc.fx_utils import call_node, graph_fake_mode, node_order
 from fqtc.passes.common import (
     IDENTITIES,
     backward_readers,
@@ -132,11 +132,9 @@ def _strip_identities(n: fx.Node) -> fx.Node:
 
 def _call(graph: fx.Graph, fake_mode, target, args: tuple, meta_from: fx.Node, kwargs: dict | None = None,
           forward: bool | None = None) -> fx.Node:
-    n = graph.call_function(target, args, kwargs or {})
-    copy_meta(n, meta_from)
+    n = call_node(graph, fake_mode, target, args, meta_from, kwargs)
     if forward is not None:
         n.meta["partitioner_tag"] = "is_forward" if forward else "is_backward"
-    set_fake_val(n, fake_mode)
     return n
 
 

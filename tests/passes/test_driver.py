@@ -100,22 +100,8 @@ def test_one_site_model_for_every_gemm_kind(monkeypatch):
 def joint(monkeypatch):
     """A Linear-ReLU-Linear joint graph as the backend's partition_fn receives it, before any pass, with the
     names of its weight placeholders."""
-    captured = {}
-    real = fqtc.backend.run_passes
-
-    def spy(gm, config, weight_nodes):
-        captured["gm"] = copy.deepcopy(gm)
-        captured["weights"] = {n.name for n in weight_nodes}
-        return real(gm, config, weight_nodes)
-
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    monkeypatch.setattr(fqtc.backend, "run_passes", spy)
-    compile_fqt(model)(torch.randn(3, 8)).sum().backward()
-    monkeypatch.undo()
-    gm = captured["gm"]
-    return gm, {n for n in gm.graph.nodes if n.name in captured["weights"]}
+    return _capture(monkeypatch, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(3, 8))
 
 
 def _qgemms(gm):

@@ -16,19 +16,24 @@ Configurations (each rank holds one process, one thread):
   whole-model order of docs/distributed.md; a bare ``nn.Linear`` compiled and then sharded on its own never reaches
   the backend, so per-layer sharding of this MLP would train in FP32);
 - ``fqt-fsdp2-int8``: the same with ``fqtc.distributed.register_int8_fsdp_reduce_scatter`` (int8 codes in the
-  gradient reduce-scatter; the parameter all-gathers stay fp32).
+  gradient reduce-scatter; the parameter all-gathers stay fp32);
+- ``fqt-fsdp2-latent``: ``fqtc.prepare(model, {"bits": "W8A8G8L4"})`` (latent weights), then ``fully_shard`` and
+  ``torch.compile`` as ``fqt-fsdp2``, stepped by ``fqtc.optim.SGD`` (same hyperparameters): each rank keeps its rows
+  as codes and the all-gathers move the integer codes and row scales (docs/distributed.md). A weight whose row
+  count does not divide the world size (the 10-row head at 4 ranks) keeps an fp32 weight (the row says so).
 
 Every fqt row also reports how many GEMMs its compiled graphs quantized (``quantized GEMMs``, from the graphs'
 records): a configuration that silently trained in FP32 shows 0 there.
 
 Reported per configuration and world size: the median step time (forward + backward + optimizer step; with more
 ranks than cores the processes share cores, so 4-rank times are oversubscribed on a 2-core machine); the gradient
-bytes each rank hands to the collectives per step — for DDP measured by a communication hook that counts every
-bucket (the fp32 configurations count through a hook doing DDP's default all-reduce), for FSDP2 computed from the
-shard sizes (all-gather of the fp32 shards in forward and again in backward, reduce-scatter of the fp32 gradients),
-labelled as computed (``fqt-fsdp2-int8``: the all-gathers computed, the reduce-scatter payload measured by its
-state); and the training loss at a few steps beside the single-process loss of the same model on the
-whole global batch (fqt single-process for fqt rows, FP32 for FP32 rows), with the largest gap over all steps.
+and parameter bytes each rank hands to the collectives per step — for DDP measured by a communication hook that
+counts every bucket (the fp32 configurations count through a hook doing DDP's default all-reduce); for FSDP2 the
+parameter all-gathers measured by a counting all-gather (``set_custom_all_gather``) plus the gradient reduce-scatter,
+computed from the parameter count for fp32 gradients and measured by its state for ``fqt-fsdp2-int8``; and the
+training loss at a few steps beside the single-process loss of the same model on the whole global batch (fqt
+single-process for fqt rows, fqt with latent weights for the latent row, FP32 for FP32 rows), with the largest gap
+over all steps.
 
 Beside the table: CPU, int8 dot-product flags, torch version, command, load average before and after, date.
 Output: ``<out>/distributed.md`` and ``<out>/distributed.json`` (``--out``, default benchmarks/results).
@@ -55,7 +60,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CONFIGS = ("fp32-ddp", "fqt-ddp", "fqt-ddp-int8", "fp32-fsdp2", "fqt-fsdp2", "fqt-fsdp2-int8")
+CONFIGS = ("fp32-ddp", "fqt-ddp", "fqt-ddp-int8", "fp32-fsdp2", "fqt-fsdp2", "fqt-fsdp2-int8", "fqt-fsdp2-latent")
+LATENT = {"bits": "W8A8G8L4"}
 GLOBAL_BATCH = 128
 REPORT_STEPS = (0, 10, 20, 40, 59)
 
@@ -104,6 +110,35 @@ def _counting_allreduce(state: _Counter, bucket: dist.GradBucket) -> torch.futur
     return dist.all_reduce(buf / dist.get_world_size(), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
+class _CountingAllGather:
+    """FSDP2's default all-gather, counting the bytes this rank hands to it."""
+
+    def __init__(self) -> None:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+        self.inner, self.payload_bytes = DefaultAllGather(), 0
+
+    def allocate(self, size, *, dtype, device):
+        return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        self.payload_bytes += input_tensor.numel() * input_tensor.element_size()
+        return self.inner(output_tensor, input_tensor, group, async_op)
+
+
+def _latent_model(world: int) -> tuple[nn.Module, list[str]]:
+    """The model with latent weights; weights whose rows do not divide ``world`` go back to fp32 (their names)."""
+    import fqtc
+
+    m = fqtc.prepare(_model(), LATENT)
+    kept = []
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.Linear) and mod.weight.shape[0] % world:
+            mod.weight = nn.Parameter(mod.weight.dequantize())
+            kept.append(name)
+    return m, kept
+
+
 def _build(config: str) -> tuple[nn.Module, nn.Module, Any]:
     from torch.distributed.fsdp import fully_shard
 
@@ -113,9 +148,16 @@ def _build(config: str) -> tuple[nn.Module, nn.Module, Any]:
     m = _model()
     fqt = config.startswith("fqt")
     if "fsdp2" in config:
+        kept: list[str] = []
+        if config.endswith("latent"):
+            m, kept = _latent_model(dist.get_world_size())
         fully_shard(m)
+        gather = _CountingAllGather()
+        m.set_custom_all_gather(gather)
+        gather.kept_fp32 = kept
         state = register_int8_fsdp_reduce_scatter(m, seed=0) if config.endswith("int8") else None
-        return m, torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if fqt else m, state
+        opts = LATENT if config.endswith("latent") else {"bits": "W8A8G8"}
+        return m, torch.compile(m, backend="fqt", options=opts) if fqt else m, (state, gather)
     inner = torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if fqt else m
     ddp = nn.parallel.DistributedDataParallel(inner)
     if config == "fqt-ddp-int8":
@@ -124,13 +166,6 @@ def _build(config: str) -> tuple[nn.Module, nn.Module, Any]:
     ddp.register_comm_hook(state, _counting_allreduce)
     del fqtc
     return m, ddp, state
-
-
-def _fsdp_bytes(m: nn.Module, world: int) -> int:
-    """Per rank per step: all-gather the fp32 shards twice (forward, backward) + reduce-scatter the fp32 gradients."""
-    n = sum(p.numel() for p in m.parameters())
-    shard = -(-n // world)
-    return 2 * shard * 4 + n * 4
 
 
 def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
@@ -152,7 +187,8 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
             try:
                 with capture() as graphs:  # every graph the configuration compiles, for its quantized-GEMM count
                     m, f, state = _build(config)
-                    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+                    sgd = fqtc.optim.SGD if config.endswith("latent") else torch.optim.SGD
+                    opt = sgd(m.parameters(), lr=0.05, momentum=0.9)
                     losses, times = [], []
                     for step, (x, y) in enumerate(batches):
                         fqtc.set_step(step)
@@ -166,17 +202,19 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
                         full = loss.detach().clone()
                         dist.all_reduce(full)
                         losses.append(full.item() / world)
-                if config.endswith("fsdp2"):
-                    bytes_step, how = _fsdp_bytes(m, world), "computed"
-                elif config.endswith("fsdp2-int8"):
-                    shard = -(-sum(p.numel() for p in m.parameters()) // world)
-                    bytes_step = 2 * shard * 4 + state.payload_bytes // steps
-                    how = "all-gather computed, reduce-scatter measured"
+                extra = {}
+                if "fsdp2" in config:
+                    state, gather = state
+                    n = sum(p.numel() for p in m.parameters())
+                    rs, rs_how = (state.payload_bytes // steps, "measured") if state else (n * 4, "computed")
+                    bytes_step = gather.payload_bytes // steps + rs
+                    how = f"all-gather measured, reduce-scatter {rs_how}"
+                    extra = {"all_gather_bytes": gather.payload_bytes // steps, "kept_fp32": gather.kept_fp32}
                 else:
                     bytes_step, how = state.payload_bytes // steps, "measured"
                 n_q = sum(1 for cg in graphs for r in cg.records if r.get("status") == "quantized")
                 res[config] = {"losses": losses, "step_ms": statistics.median(times[2:] or times) * 1e3,
-                               "bytes_per_step": bytes_step, "bytes_how": how, "quantized_gemms": n_q}
+                               "bytes_per_step": bytes_step, "bytes_how": how, "quantized_gemms": n_q, **extra}
             except Exception as e:  # noqa: BLE001  (a failing configuration reports its error; others go on)
                 res[config] = {"error": f"{type(e).__name__}: {e}"[:300]}
             dist.barrier()
@@ -191,11 +229,12 @@ def _single_process(steps: int) -> dict[str, list[float]]:
     import fqtc
 
     out = {}
-    for kind in ("fp32", "fqt"):
+    for kind in ("fp32", "fqt", "fqt-latent"):
         torch._dynamo.reset()
-        m = _model()
-        f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8"}) if kind == "fqt" else m
-        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        m = fqtc.prepare(_model(), LATENT) if kind == "fqt-latent" else _model()
+        opts = LATENT if kind == "fqt-latent" else {"bits": "W8A8G8"}
+        f = torch.compile(m, backend="fqt", options=opts) if kind != "fp32" else m
+        opt = (fqtc.optim.SGD if kind == "fqt-latent" else torch.optim.SGD)(m.parameters(), lr=0.05, momentum=0.9)
         losses = []
         for step, (x, y) in enumerate(_batches(steps)):
             fqtc.set_step(step)
@@ -241,13 +280,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "error" in r:
                 row["error"] = r["error"]
             else:
-                ref = single["fqt" if config.startswith("fqt") else "fp32"]
+                ref = single["fqt-latent" if config.endswith("latent") else
+                             "fqt" if config.startswith("fqt") else "fp32"]
                 gaps = [abs(a - b) for a, b in zip(r["losses"], ref)]
                 row.update(step_ms=r["step_ms"], bytes_per_step=r["bytes_per_step"], bytes_how=r["bytes_how"],
                            quantized_gemms=r["quantized_gemms"],
                            bytes_vs_fp32_ddp=(r["bytes_per_step"] / fp32_bytes) if fp32_bytes else None,
                            losses={s: r["losses"][s] for s in REPORT_STEPS if s < len(r["losses"])},
                            single_losses={s: ref[s] for s in REPORT_STEPS if s < len(ref)}, max_loss_gap=max(gaps))
+                for k in ("all_gather_bytes", "kept_fp32"):
+                    if k in r:
+                        row[k] = r[k]
             rows.append(row)
             print(row, flush=True)
     info = machine_info("cpu")
@@ -276,7 +319,7 @@ def _markdown(result: dict[str, Any]) -> str:
             *result["load_before"], *result["load_after"]),
         "- gloo, one process per rank, one thread each; digits MLP 64-512-512-10, global batch 128; bytes = gradient "
         "and parameter payload one rank hands to the collectives per step (DDP: measured by a counting hook; FSDP2: "
-        "computed from shard sizes)", "",
+        "all-gathers measured by a counting all-gather, reduce-scatter as the bytes column says)", "",
         "| ranks | config | quantized GEMMs | step ms | bytes/step | vs fp32 DDP | bytes | loss @0/10/20/40/59 "
         "| single-process loss | max loss gap | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -291,6 +334,19 @@ def _markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['world']} | {r['config']} | {r.get('quantized_gemms', '')} | {r['step_ms']:.2f} | "
                      f"{r['bytes_per_step']} | {ratio} | "
                      f"{r['bytes_how']} | {ls} | {ss} | {r['max_loss_gap']:.3f} |  |")
+    fp32_ag = {r["world"]: r["all_gather_bytes"] for r in result["rows"]
+               if r["config"] == "fp32-fsdp2" and "all_gather_bytes" in r}
+    latent = [r for r in result["rows"] if r["config"] == "fqt-fsdp2-latent" and "all_gather_bytes" in r]
+    if latent:
+        lines += ["", "Latent weights under FSDP2: parameter all-gather bytes one rank hands to the collectives per "
+                  "step, measured (counting all-gather), `fqt-fsdp2-latent` against `fp32-fsdp2`", "",
+                  "| ranks | latent all-gather bytes | fp32 all-gather bytes | ratio | weights kept fp32 |",
+                  "|---|---|---|---|---|"]
+        for r in latent:
+            ref = fp32_ag.get(r["world"])
+            ratio = f"{r['all_gather_bytes'] / ref:.3f}x" if ref else ""
+            lines.append(f"| {r['world']} | {r['all_gather_bytes']} | {ref or ''} | {ratio} | "
+                         f"{', '.join(r['kept_fp32']) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 

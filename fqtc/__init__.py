@@ -45,6 +45,16 @@ def compile(model: torch.nn.Module, config: FQTConfig | Mapping[str, Any] | None
     return compiled
 
 
+def __getattr__(name: str) -> Any:
+    """``fqtc.distributed`` on first use: it imports torch.distributed's FSDP2 interfaces, which single-process
+    training never needs."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("fqtc.distributed")
+    raise AttributeError(f"module 'fqtc' has no attribute {name!r}")
+
+
 __all__ = [
     "BitConfig", "Calibration", "FQTConfig", "QuantSpec", "Rule", "calibrate", "compile", "explain", "export_onnx",
     "get_step", "prepare", "set_step", "__version__",

@@ -30,6 +30,9 @@ and with FSDP2 (`int8_sr_reduce_scatter`: one shared scale per destination chunk
 
     fully_shard(block) for each block; fully_shard(model)
     fqtc.distributed.register_int8_fsdp_reduce_scatter(model, seed=0)
+
+Also here: `get_model_state_dict` / `set_model_state_dict` (`fqtc.optim.checkpoint`), state dicts that
+``torch.distributed.checkpoint`` saves and reloads on any world size, latent weights included.
 """
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations as objects (dist.GradBucket)
@@ -39,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # FSDP2's custom-comm interface
 
+from fqtc.optim.checkpoint import get_model_state_dict, set_model_state_dict
 from fqtc.quant import uniform
 
 # keeps the streams of different buckets and ranks apart (rank-major); any bucket count below this is distinct
@@ -211,5 +215,6 @@ def register_int8_fsdp_reduce_scatter(model: torch.nn.Module, seed: int = 0) -> 
     return state
 
 
-__all__ = ["Int8CommState", "Int8ReduceScatter", "int8_sr_allreduce", "int8_sr_hook", "int8_sr_reduce_scatter",
-           "register_int8_fsdp_reduce_scatter", "register_int8_grad_comm"]
+__all__ = ["Int8CommState", "Int8ReduceScatter", "get_model_state_dict", "int8_sr_allreduce", "int8_sr_hook",
+           "int8_sr_reduce_scatter", "register_int8_fsdp_reduce_scatter", "register_int8_grad_comm",
+           "set_model_state_dict"]

@@ -137,7 +137,7 @@ def bhq_cuda(x: Tensor, bits: int, reduce_dims: list[int], rounding: str, seed: 
 def lwq_update_cuda(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str,
                     hparams: list[float], shape: list[int], wbits: int, lbits: int, seed: int, stream: int,
                     step: Tensor, skip: Tensor, refresh: bool, mu_interval: int, lr: Tensor | None = None,
-                    mu_thresholds: list[float] | None = None) -> Tensor:
+                    mu_thresholds: list[float] | None = None, index_offset: int = 0, mu_next: int = -1) -> Tensor:
     """``fqt::lwq_update``: the one-pass SGD or AdamW kernel where it applies (fp32 optimizer states,
     no importance-level re-selection step), else the reference (counted). A tensor ``lr`` is read once here (one
     host sync) and passed to the kernel as its scalar; the kernel's float64/fp32 roundings of it match the
@@ -146,11 +146,14 @@ def lwq_update_cuda(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, s
     from fqtc.ops import lwq as _olwq
 
     why = _klwq.unsupported(q, states, kind, hparams, shape, wbits, lbits, step, mu_interval)
+    if not why and index_offset:
+        why = "a row shard of a parameter (index_offset > 0): the kernel draws from element 0"
     if why:
         _fallback("fqt::lwq_update", why)
         # the op's own reference body (calling the op would dispatch back here on CUDA tensors)
         return _olwq.lwq_update._init_fn(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream,
-                                         step, skip, refresh, mu_interval, lr, mu_thresholds)
+                                         step, skip, refresh, mu_interval, lr, mu_thresholds, index_offset,
+                                         mu_next)
     if lr is not None:
         hparams = [float(lr)] + list(hparams[1:])
     return _klwq.lwq_update(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip,

@@ -153,11 +153,25 @@ def plain_update(p: Tensor, g: Tensor, states: list[Tensor], kind: str, hp: list
     _store_states(states, new_st)
 
 
+def update_magnitude(q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str,
+                     hparams: list[float], shape: list[int], wbits: int, lbits: int, step: Tensor,
+                     lr: Tensor | None = None) -> Tensor:
+    """``[sum |dw|, sum s, elements, rows]`` (float64) of the update ``fqt::lwq_update`` would make, changing
+    nothing: the shards of a parameter add these up to choose one importance level from the whole parameter's rho
+    (`fqtc.optim.base.LatentOptimizer`, passed back as the op's ``mu_next``)."""
+    w = _lwq.decode(_lwq.load_codes(q, wbits, shape), _lwq.load_codes(r, lbits, shape), s, lbits, int(mu))
+    w_new, _ = optimizer_math(kind, w, grad.reshape(shape), _load_states(kind, states, shape), hparams, step, lr)
+    return torch.stack([(w_new - w).abs().double().sum(), s.double().sum(),
+                        torch.tensor(float(w.numel()), dtype=torch.float64, device=w.device),
+                        torch.tensor(float(s.shape[0] if s.dim() else 1), dtype=torch.float64, device=w.device)])
+
+
 @torch.library.custom_op("fqt::lwq_update", mutates_args=("q", "r", "s", "mu", "states"))
 def lwq_update(
     q: Tensor, r: Tensor, s: Tensor, mu: Tensor, grad: Tensor, states: list[Tensor], kind: str, hparams: list[float],
     shape: list[int], wbits: int, lbits: int, seed: int, stream: int, step: Tensor, skip: Tensor,
     refresh: bool, mu_interval: int, lr: Tensor | None = None, mu_thresholds: list[float] | None = None,
+    index_offset: int = 0, mu_next: int = -1,
 ) -> Tensor:
     """Fused LWQ optimizer step of one latent parameter: decode -> optimizer math -> re-encode (SR residual).
 
@@ -169,6 +183,11 @@ def lwq_update(
     with (seed, stream) and drives bias correction. ``skip`` (0-d bool) leaves everything unchanged (a step with
     inf/nan gradients). The importance level ``mu`` is re-selected every ``mu_interval`` steps from
     rho = mean(s) / mean|dw| (0 disables it), against ``mu_thresholds`` (None: `fqtc.quant.lwq.MU_THRESHOLDS`).
+
+    A row shard of a parameter (FSDP2, docs/distributed.md) passes ``index_offset``, the element index of its first
+    element in the whole parameter, so its residual draws the unsharded parameter's random numbers, and
+    ``mu_next`` (>= 0), the level the shards chose together from the whole parameter's rho
+    (`fqtc.optim.base.LatentOptimizer`), used at re-selection steps in place of this shard's own rho.
     """
     stats = torch.zeros(2, dtype=torch.float32, device=q.device)
     if bool(skip):
@@ -184,10 +203,14 @@ def lwq_update(
     mean_rel = (delta / s).mean()
     mu_new = mu_old
     if mu_interval > 0 and (t == 1 or t % mu_interval == 0):
-        mean_delta = float(delta.mean())
-        rho = float(s.mean()) / mean_delta if mean_delta > 0 else float("inf")
-        mu_new = _lwq.select_mu(rho, lbits, mu_thresholds)
-    qn, rn, sn, sat = _lwq.encode_latent(w_new, s, wbits, lbits, mu_new, seed, step, stream, refresh=refresh)
+        if mu_next >= 0:
+            mu_new = int(mu_next)
+        else:
+            mean_delta = float(delta.mean())
+            rho = float(s.mean()) / mean_delta if mean_delta > 0 else float("inf")
+            mu_new = _lwq.select_mu(rho, lbits, mu_thresholds)
+    qn, rn, sn, sat = _lwq.encode_latent(w_new, s, wbits, lbits, mu_new, seed, step, stream, refresh=refresh,
+                                         index_offset=index_offset)
     q.copy_(_lwq.store_codes(qn, wbits).view(q.shape))
     r.copy_(_lwq.store_codes(rn, lbits).view(r.shape))
     s.copy_(sn)
@@ -200,5 +223,5 @@ def lwq_update(
 
 @lwq_update.register_fake
 def _(q, r, s, mu, grad, states, kind, hparams, shape, wbits, lbits, seed, stream, step, skip, refresh, mu_interval,
-      lr=None, mu_thresholds=None):
+      lr=None, mu_thresholds=None, index_offset=0, mu_next=-1):
     return q.new_empty(2, dtype=torch.float32)

@@ -105,6 +105,17 @@ def counter_for(module: torch.nn.Module) -> StepCounter:
 
 
 def _fill_missing(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    # a submodule compiled on its own (e.g. each block, compiled before FSDP2 shards it) gets its counter at its
+    # first compiled call; a checkpoint taken after training holds it, so a fresh model loading that checkpoint
+    # creates the counter here, before load_state_dict reaches the submodule
+    for k in state_dict:
+        if k.startswith(prefix) and k.endswith("." + BUFFER):
+            try:
+                sub = module.get_submodule(k[len(prefix):-len(BUFFER) - 1])
+            except AttributeError:
+                continue
+            if BUFFER not in sub._buffers:
+                counter_for(sub)
     # a checkpoint written before the model was trained with fqt (or by plain PyTorch) has no step: keep ours
     key, buf = prefix + BUFFER, module._buffers.get(BUFFER)
     if key not in state_dict and buf is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fqtc.ops import lwq as _ops
+from fqtc.optim import sharded as _sharded
 from fqtc.optim.latent import LatentWeight
 from fqtc.quant import lwq as _lwq
 
@@ -63,11 +64,13 @@ class LatentOptimizer(torch.optim.Optimizer):
             return self._hparams({**group, "lr": 0.0}), lr
         return self._hparams(group), None
 
-    def _init_state(self, p: Tensor, group: dict[str, Any], hp: list[float]) -> dict[str, Any]:
+    def _init_state(self, p: Tensor, group: dict[str, Any], hp: list[float], local: Tensor) -> dict[str, Any]:
+        """The state of ``p``, sized like its ``local`` tensor (the rank's shard of a sharded parameter)."""
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-            state["buffers"] = _ops.state_tensors(self.kind, hp, list(p.shape), group["state_bits"], p.device)
+            state["step"] = torch.zeros((), dtype=torch.int64, device=local.device)
+            state["buffers"] = _ops.state_tensors(self.kind, hp, list(local.shape), group["state_bits"],
+                                                  local.device)
         return state
 
     @torch.no_grad()
@@ -76,11 +79,13 @@ class LatentOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return loss
-        # inf/nan anywhere skips the whole step (as GradScaler does), with no host sync
-        found_inf = torch.stack([~torch.isfinite(g).all() for g in grads]).any()
+        # inf/nan anywhere skips the whole step (as GradScaler does), with no host sync; a sharded parameter's
+        # shards agree through one MAX all-reduce (fqtc.optim.sharded)
+        found_inf = torch.stack([~torch.isfinite(_sharded.local(p.grad)).all() for p in params]).any()
+        found_inf = _sharded.agree_found_inf(found_inf, params)
         self.found_inf = found_inf
         keep = (~found_inf).to(torch.int64)
         for group in self.param_groups:
@@ -88,23 +93,48 @@ class LatentOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self._init_state(p, group, hp)
+                local, grad = _sharded.local(p), _sharded.local(p.grad)
+                state = self._init_state(p, group, hp, local)
                 state["step"].add_(keep)
-                if isinstance(p, LatentWeight):
-                    stats = torch.ops.fqt.lwq_update.default(
-                        p.q, p.r, p.s, p.mu, p.grad, state["buffers"], self.kind, hp, list(p.shape), p.wbits,
-                        p.lbits, group["seed"], p.stream, state["step"], found_inf, group["refresh"],
-                        group["mu_interval"], lr_t, group.get("mu_thresholds"))
-                    state["stats"] = stats
+                if isinstance(local, LatentWeight):
+                    state["stats"] = self._latent_step(p, local, grad, state, group, hp, lr_t, found_inf)
                 else:
-                    self._plain_step(p, state, hp, found_inf, lr_t)
+                    self._plain_step(local, grad, state, hp, found_inf, lr_t)
         return loss
 
-    def _plain_step(self, p: Tensor, state: dict[str, Any], hp: list[float], found_inf: Tensor,
+    def _latent_step(self, p: Tensor, lw: LatentWeight, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
+                     hp: list[float], lr_t: Tensor | None, found_inf: Tensor) -> Tensor:
+        """One ``fqt::lwq_update`` of a latent parameter; for a row shard (FSDP2) also its element offset in the
+        whole parameter and, at importance-level re-selection steps, the level the shards chose together."""
+        shape = list(lw.shape)
+        offset, mu_next = 0, -1
+        if _sharded.is_sharded(p):
+            offset = _sharded.element_offset(p)
+            mu_next = self._shared_mu(p, lw, grad, state, group, hp, lr_t, found_inf)
+        return torch.ops.fqt.lwq_update.default(
+            lw.q, lw.r, lw.s, lw.mu, grad, state["buffers"], self.kind, hp, shape, lw.wbits, lw.lbits, group["seed"],
+            lw.stream, state["step"], found_inf, group["refresh"], group["mu_interval"], lr_t,
+            group.get("mu_thresholds"), offset, mu_next)
+
+    def _shared_mu(self, p: Tensor, lw: LatentWeight, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
+                   hp: list[float], lr_t: Tensor | None, found_inf: Tensor) -> int:
+        """The importance level of a sharded latent parameter at a re-selection step (-1 elsewhere): rho of the
+        whole parameter, from every shard's sums, so all shards keep one level (one codebook per parameter)."""
+        interval, t = group["mu_interval"], int(state["step"])
+        if interval <= 0 or not (t == 1 or t % interval == 0) or bool(found_inf):
+            return -1
+        sums = _ops.update_magnitude(lw.q, lw.r, lw.s, lw.mu, grad, state["buffers"], self.kind, hp, list(lw.shape),
+                                     lw.wbits, lw.lbits, state["step"], lr_t)
+        d_sum, s_sum, n, rows = (float(v) for v in _sharded.sum_over_shards(sums, p))
+        mean_delta = d_sum / n
+        rho = (s_sum / rows) / mean_delta if mean_delta > 0 else float("inf")
+        return _lwq.select_mu(rho, lw.lbits, group.get("mu_thresholds"))
+
+    def _plain_step(self, p: Tensor, grad: Tensor, state: dict[str, Any], hp: list[float], found_inf: Tensor,
                     lr_t: Tensor | None = None) -> None:
         old_p = p.detach().clone()
         old_buf = [b.clone() for b in state["buffers"]]
-        _ops.plain_update(p, p.grad, state["buffers"], self.kind, hp, state["step"].clamp(min=1), lr_t)
+        _ops.plain_update(p, grad, state["buffers"], self.kind, hp, state["step"].clamp(min=1), lr_t)
         p.detach().copy_(torch.where(found_inf, old_p, p.detach()))
         for b, ob in zip(state["buffers"], old_buf):
             b.copy_(torch.where(found_inf, ob, b))

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map_only
 import fqtc.ops  # noqa: F401  (registers fqt::lwq_*)
 from fqtc.config import FQTConfig
 from fqtc.ops.stepcounter import counter_for
+from fqtc.optim import latent_shard as _shard
 from fqtc.quant import lwq as _lwq
 
 # Modules whose ``weight`` is a GEMM operand and becomes a LatentWeight.
@@ -90,8 +91,9 @@ class LatentWeight(Tensor):
 
     def dequantize(self) -> Tensor:
         """The latent float weight ``s*(q + r)`` (a plain fp32 tensor)."""
-        return torch.ops.fqt.lwq_dequantize.default(self.q, self.r, self.s, self.mu, list(self.shape),
-                                                   self.wbits, self.lbits)
+        rows, s = _shard.row_layout(self)
+        w = torch.ops.fqt.lwq_dequantize.default(self.q, self.r, s, self.mu, rows, self.wbits, self.lbits)
+        return w if rows == list(self.shape) else w.view(self.shape)
 
     def int_codes(self) -> Tensor:
         """The integer weight's int8 codes (unpacked), what the GEMMs use with scale ``s``."""
@@ -106,6 +108,17 @@ class LatentWeight(Tensor):
 
     def _inner(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.q, self.r, self.s, self.mu
+
+    # -- FSDP2 extension points (fqtc.optim.latent_shard, docs/distributed.md) -------------------------------------
+    def fsdp_pre_all_gather(self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...],
+                            module: torch.nn.Module, mp_policy: Any) -> tuple[tuple[Tensor, ...], Any]:
+        """FSDP2 all-gathers this row shard's integer codes and scales, not a decoded fp32 copy."""
+        return _shard.pre_all_gather(self, mesh, outer_size, mp_policy)
+
+    def fsdp_post_all_gather(self, all_gather_outputs: tuple[Tensor, ...], metadata: Any, param_dtype: torch.dtype,
+                             *, out: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+        """The unsharded parameter FSDP2 hands to the module: the integer weight over the gathered codes."""
+        return _shard.post_all_gather(self, all_gather_outputs, metadata, out)  # type: ignore[arg-type]
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     @classmethod
@@ -139,9 +152,39 @@ class LatentWeight(Tensor):
             return dst
         if func in (aten.is_same_size.default,):
             return tuple(args[0].shape) == tuple(args[1].shape)
+        out = _row_op(func, args, kwargs)
+        if out is not NotImplemented:
+            return out
         _reject_mutation(func, args, kwargs)
         args, kwargs = tree_map_only(LatentWeight, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
+
+
+def _row_op(func, args: tuple, kwargs: dict) -> Any:
+    """Row-range ops FSDP2 applies when sharding (fqtc.optim.latent_shard), answered on the codes; NotImplemented
+    for every other use, which then decodes."""
+    aten = torch.ops.aten
+    x = args[0]
+    if not isinstance(x, LatentWeight) or x.dim() == 0:
+        return NotImplemented
+    if func is aten.split.Tensor and (args[2] if len(args) > 2 else kwargs.get("dim", 0)) in (0, -x.dim()):
+        return _shard.split_rows(x, int(args[1]))
+    if func is aten.slice.Tensor:
+        dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
+        if dim in (0, -x.dim()) and step == 1:
+            rows = x.shape[0]
+            start = min(max(start or 0, 0), rows) if (start or 0) >= 0 else max(rows + start, 0)
+            end = rows if end is None else (min(end, rows) if end >= 0 else max(rows + end, 0))
+            return _shard.row_view(x, start, max(start, end))
+    if func is aten.new_zeros.default and list(args[1])[1:] == list(x.shape[1:]) and \
+            kwargs.get("dtype", torch.float32) == torch.float32:
+        return _shard.zeros_rows(x, args[1])
+    if func in (aten.view.default, aten._unsafe_view.default):
+        return _shard.reshape_alias(x, args[1])
+    if func is aten.as_strided.default and list(args[1]) == list(x.shape) and \
+            tuple(args[2]) == x.stride() and (args[3] if len(args) > 3 else 0) in (0, None):
+        return _shard.reshape_alias(x, args[1])
+    return NotImplemented
 
 
 def _contains_latent(x: Any) -> bool:

@@ -287,10 +287,13 @@ def encode(t: torch.Tensor, wbits: int, lbits: int, mu: int, u: torch.Tensor) ->
 
 def encode_latent(w: torch.Tensor, s: torch.Tensor, wbits: int, lbits: int, mu: int, seed: int,
                   step: torch.Tensor | int, stream: int, refresh: bool = True,
-                  headroom: float = DEFAULT_HEADROOM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  headroom: float = DEFAULT_HEADROOM, index_offset: int = 0,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode a latent float weight: (int8 q, int8 residual codes, new scale, saturated mask).
 
-    The stochastic rounding stream is keyed by (seed, step, stream) and the element index.
+    The stochastic rounding stream is keyed by (seed, step, stream) and the element index; ``index_offset`` is the
+    index of ``w``'s first element in the whole parameter when ``w`` is a row shard of it, so every shard draws
+    what the unsharded parameter draws for the same elements.
     """
     s_new = s
     if refresh:
@@ -298,7 +301,7 @@ def encode_latent(w: torch.Tensor, s: torch.Tensor, wbits: int, lbits: int, mu: 
         t_amax = (w.float() / s).abs().amax(dim=dims, keepdim=True) if dims else (w.float() / s).abs()
         s_new = refresh_scale(t_amax, s, wbits, headroom)
     t = w.float() / s_new
-    u = uniform_like(t, seed=seed, step=step, stream=stream)
+    u = uniform_like(t, seed=seed, step=step, stream=stream, offset=index_offset)
     q, code, sat = encode(t, wbits, lbits, mu, u)
     return q, code, s_new, sat
 

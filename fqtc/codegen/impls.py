@@ -207,6 +207,36 @@ def qconv2d_weight_cuda(x: Tensor, x_scale: Tensor | None, g: Tensor, g_scale: T
                                     out_dtype)
 
 
+def quantize_block_cuda(x: Tensor, bits: int, dims: list[int], block: int, rounding: str, seed: int, stream: int,
+                        step: Tensor) -> tuple[Tensor, Tensor]:
+    """``fqt::quantize_block`` on the block quantize kernel (1 x b groups along any dim, b x b tiles of the last
+    two dims), else the reference (counted)."""
+    from fqtc.codegen import block as _kb
+    from fqtc.quant import block as _block
+
+    _block.check_block(block)
+    why = _kb.quantize_block_unsupported(x, dims)
+    if why:
+        _fallback("fqt::quantize_block", why)
+        return _block.quantize_block(x, bits, dims, block, rounding, seed=seed, step=step, stream=stream)
+    return _kb.quantize_block(x, bits, dims, block, rounding, seed=seed, step=step, stream=stream)
+
+
+def block_gemm_cuda(a: Tensor, a_scale: Tensor | None, b: Tensor, b_scale: Tensor | None, block: int,
+                    bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``fqt::block_gemm`` on the block-scaled int8 GEMM kernel; the dequantized-float form and scale layouts it
+    does not cover run the reference (counted)."""
+    from fqtc.codegen import block as _kb
+    from fqtc.quant import block as _block
+
+    _block.check_block(block)
+    why = _kb.block_gemm_unsupported(a, a_scale, b, b_scale, block, bias, out_dtype)
+    if why:
+        _fallback("fqt::block_gemm", why)
+        return _block.block_gemm(a, a_scale, b, b_scale, block, bias, out_dtype)
+    return _kb.block_gemm(a, a_scale, b, b_scale, block, bias, out_dtype)
+
+
 CUDA_IMPLS = {
     "fqt::quantize": quantize_cuda,
     "fqt::qgemm": qgemm_cuda,
@@ -218,4 +248,6 @@ CUDA_IMPLS = {
     "fqt::qconv2d": qconv2d_cuda,
     "fqt::qconv2d_input": qconv2d_input_cuda,
     "fqt::qconv2d_weight": qconv2d_weight_cuda,
+    "fqt::quantize_block": quantize_block_cuda,
+    "fqt::block_gemm": block_gemm_cuda,
 }

@@ -36,6 +36,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fqtc.quant import block as _block
 from fqtc.quant import conv as _conv
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import uniform as _uniform
@@ -134,7 +135,30 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         acc = fqt.conv2d_weight_acc.default(*ops, weight_size, stride, padding, dilation, groups)
         return _conv.weight_epilogue(acc, x_scale, g_scale, weight_size, groups, out_dtype)
 
-    return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm, fqt.qconv2d.default: qconv2d,
+    def quantize_block(x, bits, dims, block, rounding, seed, stream, step):
+        if x.device.type != "cpu":
+            return NotImplemented
+        key = fqt.stream_key.default(seed, stream, step) if rounding == "stochastic" else None
+        info["inlined_quantize"] += 1
+        return _block.quantize_block(x, bits, dims, block, rounding, seed=seed, step=0, stream=stream, key=key)
+
+    def block_gemm(a, a_scale, b, b_scale, block, bias, out_dtype):
+        """One int8 GEMM per K-block as in the reference; the block-order fp32 sum of the scaled products is
+        pointwise, so Inductor runs it as one loop over the output reading every block's int32 product."""
+        name = tracker.current.name if tracker.current is not None else "?"
+        if a.device.type != "cpu" or _block.block_form(a, a_scale, b, b_scale, block) is not None:
+            info["kept_ops"] += 1
+            info["codegen"][name] = {"device": a.device.type, "kernel": "reference", "fused": False,
+                                     "reason": "float or partially quantized product"}
+            return NotImplemented
+        info["inlined_qgemm"] += 1
+        info["codegen"][name] = {"device": "cpu", "kernel": f"inductor:block-{info['path']}", "fused": True}
+        batched = a.dim() > 2 or b.dim() > 2
+        return _block.block_gemm(a, a_scale, b, b_scale, block, bias, out_dtype,
+                                 gemm=fqt.int_gemm.default if batched else _gemm.int_gemm)
+
+    return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm, fqt.quantize_block.default: quantize_block,
+            fqt.block_gemm.default: block_gemm, fqt.qconv2d.default: qconv2d,
             fqt.qconv2d_input.default: qconv2d_input, fqt.qconv2d_weight.default: qconv2d_weight}
 
 

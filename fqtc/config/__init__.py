@@ -19,6 +19,8 @@ from fqtc.config.options import (  # noqa: F401
 )
 from fqtc.config.spec import (  # noqa: F401
     AVERAGE_BIT_QUANTIZERS,
+    BLOCK_SIZES,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_GRANULARITY,
     GRANULARITIES,
     MAX_BITS,

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from fqtc.config.spec import (
     _UNSET,
     AVERAGE_BIT_QUANTIZERS,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_GRANULARITY,
     MAX_BITS,
     MIN_BITS,
@@ -26,12 +27,13 @@ from fqtc.config.spec import (
     Rule,
     _bad,
     _glob_escape,
+    check_block_size,
 )
 
 _OPTION_KEYS = (
     "bits", "seed", "rounding", "forward_rounding", "grad_rounding", "rules", "keep_fp",
     "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration", "auto_objective",
-    "auto_min_bits", "save_fp", "rotate", "rotate_block", "calibration_steps",
+    "auto_min_bits", "save_fp", "rotate", "rotate_block", "calibration_steps", "granularity", "block_size",
 )
 # Saved-for-backward activations option ``save_fp`` can keep in fp32 (fqtc/passes/save_act.py), or "all".
 SAVE_FP_KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "gelu", "silu", "softmax", "log_softmax", "tanh",
@@ -104,6 +106,8 @@ class FQTConfig:
     save_fp: tuple[str, ...] = ()
     rotate: str = "none"
     rotate_block: int = 64
+    granularity: str | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
         sf = (self.save_fp,) if isinstance(self.save_fp, str) else self.save_fp
@@ -150,6 +154,10 @@ class FQTConfig:
             raise _bad("compiler", self.compiler, "auto, eager, inductor")
         if self.rotate not in ROTATIONS:
             raise _bad("rotate", self.rotate, ", ".join(ROTATIONS))
+        if self.granularity not in (None, "block"):
+            raise _bad("granularity", self.granularity, "'block' (block scaling of every uniform quantizer of linear "
+                       "and bmm GEMMs) or unset (the per-role defaults); set other granularities with rules")
+        check_block_size("block_size", self.block_size)
         rb = self.rotate_block
         if isinstance(rb, bool) or not isinstance(rb, int) or not 16 <= rb <= 256 or rb & (rb - 1):
             raise _bad("rotate_block", rb, "a power of two from 16 to 256 (the Hadamard block along K)")
@@ -180,7 +188,7 @@ class FQTConfig:
             kw["forward_rounding"] = kw["grad_rounding"] = r
         for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler", "budget",
                   "calibration", "auto_objective", "auto_min_bits", "save_fp", "rotate", "rotate_block",
-                  "calibration_steps"):
+                  "calibration_steps", "granularity", "block_size"):
             if k in options:
                 kw[k] = options[k]
         for k in ("budget", "auto_objective", "auto_min_bits", "calibration_steps"):
@@ -222,8 +230,10 @@ class FQTConfig:
             return None
         gran = DEFAULT_GRANULARITY.get((role, operand), "tensor")
         if operand == "grad_output":
-            return QuantSpec(bits, gran, self.grad_rounding, self.grad_quantizer)
-        return QuantSpec(bits, gran, self.forward_rounding, "uniform")
+            if self.granularity == "block" and self.grad_quantizer == "uniform":
+                gran = "block"
+            return QuantSpec(bits, gran, self.grad_rounding, self.grad_quantizer, self.block_size)
+        return QuantSpec(bits, self.granularity or gran, self.forward_rounding, "uniform", self.block_size)
 
     def resolve(self, module: str, role: str, operand: str, module_type: str = "") -> tuple[QuantSpec | None, str]:
         """The spec of one operand of one GEMM and the reason for it (``"default W8A8G8"``, ``"rule(...)"``).
@@ -240,7 +250,8 @@ class FQTConfig:
         default = self.default_spec(role, operand)
         spec, reason = default, f"default {self.bits}"
         fallback = default or QuantSpec(8, DEFAULT_GRANULARITY.get((role, operand), "tensor"),
-                                        self.grad_rounding if operand == "grad_output" else self.forward_rounding)
+                                        self.grad_rounding if operand == "grad_output" else self.forward_rounding,
+                                        block_size=self.block_size)
         for rule in self.rules:
             if rule.matches(module, role, operand, module_type):
                 # a rule that changes only rounding etc. keeps an automatic decision's reason next to its own

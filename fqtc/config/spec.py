@@ -16,7 +16,10 @@ from typing import Any, Mapping
 
 ROLES: tuple[str, ...] = ("output", "grad_input", "grad_weight")
 OPERANDS: tuple[str, ...] = ("input", "weight", "grad_output")
-GRANULARITIES: tuple[str, ...] = ("tensor", "token", "sample", "channel")
+GRANULARITIES: tuple[str, ...] = ("tensor", "token", "sample", "channel", "block")
+# Elements per scale along the reduction dim for granularity "block" (fqtc/quant/block.py; docs/options.md).
+BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 # Quantizers for the grad_output operand come from the statistical-framework and 1-bit FQT papers
 # (docs/gradient_quantizers.md). "uniform" is the plain symmetric quantizer at the spec's granularity.
@@ -49,7 +52,9 @@ class QuantSpec:
         bits: integer bits of the symmetric code, 2..8 (codes in [-(2^(b-1)-1), 2^(b-1)-1]).
         granularity: which elements share one scale. ``tensor``: one scale; ``token``/``sample``: one scale per
             row (token of an activation, sample of a gradient); ``channel``: one scale per output channel of a
-            weight, per feature column of an activation or gradient.
+            weight, per feature column of an activation or gradient; ``block``: one scale per ``block_size``
+            elements along the GEMM's reduction dim (b x b tiles for the weight and the forward input, which two
+            GEMMs read along different dims; docs/options.md, "Block scaling").
         rounding: ``nearest`` (deterministic) or ``stochastic`` (unbiased, counter-based random stream).
         quantizer: the algorithm (``uniform``; gradient quantizers such as ``psq``/``bhq`` where available).
     """
@@ -58,8 +63,10 @@ class QuantSpec:
     granularity: str = "tensor"
     rounding: str = "nearest"
     quantizer: str = "uniform"
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
+        check_block_size("block_size", self.block_size)
         if self.quantizer not in QUANTIZERS:
             raise _bad("quantizer", self.quantizer, ", ".join(QUANTIZERS))
         validate_bits("bits", self.bits, quantizer=self.quantizer)
@@ -72,10 +79,21 @@ class QuantSpec:
 
     def short_str(self) -> str:
         r = "sr" if self.rounding == "stochastic" else "rn"
-        return f"int{self.bits}/{self.granularity}/{r}" + ("" if self.quantizer == "uniform" else f"/{self.quantizer}")
+        g = f"block{self.block_size}" if self.granularity == "block" else self.granularity
+        return f"int{self.bits}/{g}/{r}" + ("" if self.quantizer == "uniform" else f"/{self.quantizer}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.granularity != "block":  # the block size means nothing for other granularities
+            d.pop("block_size")
+        return d
+
+
+def check_block_size(option: str, value: Any) -> int:
+    if isinstance(value, bool) or value not in BLOCK_SIZES:
+        raise _bad(option, value, "one of " + ", ".join(map(str, BLOCK_SIZES)) + " (elements per scale along the "
+                   "reduction dim)")
+    return value
 
 
 def validate_bits(option: str, bits: Any, quantizer: str | None = None) -> int:
@@ -152,7 +170,7 @@ class Rule:
         role: ``output``/``grad_input``/``grad_weight`` or None for all three GEMMs.
         operand: ``input``/``weight``/``grad_output`` or None for all operands.
         bits: new bits, or None to keep the matched operands in full precision (the string ``"fp"`` in options).
-        granularity, rounding, quantizer: override those fields (None keeps the default's).
+        granularity, rounding, quantizer, block_size: override those fields (None keeps the default's).
         module_type: glob over the class name of the site's module (``"Linear"``, ``"Conv*"``); None matches all.
         preset: a named preset (`PRESETS`), written ``{"first_last": 8}`` in options: ``first_last`` keeps the
             first and last GEMM sites in graph order at ``bits``, ``first``/``last`` one of them. A preset matches
@@ -174,6 +192,7 @@ class Rule:
     preset: str | None = None
     label: str | None = None
     rotate: str | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -190,6 +209,8 @@ class Rule:
             raise _bad("rules[].granularity", self.granularity, ", ".join(GRANULARITIES))
         if self.rounding is not None and self.rounding not in ROUNDINGS:
             raise _bad("rules[].rounding", self.rounding, ", ".join(ROUNDINGS))
+        if self.block_size is not None:
+            check_block_size("rules[].block_size", self.block_size)
         if self.rotate is not None and self.rotate not in ROTATIONS:
             raise _bad("rules[].rotate", self.rotate, ", ".join(ROTATIONS))
         if self.rotate is not None and self.role not in (None, "output"):
@@ -224,7 +245,7 @@ class Rule:
         changes: dict[str, Any] = {}
         if self.bits is not _UNSET:
             changes["bits"] = self.bits
-        for f in ("granularity", "rounding", "quantizer"):
+        for f in ("granularity", "rounding", "quantizer", "block_size"):
             if getattr(self, f) is not None:
                 changes[f] = getattr(self, f)
         return dataclasses.replace(base, **changes)
@@ -252,7 +273,7 @@ class Rule:
         if not isinstance(item, Mapping):
             raise _bad(f"rules[{index}]", item, "a dict such as {'module': 'fc1', 'role': 'grad_weight', 'bits': 4}")
         allowed = {"module", "role", "operand", "bits", "granularity", "rounding", "quantizer", "module_type",
-                   "preset", "rotate", *PRESETS}
+                   "preset", "rotate", "block_size", *PRESETS}
         unknown = set(item) - allowed
         if unknown:
             raise _bad(f"rules[{index}]", sorted(unknown), "keys " + ", ".join(sorted(allowed)))

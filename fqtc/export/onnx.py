@@ -14,6 +14,8 @@ forward and backward graphs the partitioner produced (the graphs that run in tra
 | ``fqt::quantize`` (stochastic, ``sr="counter"``) | ``Floor(x / s + com.fqt::CounterUniform(...))``: bit-exact |
 | ``fqt::qgemm`` (int8 operands, scales off the reduction axis) | ``MatMulInteger``, ``Cast``, ``Mul`` by the scales |
 | ``fqt::qgemm`` (other) | ``Mul(Cast(codes), scale)`` per operand (the dequantized product), ``MatMul`` |
+| ``fqt::quantize_block`` | ``Pad``/``Reshape`` into blocks, per-block scale and rounding (`fqtc.export.onnx_block`) |
+| ``fqt::block_gemm`` | opset-21 blocked ``DequantizeLinear`` (``block_size`` along K) per operand, ``MatMul`` |
 | ``fqt::observe`` (``log_sqnr``) | ``Identity`` of the scale (logging is a PyTorch-side debug switch) |
 | ``fqt::grad_quantize`` (PTQ/PSQ/SCQ) | as ``fqt::quantize`` over the groups (the same non-finite policy, ``IsNaN``) |
 | ``fqt::grad_quantize`` (AQ, AQ top-k) | ``TopK``/``CumSum`` group sampling (`fqtc.export.onnx_gradq`), then as PSQ |

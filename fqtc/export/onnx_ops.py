@@ -222,6 +222,7 @@ def _observe(x, codes, scale, step, tag):
 
 def _translations() -> dict[Any, Callable]:
     import fqtc.ops  # noqa: F401  (registers the fqt ops, fqt::observe included)
+    from fqtc.export import onnx_block as _blk  # block scaling: fqt::quantize_block, fqt::block_gemm
     from fqtc.export import onnx_gradq as _gq  # AQ and BHQ (they use the helpers above)
     from fqtc.export import onnx_lwq as _lwq  # latent-weight ops and fqt::lwq_step (registers it)
     from fqtc.export import onnx_rotate as _rot  # option rotate="hadamard"
@@ -239,6 +240,7 @@ def _translations() -> dict[Any, Callable]:
         torch.ops.fqt.bhq_invert.default: _gq.bhq_invert,
         torch.ops.fqt.rotate.default: _rot.rotate,
         **_lwq.LWQ_TRANSLATIONS,
+        **_blk.BLOCK_TRANSLATIONS,
     }
 
 

@@ -36,6 +36,7 @@ class Site:
     integer_gemm: bool
     notes: list[str] = field(default_factory=list)
     sqnr_db: float | None = None
+    block_size: dict[str, int | None] = field(default_factory=dict)  # operands with granularity "block"
 
     @staticmethod
     def from_record(rec: Mapping[str, Any], graph: int) -> "Site":
@@ -51,7 +52,7 @@ class Site:
             bits={name: o.get("bits") for name, o in ops.items()}, granularity=per("granularity"),
             quantizer=per("quantizer"), rounding=per("rounding"), status=str(rec.get("status", "?")),
             reason=str(rec.get("reason", "")), integer_gemm=bool(rec.get("integer_gemm", False)),
-            notes=list(rec.get("notes") or []),
+            notes=list(rec.get("notes") or []), block_size={k: v for k, v in per("block_size").items() if v},
         )
 
     def spec_str(self) -> str:
@@ -64,7 +65,9 @@ class Site:
             r = "sr" if self.rounding.get(name) == "stochastic" else "rn"
             q = self.quantizer.get(name)
             extra = "" if q in (None, "uniform") else f"/{q}"
-            parts.append(f"{name}:int{b}/{self.granularity.get(name)}/{r}{extra}")
+            g = self.granularity.get(name)
+            g = f"block{self.block_size[name]}" if g == "block" and name in self.block_size else g
+            parts.append(f"{name}:int{b}/{g}/{r}{extra}")
         return " ".join(parts) or "-"
 
 
@@ -278,8 +281,10 @@ def _annotation(rec: Mapping[str, Any]) -> str:
         return "step counter (saved for backward, never recomputed)"
     if kind == "quantize":
         spec = rec.get("spec") or {}
+        g = spec.get("granularity")
+        g = f"block{spec.get('block_size')} over dims {rec.get('block_dims')}" if g == "block" else g
         return (f"quantize {rec.get('site')}/{rec.get('role')}/{rec.get('operand')} int{spec.get('bits')}"
-                f"/{spec.get('granularity')}/{spec.get('rounding')}/{spec.get('quantizer')}")
+                f"/{g}/{spec.get('rounding')}/{spec.get('quantizer')}")
     if kind is not None:
         return f"{kind} " + " ".join(f"{k}={v}" for k, v in rec.items() if k != "kind" and isinstance(v, (str, int)))
     site = Site.from_record(rec, 0)

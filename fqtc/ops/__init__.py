@@ -6,6 +6,7 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
 
 - `fqtc.ops.stepcounter`: ``fqt::step`` and the per-model stochastic-rounding step counters
 - `fqtc.ops.core`: ``fqt::stream_key``, ``fqt::quantize``, ``fqt::qgemm``
+- `fqtc.ops.block`: ``fqt::quantize_block``, ``fqt::block_gemm`` (block scaling)
 - `fqtc.ops.conv`: ``fqt::qconv2d``, ``fqt::qconv2d_input``, ``fqt::qconv2d_weight`` (convolution sites)
 - `fqtc.ops.grad`: ``fqt::grad_quantize``, ``fqt::bhq``, ``fqt::bhq_quantize``, ``fqt::bhq_invert`` (gradient
   quantizers PTQ/PSQ/SCQ/BHQ/AQ)
@@ -16,6 +17,7 @@ Each submodule registers one family of ``torch.library`` custom ops (schema, fak
 """
 
 from fqtc.ops import (
+    block,  # noqa: F401  (registers fqt::quantize_block, fqt::block_gemm: block scaling)
     conv,  # noqa: F401  (registers fqt::qconv2d, fqt::qconv2d_input, fqt::qconv2d_weight)
     fused,  # noqa: F401  (registers fqt::qgemm_fused_quant: codegen fusion)
     grad,  # noqa: F401  (registers fqt::grad_quantize, fqt::bhq: gradient quantizers)

@@ -10,7 +10,9 @@ both gradients, so `fqtc.passes.conv` writes its records when it splits them).
 The granularity is turned into the dims of the operand's *base* tensor (the node after stripping transposes) over
 which one scale is shared: ``tensor`` -> all dims; ``token``/``sample`` (activations, gradients) and ``channel``
 (weights: output channels = rows of W) -> the last dim; ``channel`` (activations, gradients: feature columns) ->
-every dim but the last. The scales then follow the codes through the replayed transposes; a scale that varies
+every dim but the last; ``block`` -> the dims that are blocked (`block_dims`): b x b tiles over the two matrix dims
+for the forward operands (input, weight), which a backward GEMM reads along their other dim, and 1 x b groups along
+the reduction dim for a gradient. The scales then follow the codes through the replayed transposes; a scale that varies
 along the GEMM's reduction axis cannot sit in the epilogue, so that GEMM multiplies dequantized operands (same
 product of the quantized values, no integer GEMM) and the record says so.
 
@@ -24,13 +26,14 @@ shows (the fqt GEMM op and the int8 codes it reads).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from fqtc.config import FQTConfig, QuantSpec
+from fqtc.config import DEFAULT_GRANULARITY, FQTConfig, QuantSpec
 from fqtc.passes.common import strip_operand, tensor_shape
 from fqtc.passes.records import GemmRecord, OperandRecord, gemm_record
 from fqtc.passes.sites import CONV_ROLES, ConvSite, GemmSite, Site, gemm_operands
@@ -72,6 +75,18 @@ def reduce_dims_for(spec: QuantSpec, operand: str, ndim: int, where: str) -> lis
     if spec.granularity in ("token", "sample"):
         return [ndim - 1]
     return list(range(ndim - 1))  # channel of an activation/gradient: one scale per feature column
+
+
+def block_dims(base: fx.Node, chain: list[fx.Node], arg_index: int, operand: str) -> list[int]:
+    """The base dims a block spec blocks (docs/options.md, "Block scaling"): the GEMM operand's two matrix dims
+    (b x b tiles) for a forward operand, its reduction dim (1 x b groups) for a gradient. Found by replaying the
+    transposes on a meta tensor whose dim ``i`` has size ``i + 2``."""
+    nd = base.meta["val"].dim()
+    t = torch.empty([i + 2 for i in range(nd)], device="meta")
+    for c in chain:
+        t = c.target(t, *c.args[1:], **c.kwargs)
+    red, other = (t.shape[-1], t.shape[-2]) if arg_index == 0 else (t.shape[-2], t.shape[-1])
+    return [red - 2] if operand == "grad_output" else sorted([red - 2, other - 2])
 
 
 def _scale_ok(base: fx.Node, chain: list[fx.Node], reduce_dims: list[int], arg_index: int) -> bool:
@@ -123,7 +138,14 @@ def assign(sites: list[Site], config: FQTConfig) -> list[GemmPlan]:
 def _assign_conv(site: ConvSite, resolve) -> None:
     for role in site.roles:
         for operand in CONV_ROLES[role]:
-            site.specs[(role, operand)] = resolve(site, role, operand)
+            spec, reason = resolve(site, role, operand)
+            if spec is not None and spec.granularity == "block":
+                # block scaling exists for the linear/bmm integer GEMM (fqtc.quant.block), not for the implicit
+                # GEMM of a convolution: the operand keeps its default layout, and its recorded reason says so
+                g = DEFAULT_GRANULARITY.get((role, operand), "tensor")
+                spec = dataclasses.replace(spec, granularity=g)
+                reason = f"{reason}; block scaling applies to linear and bmm GEMMs, this convolution keeps {g!r}"
+            site.specs[(role, operand)] = (spec, reason)
 
 
 def _assign_gemm(site: GemmSite, resolve) -> list[GemmPlan]:
@@ -144,7 +166,9 @@ def _assign_gemm(site: GemmSite, resolve) -> list[GemmPlan]:
                     f"bfloat16, or keep the site in full precision with options={{'keep_fp': [{site.name!r}]}}"
                 )
             dims: list[int] = []
-            if spec is not None:
+            if spec is not None and spec.granularity == "block":
+                dims = block_dims(base, chain, idx, operand)
+            elif spec is not None:
                 where = f"site {site.name!r}, role {role!r}"
                 dims = reduce_dims_for(spec, operand, base.meta["val"].dim(), where)
                 if not _scale_ok(base, chain, dims, idx):
@@ -152,6 +176,11 @@ def _assign_gemm(site: GemmSite, resolve) -> list[GemmPlan]:
             else:
                 integer = False
             ops.append(OperandPlan(key, idx, spec, reason, dims))
+        blocks = {op.spec.block_size for op in ops if op.spec is not None and op.spec.granularity == "block"}
+        if len(blocks) > 1:
+            raise ValueError(f"fqt: the operands of GEMM site {site.name!r} ({role}) ask for block sizes "
+                             f"{sorted(blocks)}; both operands of one GEMM share its K-blocks, so give them one "
+                             "block_size")
         plan = GemmPlan(site, role, node, ops, integer)
         node.meta["fqt"] = record(plan)
         plans.append(plan)
@@ -167,7 +196,8 @@ def record(plan: GemmPlan) -> GemmRecord:
     for op in plan.operands:
         entry: OperandRecord = {"bits": None, "reason": op.reason}
         if op.spec is not None:
-            entry = {**op.spec.to_dict(), "reason": op.reason, "reduce_dims": op.reduce_dims}  # type: ignore[typeddict-item]
+            dims_key = "block_dims" if op.spec.granularity == "block" else "reduce_dims"
+            entry = {**op.spec.to_dict(), "reason": op.reason, dims_key: op.reduce_dims}  # type: ignore[misc]
         operands[site.report_name(op.key)] = entry
     return gemm_record(site=site.name, module=site.module, module_type=site.module_type, role=plan.role,
                        op=str(node.target).replace("aten.", "").replace(".default", ""), node=node.name,

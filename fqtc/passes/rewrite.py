@@ -1,4 +1,5 @@
-"""Pass 3: rewrite planned GEMMs into ``fqt::quantize`` + ``fqt::qgemm``.
+"""Pass 3: rewrite planned GEMMs into ``fqt::quantize`` + ``fqt::qgemm`` (block scaling: ``fqt::quantize_block`` +
+``fqt::block_gemm``).
 
 Preconditions: `assign` planned every GEMM (``node.meta["fqt"]``). Each operand's base tensor is quantized once per
 distinct (base, spec) — the forward activation's codes are shared by the ``output`` and ``grad_weight`` GEMMs, the
@@ -116,7 +117,12 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
                     new_args[2 * idx] = args[idx]
             bias = node.args[0] if node.target == aten.addmm.default else None
             out_dtype = node.meta["val"].dtype
-            q = graph.call_function(torch.ops.fqt.qgemm.default, (*new_args, bias, out_dtype))
+            block = next((op.spec.block_size for op in plan.operands
+                          if op.spec is not None and op.spec.granularity == "block"), None)
+            if block is None:
+                q = graph.call_function(torch.ops.fqt.qgemm.default, (*new_args, bias, out_dtype))
+            else:  # block scales along K: the integer GEMM accumulates each K-block (fqtc.quant.block)
+                q = graph.call_function(torch.ops.fqt.block_gemm.default, (*new_args[:4], block, bias, out_dtype))
         copy_meta(q, node)
         set_fake_val(q, fake_mode)
         rec = dict(node.meta["fqt"])
@@ -152,13 +158,20 @@ def _insert_quantize(graph, fake_mode, base, spec, dims, plan, op: OperandPlan, 
     site = plan.site
     operand = site.operand_name(op.key)
     pre = base.meta.get("fqt_int")
-    if pre and pre["bits"] == spec.bits and list(pre["reduce_dims"]) == list(dims):
+    if pre and spec.granularity != "block" and pre["bits"] == spec.bits and list(pre["reduce_dims"]) == list(dims):
         return pre["codes"], pre["scale"]
     if spec.quantizer != "uniform":
         if spec.quantizer not in QUANTIZE_LOWERINGS:
             raise NotImplementedError(f"fqt: no lowering registered for quantizer {spec.quantizer!r}")
         return QUANTIZE_LOWERINGS[spec.quantizer](graph, fake_mode, base, spec, dims, plan, op, config, step)
     stream = stable_stream(site.name, plan.role, site.report_name(op.key), spec.short_str())
+    if spec.granularity == "block":
+        return insert_quantizer(
+            graph, fake_mode, torch.ops.fqt.quantize_block.default,
+            (base, spec.bits, dims, spec.block_size, spec.rounding, config.seed, stream, step), plan.node,
+            {"kind": "quantize", "site": site.name, "role": plan.role, "operand": operand, "spec": spec.to_dict(),
+             "block_dims": dims, "base": base.name, "is_weight": operand == "weight", "stream": stream},
+        )
     return insert_quantizer(
         graph, fake_mode, torch.ops.fqt.quantize.default,
         (base, spec.bits, dims, spec.rounding, config.seed, stream, step), plan.node,

@@ -61,6 +61,12 @@ def _axis_after(chain: list[fx.Node], axis: int, ndim: int) -> int | None:
     return axis
 
 
+# the uniform quantizers whose codes a rotation may precede, and the GEMMs reading them (block scaling included:
+# a rotation along K and K-blocks of scales compose, the blocks then hold rotated values)
+_QUANTIZERS = (fqt.quantize.default, fqt.quantize_block.default)
+_GEMMS = (fqt.qgemm.default, fqt.block_gemm.default)
+
+
 def _code_readers(codes: fx.Node) -> list[tuple[fx.Node, int, list[fx.Node]]]:
     """(reader, arg index, transposes between ``codes`` and the reader) for every node reading ``codes``."""
     out, frontier = [], [(codes, [])]
@@ -78,7 +84,7 @@ def _source(operand: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """(quantize node, its codes getitem) behind a GEMM operand, or None when the operand is not uniform codes."""
     n, _ = strip_operand(operand)
     if (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0
-            and isinstance(n.args[0], fx.Node) and n.args[0].target is fqt.quantize.default):
+            and isinstance(n.args[0], fx.Node) and n.args[0].target in _QUANTIZERS):
         return n.args[0], n
     return None
 
@@ -108,7 +114,7 @@ def _plan(q: fx.Node, block: int) -> tuple[dict | None, str]:
             if reader.target is fqt.observe.default:  # option log_sqnr
                 observers.append(reader)
                 continue
-            if reader.target is not fqt.qgemm.default or axis is None or idx not in (0, 2):
+            if reader.target not in _GEMMS or axis is None or idx not in (0, 2):
                 return None, f"the codes are also read by {reader.target}"
             reduced = 1 if idx == 0 else 0
             if reader is q:
@@ -130,7 +136,7 @@ def rotate_linear_sites(gm: fx.GraphModule, config: FQTConfig) -> dict[str, int]
     counters = {"rotated_sites": 0, "rotation_nodes": 0}
     graph = gm.graph
     candidates = []
-    for q in graph.find_nodes(op="call_function", target=fqt.qgemm.default):
+    for q in [n for t in _GEMMS for n in graph.find_nodes(op="call_function", target=t)]:
         rec = q.meta.get("fqt") or {}
         if rec.get("role") != "output":
             continue

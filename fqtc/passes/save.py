@@ -96,7 +96,9 @@ def compress_relu_masks(gm: fx.GraphModule) -> int:
 
 def tag_saves(gm: fx.GraphModule) -> dict[str, int]:
     recompute = 0
-    for n in gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.quantize.default):
+    quantizers = [*gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.quantize.default),
+                  *gm.graph.find_nodes(op="call_function", target=torch.ops.fqt.quantize_block.default)]
+    for n in quantizers:
         if n.meta.get("fqt", {}).get("is_weight"):
             for m in [n, *[u for u in n.users if u.target is operator.getitem]]:
                 m.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE

@@ -4,7 +4,7 @@
 before any rewrite; `fqtc.passes.rewrite` and `fqtc.passes.conv` then replace the GEMMs. This pass looks at the
 node each record names and counts the operands that really arrive quantized:
 
-- the node must be one of fqt's GEMM ops (``fqt::qgemm``, ``fqt::qconv2d``, ``fqt::qconv2d_input``,
+- the node must be one of fqt's GEMM ops (``fqt::qgemm``, ``fqt::block_gemm``, ``fqt::qconv2d``, ``fqt::qconv2d_input``,
   ``fqt::qconv2d_weight``); an aten GEMM left in place quantizes nothing;
 - an operand is quantized when, through transposes and views, it is an int8 tensor (codes, with their scale next
   to it) or the output of an fqt quantizer op (BHQ's dequantized gradient, `fqtc.passes.gradquant`).
@@ -26,6 +26,7 @@ fqt = torch.ops.fqt
 # fqt GEMM op -> positions of its (operand, scale) argument pairs
 GEMM_OPS: dict = {
     fqt.qgemm.default: ((0, 1), (2, 3)),
+    fqt.block_gemm.default: ((0, 1), (2, 3)),
     fqt.qconv2d.default: ((0, 1), (2, 3)),
     fqt.qconv2d_input.default: ((0, 1), (2, 3)),
     fqt.qconv2d_weight.default: ((0, 1), (2, 3)),

@@ -3,7 +3,7 @@
 The kernel tests build CPU tensors and compare a kernel's result with the reference implementation on those
 tensors. By default the kernels run in the Triton interpreter on the CPU tensors themselves (tests/conftest.py
 sets ``TRITON_INTERPRET=1``). With ``FQTC_TEST_DEVICE=cuda`` every kernel entry point the tests call
-(`fqtc.codegen.{quantize,gemm,gradq,lwq,conv}` and the ``*_cuda`` op implementations in `fqtc.codegen.impls`) is
+(`fqtc.codegen.{quantize,gemm,gradq,lwq,conv,block}` and the ``*_cuda`` op implementations in `fqtc.codegen.impls`) is
 wrapped for the session: its CPU tensor arguments are copied to the GPU, the compiled kernel runs there, tensor
 results come back to the CPU, and arguments the kernel updated in place (the LWQ update's codes, scales and
 optimizer state) are copied back into the caller's tensors. The references keep running on the CPU, so each test
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 ON_CUDA = os.environ.get("FQTC_TEST_DEVICE", "cpu") == "cuda"
-_MODULES = ("quantize", "gemm", "gradq", "lwq", "conv", "impls")
+_MODULES = ("quantize", "gemm", "gradq", "lwq", "conv", "block", "impls")
 
 
 def _any_cuda(obj: Any) -> bool:

@@ -18,14 +18,15 @@ Configurations (``--configs``):
 - ``W8A8G8``, ``W4A8G8``: ``torch.compile(model, backend="fqt", options={"bits": ...})``;
 - ``W8A8G8-token-rot``: W8A8G8 with the per-token/per-channel layout and ``rotate="hadamard"``
   (docs/outliers.md);
+- ``W8A8G8-block32``: W8A8G8 with block scaling, one scale per 32 elements along K (docs/options.md);
 - ``W4A8G8L4``: latent weights (``fqtc.prepare`` W4 integer weight + 4-bit residual) with ``fqtc.optim.AdamW``;
 - ``AQ-G1``: ``grad_quantizer="aq"`` at G1 (one bit per gradient element on average);
 - ``PSQ-G2``: per-sample uniform gradients at 2 bits (the per-sample quantizer's minimum: 1-bit codes are only
   defined for AQ in fqt, so the 1-bit FQT paper's PSQ-at-1-bit baseline is approximated by PSQ at 2 bits).
 
 fqt runs use ``compiler="eager"`` (the same bits as Inductor, without Inductor's minutes of compile time per run).
-Not covered here: SmolLM2-135M causal-LM fine-tuning and EfficientNet-Lite0 on Fashion-MNIST (both need far more
-CPU time per run than this machine gives a benchmark).
+SmolLM2-135M causal-LM fine-tuning is benchmarks/finetune_lm.py (the same configurations). Not covered:
+EfficientNet-Lite0 on Fashion-MNIST.
 
 Output: a table (mean and standard deviation over seeds of test accuracy, test loss and the mean training loss of
 the last 10 steps; the gap to FP32) printed and written to ``<out>/finetune.md`` / ``<out>/finetune.json`` with
@@ -56,6 +57,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "W8A8G8": {"bits": "W8A8G8"},
     "W8A8G8-token-rot": {"bits": "W8A8G8", **TOKEN_ROT},
+    "W8A8G8-block32": {"bits": "W8A8G8", "granularity": "block", "block_size": 32},
     "W4A8G8": {"bits": "W4A8G8"},
     "W4A8G8L4": {"bits": "W4A8G8L4"},
     "AQ-G1": {"bits": "W8A8G1", "grad_quantizer": "aq"},

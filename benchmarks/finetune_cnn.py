@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.finetune import CONFIGS  # noqa: E402  (one list of configurations for every fine-tuning task)
+from benchmarks.finetune import CONFIGS, accuracy_row, set_up  # noqa: E402  (shared by every fine-tuning task)
 
 DATA = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "fmnist", "usr", "share", "datasets", "fashion-mnist")
 
@@ -75,25 +75,13 @@ def load_model() -> torch.nn.Module:
 
 
 def build(config: str, base: torch.nn.Module, seed: int, lr: float):
-    import fqtc
-
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
     model._fc = torch.nn.Linear(model._fc.in_features, 10)
     for m in model.modules():  # the checkpoint's BatchNorm momentum (0.01) would keep ImageNet statistics for
         if isinstance(m, torch.nn.BatchNorm2d):  # hundreds of steps; the evaluation uses the running statistics
             m.momentum = 0.1
-    model.train()
-    opts = CONFIGS[config]
-    if opts is None:
-        return model, model, torch.optim.AdamW(model.parameters(), lr=lr)
-    opts = {**opts, "compiler": "eager", "seed": seed}
-    if "L" in opts["bits"]:
-        fqtc.prepare(model, opts)
-        opt = fqtc.optim.AdamW(model.parameters(), lr=lr, seed=seed)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    return model, torch.compile(model, backend="fqt", options=opts), opt
+    return set_up(config, model.train(), seed, lr)
 
 
 def run(config: str, seed: int, data: dict[str, Any], args: argparse.Namespace, base) -> dict[str, Any]:
@@ -196,11 +184,8 @@ def render(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        gap = f"{r['acc_gap_pt']:+.2f}" if "acc_gap_pt" in r else ""
-        lgap = f"{r['test_loss_gap_pct']:+.1f}%" if "test_loss_gap_pct" in r else ""
         q = next((f"{x['quantized_gemms']} / {x['gemms']}" for x in result["runs"] if x["config"] == r["config"]), "")
-        lines.append(f"| {r['config']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | {gap} | {r['test_loss']:.4f} ± "
-                     f"{r['test_loss_std']:.4f} | {lgap} | {r['train_loss_last10']:.4f} | {q} | {r['n']} |")
+        lines.append(accuracy_row(r, f"{q} | "))
     return "\n".join(lines) + "\n"
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.finetune import CONFIGS  # noqa: E402  (one list of configurations for both fine-tuning tasks)
+from benchmarks.finetune import CONFIGS, set_up, summarize  # noqa: E402  (shared by every fine-tuning task)
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "smollm2-135m")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,20 +118,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def build(config: str, lm: torch.nn.Module, seed: int, lr: float):
-    import fqtc
-
     torch.manual_seed(seed)
-    model = CausalLM(copy.deepcopy(lm)).train()
-    opts = CONFIGS[config]
-    if opts is None:
-        return model, model, torch.optim.AdamW(model.parameters(), lr=lr)
-    opts = {**opts, "compiler": "eager", "seed": seed}
-    if "L" in opts["bits"]:
-        fqtc.prepare(model, opts)
-        opt = fqtc.optim.AdamW(model.parameters(), lr=lr, seed=seed)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    return model, torch.compile(model, backend="fqt", options=opts), opt
+    return set_up(config, CausalLM(copy.deepcopy(lm)).train(), seed, lr)
 
 
 def run(config: str, seed: int, train: torch.Tensor, test: torch.Tensor, args: argparse.Namespace,
@@ -158,25 +146,6 @@ def run(config: str, seed: int, train: torch.Tensor, test: torch.Tensor, args: a
     test_loss = total / len(test)
     return {"config": config, "seed": seed, "test_loss": test_loss, "test_ppl": math.exp(test_loss),
             "train_loss_last10": statistics.mean(losses[-10:]), "losses": losses, "train_s": train_s}
-
-
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for config in CONFIGS:
-        rs = [r for r in runs if r["config"] == config]
-        if not rs:
-            continue
-        row: dict[str, Any] = {"config": config, "n": len(rs)}
-        for k in ("test_loss", "test_ppl", "train_loss_last10"):
-            vals = [r[k] for r in rs]
-            row[k] = statistics.mean(vals)
-            row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        rows.append(row)
-    base = next((r for r in rows if r["config"] == "fp32"), None)
-    for r in rows:
-        if base is not None:
-            r["test_loss_gap_pct"] = 100.0 * (r["test_loss"] / base["test_loss"] - 1.0)
-    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -214,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
     import transformers
 
-    result = {"rows": summarize(runs), "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
+    rows = summarize(runs, ("test_loss", "test_ppl", "train_loss_last10"))
+    result = {"rows": rows, "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
               "transformers": transformers.__version__, "load_before": load_before, "load_after": os.getloadavg(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
               "train_windows": len(train), "command": "python benchmarks/finetune_lm.py "

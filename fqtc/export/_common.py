@@ -111,3 +111,17 @@ def _step_key(key, step, stream: int):
     k = fq.Mix32(op.BitwiseXor(k, hi))
     s = op.Constant(value=onnx.helper.make_tensor("stream", u32, [], [stream & 0xFFFFFFFF]))
     return fq.Mix32(op.BitwiseXor(k, s))
+
+
+def _bias_and_cast(out: Any, bias: Any, out_dtype: Any) -> Any:
+    """A GEMM translation's ending: ``+ bias`` in fp32, then the cast to ``out_dtype``, which arrives as a torch
+    dtype or as the exporter's ONNX data type (an IntEnum: FLOAT == 1)."""
+    import onnx
+    import torch
+
+    op = _op()
+    if bias is not None:
+        out = op.Add(out, op.Cast(bias, to=onnx.TensorProto.FLOAT))
+    if out_dtype is not None and out_dtype is not torch.float32 and int(getattr(out_dtype, "value", out_dtype)) != 1:
+        out = op.Cast(out, to=int(getattr(out_dtype, "value", out_dtype)))
+    return out

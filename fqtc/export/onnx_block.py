@@ -167,7 +167,6 @@ def _dequantize_operand(x, scale, block: int, k_axis: int, what: str):
 
 def block_gemm(a, a_scale, b, b_scale, block: int, bias, out_dtype):
     """fqt::block_gemm -> ``MatMul(dequantize(a), dequantize(b))`` (+ bias), cast to ``out_dtype``."""
-    import onnx
 
     what = "fqt::block_gemm"
     _block.check_block(block)
@@ -175,12 +174,7 @@ def block_gemm(a, a_scale, b, b_scale, block: int, bias, out_dtype):
     a_hp = _dequantize_operand(a, a_scale, int(block), -1, what)
     b_hp = _dequantize_operand(b, b_scale, int(block), -2, what)
     out = op.MatMul(a_hp, b_hp)
-    if bias is not None:
-        out = op.Add(out, op.Cast(bias, to=onnx.TensorProto.FLOAT))
-    # out_dtype arrives as a torch dtype or as the exporter's ONNX data type (an IntEnum: FLOAT == 1)
-    if out_dtype is not None and out_dtype is not torch.float32 and int(getattr(out_dtype, "value", out_dtype)) != 1:
-        out = op.Cast(out, to=int(getattr(out_dtype, "value", out_dtype)))
-    return out
+    return _common._bias_and_cast(out, bias, out_dtype)
 
 
 BLOCK_TRANSLATIONS = {

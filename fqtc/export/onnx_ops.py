@@ -12,6 +12,7 @@ import torch
 from fqtc.export._common import (
     FQT_DOMAIN,
     FQT_DOMAIN_VERSION,
+    _bias_and_cast,
     _group_codes,
     _group_scale,
     _no_given_amax,
@@ -94,12 +95,7 @@ def _qgemm(a, a_scale, b, b_scale, bias, out_dtype):
         if b_scale is not None:
             b_hp = op.Mul(b_hp, b_scale)
         out = op.MatMul(a_hp, b_hp)
-    if bias is not None:
-        out = op.Add(out, op.Cast(bias, to=onnx.TensorProto.FLOAT))
-    # out_dtype arrives as a torch dtype or as the exporter's ONNX data type (an IntEnum: FLOAT == 1)
-    if out_dtype is not None and out_dtype is not torch.float32 and int(getattr(out_dtype, "value", out_dtype)) != 1:
-        out = op.Cast(out, to=int(getattr(out_dtype, "value", out_dtype)))
-    return out
+    return _bias_and_cast(out, bias, out_dtype)
 
 
 def _scale_free_along(scale, dim: int) -> bool:

@@ -19,16 +19,8 @@ from fqtc.codegen import block as kb  # noqa: E402
 from fqtc.codegen import impls  # noqa: E402
 from fqtc.quant import block as rb  # noqa: E402
 from fqtc.quant.uniform import quantize  # noqa: E402
-
-STEP = torch.tensor(2**32 + 7)  # exercises the high word of the step in the key derivation
-SEED, STREAM = 1234, 0xDEADBEEF  # stream above 2^31: the kernels' uint32 view of an int64 argument
-
-
-def _x(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 3
-    x.view(-1)[:3] = torch.tensor([0.5, -2.5, 1e-3])
-    return x.to(dtype)
+from tests.codegen.inputs import SEED, STEP, STREAM  # noqa: E402
+from tests.codegen.inputs import x_with_ties as _x  # noqa: E402
 
 
 def _eq(a, b, nan=False):

@@ -18,6 +18,7 @@ Configurations (``--configs``):
 - ``W8A8G8``, ``W4A8G8``: ``torch.compile(model, backend="fqt", options={"bits": ...})``;
 - ``W8A8G8-token-rot``: W8A8G8 with the per-token/per-channel layout and ``rotate="hadamard"``
   (docs/outliers.md);
+- ``W4A8G8-token-rot``: W4A8G8 with the same layout and rotation;
 - ``W8A8G8-block32``: W8A8G8 with block scaling, one scale per 32 elements along K (docs/options.md);
 - ``W4A8G8L4``: latent weights (``fqtc.prepare`` W4 integer weight + 4-bit residual) with ``fqtc.optim.AdamW``;
 - ``AQ-G1``: ``grad_quantizer="aq"`` at G1 (one bit per gradient element on average);
@@ -59,6 +60,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "W8A8G8-token-rot": {"bits": "W8A8G8", **TOKEN_ROT},
     "W8A8G8-block32": {"bits": "W8A8G8", "granularity": "block", "block_size": 32},
     "W4A8G8": {"bits": "W4A8G8"},
+    "W4A8G8-token-rot": {"bits": "W4A8G8", **TOKEN_ROT},
     "W4A8G8L4": {"bits": "W4A8G8L4"},
     "AQ-G1": {"bits": "W8A8G1", "grad_quantizer": "aq"},
     "PSQ-G2": {"bits": "W8A8G2", "grad_quantizer": "psq"},
@@ -158,6 +160,31 @@ def summarize(runs: list[dict[str, Any]], metrics: tuple[str, ...] = ("acc", "te
     return rows
 
 
+def merge_previous(runs: list[dict[str, Any]], path: str, args: argparse.Namespace,
+                   same: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``runs`` plus the runs of the previous result file at ``path`` for (configuration, seed) pairs not re-run
+    here (``--merge``: add seeds or configurations without re-running the others). Runs are deterministic per
+    seed, so a kept run is what a re-run would give; the previous file must have used the same task settings
+    (``same``: argument names), else this stops with the difference. Kept runs carry ``measured`` (their date)."""
+    if not os.path.exists(path):
+        return runs
+    with open(path) as f:
+        prev = json.load(f)
+    old, new = prev.get("args", {}), vars(args)
+    diff = {k: (old.get(k), new.get(k)) for k in same if old.get(k) != new.get(k)}
+    if diff:
+        raise SystemExit(f"--merge: {path} was measured with other settings {diff}; re-run without --merge")
+    done = {(r["config"], r["seed"]) for r in runs}
+    kept = [{**r, "measured": r.get("measured", prev.get("date"))} for r in prev.get("runs", [])
+            if (r["config"], r["seed"]) not in done]
+    return kept + runs
+
+
+def seed_list(result: dict[str, Any]) -> str:
+    """The seeds of a result's runs (merged runs included), e.g. ``0,1,2``."""
+    return ",".join(str(s) for s in sorted({r["seed"] for r in result["runs"]}))
+
+
 def accuracy_row(r: dict[str, Any], extra: str = "") -> str:
     """One table row of an accuracy task (``extra``: cells inserted before the seeds column)."""
     gap = f"{r['acc_gap_pt']:+.2f}" if "acc_gap_pt" in r else ""
@@ -180,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the previous results file's runs of (config, seed) pairs not run now")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,6 +234,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = run(config, seed, data, args, encoder)
             runs.append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
+    if args.merge:
+        runs = merge_previous(runs, os.path.join(args.out, "finetune.json"), args,
+                              ("steps", "batch", "seq", "test", "lr"))
+
     import transformers
 
     result = {"rows": summarize(runs), "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
@@ -231,7 +264,7 @@ def render(result: dict[str, Any]) -> str:
         "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
             *result["load_before"], *result["load_after"]),
         f"- {a['steps']} steps of batch {a['batch']}, {a['seq']} tokens, AdamW lr {a['lr']}, test {a['test']} "
-        f"articles; seeds {a['seeds']} (mean ± std)", "",
+        f"articles; seeds {seed_list(result)} (mean ± std)", "",
         "| config | test acc % | gap vs FP32 (pt) | test loss | gap vs FP32 | train loss (last 10) | seeds |",
         "|---|---|---|---|---|---|---|",
     ]

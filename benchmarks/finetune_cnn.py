@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.finetune import CONFIGS, accuracy_row, set_up  # noqa: E402  (shared by every fine-tuning task)
+from benchmarks.finetune import CONFIGS, accuracy_row, merge_previous, seed_list, set_up  # noqa: E402  (shared by every fine-tuning task)
 
 DATA = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "fmnist", "usr", "share", "datasets", "fashion-mnist")
 
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the previous results file's runs of (config, seed) pairs not run now")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = run(config, seed, data, args, base)
             runs.append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
+    if args.merge:
+        runs = merge_previous(runs, os.path.join(args.out, "finetune_cnn.json"), args,
+                              ("steps", "batch", "size", "test", "lr", "data"))
+
     result = {"rows": summarize(runs), "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
               "load_before": load_before, "load_after": os.getloadavg(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
@@ -178,7 +184,7 @@ def render(result: dict[str, Any]) -> str:
         "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
             *result["load_before"], *result["load_after"]),
         f"- {a['steps']} steps of batch {a['batch']}, {a['size']}x{a['size']} inputs, AdamW lr {a['lr']}, test "
-        f"{a['test']} images; seeds {a['seeds']} (mean ± std)", "",
+        f"{a['test']} images; seeds {seed_list(result)} (mean ± std)", "",
         "| config | test acc % | gap vs FP32 (pt) | test loss | gap vs FP32 | train loss (last 10) | quantized GEMMs "
         "| seeds |",
         "|---|---|---|---|---|---|---|---|",

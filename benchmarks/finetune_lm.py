@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.finetune import CONFIGS, set_up, summarize  # noqa: E402  (shared by every fine-tuning task)
+from benchmarks.finetune import CONFIGS, merge_previous, seed_list, set_up, summarize  # noqa: E402  (shared by every fine-tuning task)
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "smollm2-135m")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the previous results file's runs of (config, seed) pairs not run now")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = run(config, seed, train, test, args, lm)
             runs.append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
+    if args.merge:
+        runs = merge_previous(runs, os.path.join(args.out, "finetune_lm.json"), args,
+                              ("steps", "batch", "seq", "test", "lr"))
+
     import transformers
 
     rows = summarize(runs, ("test_loss", "test_ppl", "train_loss_last10"))
@@ -209,7 +215,7 @@ def render(result: dict[str, Any]) -> str:
         "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
             *result["load_before"], *result["load_after"]),
         f"- {a['steps']} steps of batch {a['batch']} x {a['seq']} tokens, AdamW lr {a['lr']}; held out: "
-        f"{a['test']} windows from {HELD_OUT_FROM} onward; seeds {a['seeds']} (mean ± std)", "",
+        f"{a['test']} windows from {HELD_OUT_FROM} onward; seeds {seed_list(result)} (mean ± std)", "",
         "| config | held-out loss | gap vs FP32 | perplexity | train loss (last 10) | seeds |",
         "|---|---|---|---|---|---|",
     ]

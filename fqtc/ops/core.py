@@ -38,7 +38,7 @@ def stream_keys(seed: int, streams: list[int], step: Tensor) -> Tensor:
     stochastic quantizers with one op call (each custom-op call costs tens of microseconds of dispatch)."""
     if step.device.type == "cpu":
         s = int(step)
-        return torch.tensor([_rng.stream_key_int(seed, s, st) for st in streams], dtype=torch.int64)
+        return torch.tensor(_rng.stream_keys_int(seed, s, list(streams)), dtype=torch.int64)
     return torch.stack([_rng.stream_key(seed, step, st).to(step.device) for st in streams]) if streams else \
         torch.empty(0, dtype=torch.int64, device=step.device)
 

@@ -20,6 +20,17 @@ After::
     qw     = fqt.quantize(W, 8, [1], "nearest", seed, stream_w, step);     w8, sw = qw[0], qw[1]
     qgemm  = fqt.qgemm(x8, sx, aten.t(w8), aten.t(sw), b, float32)
 
+A ``grad_input`` GEMM whose weight is quantized per output channel (rule ``grad_input``/``weight``: ``channel``)
+has the weight's scales along its reduction axis, so no epilogue can apply them. The scales are folded into the
+other operand instead: the gradient is multiplied by them before it is quantized (``g · diag(s_w)``, one fused
+multiply in its quantizer's loop), and the GEMM reads the weight's per-channel codes, the same codes as the
+``output`` GEMM, with a unit scale: ``g W = (g · diag(s_w)) W_codes``, an integer GEMM (docs/architecture.md,
+"Scales and integer GEMMs")::
+
+    sw_t = aten.t(sw);  gs = aten.mul(g, sw_t)
+    qg   = fqt.quantize(gs, 8, [1], "stochastic", ...);  g8, sg = qg[0], qg[1]
+    gi   = fqt.qgemm(g8, sg, w8, ones([1, 1]), None, float32)
+
 Guarantees: ``node.meta["val"]`` is set on every new node; the graph stays functional; a GEMM that cannot be
 rewritten keeps its op and its record says why (status ``full_precision``).
 """
@@ -37,6 +48,7 @@ from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
 from fqtc.ops import observe as _observe  # noqa: F401  (registers fqt::observe)
 from fqtc.passes.assign import GemmPlan, OperandPlan
 from fqtc.passes.common import get_or_insert_step, insert_quantizer, stable_stream, strip_operand
+from fqtc.passes.records import NOT_INTEGER_NOTE
 from fqtc.passes.sites import gemm_operands
 
 aten = torch.ops.aten
@@ -64,12 +76,16 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     # another GEMM (Linear -> Linear) changes that consumer's base node.
     requests: dict[tuple, list[tuple[GemmPlan, OperandPlan]]] = defaultdict(list)
     resolved: dict[tuple[fx.Node, int], tuple[tuple, list[fx.Node]]] = {}
+    folds = {plan.node: f for plan in todo if (f := _scale_fold(plan)) is not None}
     for plan in todo:
         args = gemm_operands(plan.node)
         for op in plan.operands:
             if op.spec is None:
                 continue
             base, chain = strip_operand(args[op.arg_index])
+            if plan.node in folds and op is folds[plan.node][0]:  # quantized in phase 2, after the fold
+                resolved[(plan.node, op.arg_index)] = ((base, op.spec, tuple(op.reduce_dims)), chain)
+                continue
             key = (base, op.spec, tuple(op.reduce_dims))
             requests[key].append((plan, op))
             resolved[(plan.node, op.arg_index)] = (key, chain)
@@ -94,11 +110,18 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
             new_args[2 * idx] = args[idx]
         lowered: set[int] = set()
         posts: list[Callable[[fx.Node], fx.Node]] = []
+        fold = folds.get(node)
         with graph.inserting_before(node):
-            for op in plan.operands:
+            for op in sorted(plan.operands, key=lambda o: fold is not None and o is fold[0]):  # weight first
                 if op.spec is None:
                     continue
                 key, chain = resolved[(node, op.arg_index)]
+                if fold is not None and op is fold[0]:
+                    wi = fold[1].arg_index
+                    new_args[2 * op.arg_index], new_args[2 * op.arg_index + 1], new_args[2 * wi + 1] = _fold_scale(
+                        graph, fake_mode, plan, op, key[0], new_args[2 * wi + 1], config, step)
+                    lowered.add(op.arg_index)
+                    continue
                 codes, scale = quantized[key]
                 hook = OPERAND_HOOKS.get(op.spec.quantizer)
                 if hook is not None:  # a quantizer whose GEMMs read it in several forms (BHQ)
@@ -152,6 +175,54 @@ QUANTIZE_LOWERINGS: dict[str, Callable] = {}
 #   GEMM reads a quantization whose GEMMs need different forms of it; ``post`` (or None) maps the new GEMM node to
 #   the node its users read (BHQ: T^-1 on the integer grad_input's output rows, fqtc.passes.gradquant).
 OPERAND_HOOKS: dict[str, Callable] = {}
+
+
+def _scale_fold(plan: GemmPlan) -> tuple[OperandPlan, OperandPlan] | None:
+    """(gradient operand, weight operand) of a 2-D ``grad_input`` GEMM ``g @ W`` whose weight scales (per output
+    channel) lie along the reduction axis while the gradient's do not: the GEMM is made integer by folding the
+    weight scales into the gradient (module docstring). None for every other GEMM."""
+    if plan.role != "grad_input" or len(plan.operands) != 2 or any(op.spec is None for op in plan.operands):
+        return None
+    by_name = {plan.site.operand_name(op.key): op for op in plan.operands}
+    g, w = by_name.get("grad_output"), by_name.get("weight")
+    if g is None or w is None or g.arg_index != 0 or w.arg_index != 1:
+        return None
+    if any(op.spec.quantizer != "uniform" or op.spec.granularity == "block" for op in (g, w)):
+        return None
+    args = gemm_operands(plan.node)
+    (g_base, g_chain), (w_base, w_chain) = strip_operand(args[0]), strip_operand(args[1])
+    gv, wv = g_base.meta.get("val"), w_base.meta.get("val")
+    if g_chain or gv is None or wv is None or gv.dim() != 2 or wv.dim() != 2 or 1 not in g.reduce_dims:
+        return None
+    scale = torch.empty([1 if i in w.reduce_dims else int(d) for i, d in enumerate(wv.shape)], device="meta")
+    for t in w_chain:  # the weight scale as the GEMM reads it
+        scale = t.target(scale, *t.args[1:], **t.kwargs)
+    m = int(gv.shape[1])
+    if tuple(scale.shape) != (m, 1) or m == 1:
+        return None
+    return g, w
+
+
+def _fold_scale(graph, fake_mode, plan: GemmPlan, op: OperandPlan, g: fx.Node, w_scale: fx.Node,
+                config: FQTConfig, step: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """Quantize ``g * w_scale^T`` with ``op``'s spec right before the GEMM; returns (codes, scale, unit weight
+    scale) for the folded integer GEMM."""
+    node = plan.node
+    with graph.inserting_before(node):
+        st = graph.call_function(aten.t.default, (w_scale,))
+        gs = graph.call_function(aten.mul.Tensor, (g, st))
+        one = graph.call_function(aten.ones.default, ([1, 1],),
+                                  {"dtype": torch.float32, "device": g.meta["val"].device})
+    for n in (st, gs, one):
+        copy_meta(n, node)
+        set_fake_val(n, fake_mode)
+    codes, scale = _insert_quantize(graph, fake_mode, gs, op.spec, list(op.reduce_dims), plan, op, config, step)
+    rec = node.meta["fqt"]
+    rec["integer_gemm"] = True
+    rec["notes"] = [n for n in rec.get("notes", []) if n != NOT_INTEGER_NOTE] + [
+        "weight scales folded into grad_output before quantizing it (integer GEMM on the weight's per-channel "
+        "codes)"]
+    return codes, scale, one
 
 
 def _insert_quantize(graph, fake_mode, base, spec, dims, plan, op: OperandPlan, config, step):

@@ -60,10 +60,15 @@ def stream_key(seed: int, step: torch.Tensor | int, stream: int) -> torch.Tensor
 
 def stream_key_int(seed: int, step: int, stream: int) -> int:
     """`stream_key` on Python ints (the same 32-bit key), for callers that hold the step on the host."""
+    return stream_keys_int(seed, step, [stream])[0]
+
+
+def stream_keys_int(seed: int, step: int, streams: list[int]) -> list[int]:
+    """`stream_key_int` of several streams: the (seed, step) part of the hash is computed once."""
     k = mix32_int(seed ^ GOLDEN)
     k = mix32_int(k ^ (step & MASK32))
     k = mix32_int(k ^ ((step >> 32) & MASK32))
-    return mix32_int(k ^ (stream & MASK32))
+    return [mix32_int(k ^ (s & MASK32)) for s in streams]
 
 
 def uniform_from_index(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,23 @@ def test_linear_step_equals_dequantized_reference(case):
     w = fc.weight.detach()
     ref_out = _dq(x, gran["output", "input"], "input") @ _dq(w, gran["output", "weight"], "weight").T + fc.bias
     assert_close(out.detach(), ref_out.detach())
-    ref_gi = _dq(go, gran["grad_input", "grad_output"], "grad_output") @ _dq(w, gran["grad_input", "weight"], "weight")
+    if gran["grad_input", "weight"] == "channel" and gran["grad_input", "grad_output"] != "channel":
+        # per-output-channel weight scales lie along grad_input's reduction axis: they are folded into the gradient
+        # before it is quantized, and the integer GEMM reads the weight's codes (fqtc/passes/rewrite.py)
+        w8, sw = quantize(w, 8, _dims("channel", "weight", 2), "nearest")
+        ref_gi = _dq(go * sw.T, gran["grad_input", "grad_output"], "grad_output") @ w8.float()
+        assert not torch.allclose(ref_gi, _dq(go, gran["grad_input", "grad_output"], "grad_output")
+                                  @ dequantize(w8, sw))  # the unfolded product is another result
+        rec = next(r for r in cgs[0].records if r["role"] == "grad_input")
+        assert rec["integer_gemm"] and rec["evidence"] == "fqt::qgemm(int8, int8)", rec
+        # one weight quantizer per graph: grad_input reads the per-channel codes the output GEMM reads
+        for gm in (cgs[0].forward, cgs[0].backward):
+            wq = [n for n in gm.graph.nodes if n.target is torch.ops.fqt.quantize.default
+                  and (n.meta.get("fqt") or {}).get("is_weight")]
+            assert len(wq) <= 1, wq
+    else:
+        ref_gi = _dq(go, gran["grad_input", "grad_output"], "grad_output") @ _dq(w, gran["grad_input", "weight"],
+                                                                                "weight")
     assert_close(x.grad, ref_gi)
     g_c = _dq(go, gran["grad_weight", "grad_output"], "grad_output")
     ref_gw = g_c.T @ _dq(x, gran["grad_weight", "input"], "input")

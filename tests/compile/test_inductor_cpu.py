@@ -8,6 +8,7 @@ ops are really gone from the compiled graphs (nothing left as an extern referenc
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 from torch.testing import assert_close
@@ -51,7 +52,9 @@ def _mlp(width: int) -> nn.Module:
                          nn.Linear(width, 10))
 
 
-def test_inductor_training_step_equals_eager_graphs():
+@pytest.mark.parametrize("rules", [[], [{"role": "grad_input", "operand": "weight", "granularity": "channel"}]],
+                         ids=["defaults", "weight_scales_folded"])
+def test_inductor_training_step_equals_eager_graphs(rules):
     x = torch.randn(24, 40)
     t = torch.randn(24, 10)
     results = {}
@@ -59,7 +62,7 @@ def test_inductor_training_step_equals_eager_graphs():
         torch._dynamo.reset()
         m = _mlp(40)
         with capture() as cgs:
-            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler})
+            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler, "rules": rules})
             fqtc.set_step(0)  # same stochastic-rounding stream for both
             out = f(x)
             ((out - t) ** 2).mean().backward()
@@ -82,6 +85,7 @@ def test_inductor_training_step_equals_eager_graphs():
         assert torch.ops.fqt.qgemm.default not in targets
         if qgemm_ref.cpu_gemm_path() == "int_mm":
             assert torch.ops.aten._int_mm.default in targets
+    assert all(r["integer_gemm"] for r in cg.records)  # folded weight scales: grad_input is integer too
     kernels = {r["codegen"]["kernel"] for r in cg.records if r.get("status") == "quantized"}
     assert kernels == {f"inductor:{qgemm_ref.cpu_gemm_path()}"}
 

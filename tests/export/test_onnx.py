@@ -197,14 +197,16 @@ def test_unknown_fqt_op_fails_naming_it(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_graphs_are_wired_by_name(tmp_path):
+@pytest.mark.parametrize("rules", [[], [{"role": "grad_input", "operand": "weight", "granularity": "channel"}]],
+                         ids=["defaults", "weight_scales_folded"])
+def test_graphs_are_wired_by_name(tmp_path, rules):
     """The forward's saved outputs and the backward's inputs carry the same names, one to one (a saved parameter
     keeps its input name, the step is fqt_step, other saved tensors saved.<fx name>); gradients are named
     grad.<param> (grad.<input> for a data input). ONNX Runtime runs forward then backward, fed only by name, and
-    reproduces the compiled model's gradients."""
+    reproduces the compiled model's gradients (with the weight scales folded into grad_input's gradient, too)."""
     from tests.helpers import compile_fqt
 
-    options = {"grad_rounding": "nearest"}
+    options = {"grad_rounding": "nearest", "rules": rules}
     x = _x().requires_grad_()
     paths = fx_onnx.export_onnx(_mlp(), (x,), str(tmp_path / "m.onnx"), options)
     fwd, bwd = (onnx.load(p) for p in paths)

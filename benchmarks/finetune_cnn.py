@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gzip
-import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -41,7 +38,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.finetune import CONFIGS, accuracy_row, merge_previous, seed_list, set_up  # noqa: E402  (shared by every fine-tuning task)
+from benchmarks.finetune import (  # noqa: E402  (shared by every fine-tuning task)
+    accuracy_row,
+    add_common_args,
+    header,
+    parse_configs,
+    run_grid,
+    seed_list,
+    set_up,
+    task_result,
+)
 
 DATA = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "fmnist", "usr", "share", "datasets", "fashion-mnist")
 
@@ -122,67 +128,33 @@ def _run(config: str, seed: int, data: dict[str, Any], args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.finetune import summarize
-    from benchmarks.step_time import machine_info
+    from benchmarks.step_time import publish
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--seeds", default="0,1,2")
+    add_common_args(ap, "0,1,2")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=64, help="input image side in pixels")
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--data", default=DATA)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the previous results file's runs of (config, seed) pairs not run now")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
+    configs = parse_configs(args)
     load_before = os.getloadavg()
     base = load_model()
     tx, ty = load_fmnist(args.data, "test")
     data = {"train": load_fmnist(args.data, "train"), "test": (tx[:args.test], ty[:args.test])}
-    runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for config in configs:
-            torch._dynamo.reset()
-            r = run(config, seed, data, args, base)
-            runs.append(r)
-            print({k: v for k, v in r.items() if k != "losses"}, flush=True)
-    if args.merge:
-        runs = merge_previous(runs, os.path.join(args.out, "finetune_cnn.json"), args,
-                              ("steps", "batch", "size", "test", "lr", "data"))
-
-    result = {"rows": summarize(runs), "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
-              "load_before": load_before, "load_after": os.getloadavg(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
-              "command": "python benchmarks/finetune_cnn.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    md = render(result)
-    print(md)
-    if not args.no_save:
-        with open(os.path.join(args.out, "finetune_cnn.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "finetune_cnn.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    runs = run_grid(args.seeds, configs, lambda config, seed: run(config, seed, data, args, base))
+    result = task_result("finetune_cnn", args, argv, runs, load_before,
+                         ("steps", "batch", "size", "test", "lr", "data"))
+    publish(result, render(result), args.out, "finetune_cnn", not args.no_save)
     return result
 
 
 def render(result: dict[str, Any]) -> str:
-    a, info = result["args"], result["machine"]
+    a = result["args"]
     lines = [
-        "# Fine-tuning pretrained EfficientNet-Lite0 on Fashion-MNIST (benchmarks/finetune_cnn.py)", "",
-        f"- machine: {info['cpu']} ({info['cpu_count']} CPUs); torch {result['torch']}",
-        f"- command: `{result['command']}`; date {result['date']}",
-        "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
-            *result["load_before"], *result["load_after"]),
+        *header(result, "Fine-tuning pretrained EfficientNet-Lite0 on Fashion-MNIST (benchmarks/finetune_cnn.py)"),
         f"- {a['steps']} steps of batch {a['batch']}, {a['size']}x{a['size']} inputs, AdamW lr {a['lr']}, test "
         f"{a['test']} images; seeds {seed_list(result)} (mean ± std)", "",
         "| config | test acc % | gap vs FP32 (pt) | test loss | gap vs FP32 | train loss (last 10) | quantized GEMMs "

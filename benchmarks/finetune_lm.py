@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib.util
 import json
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -44,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.finetune import CONFIGS, merge_previous, seed_list, set_up, summarize  # noqa: E402  (shared by every fine-tuning task)
+from benchmarks.finetune import add_common_args, header, parse_configs, run_grid, seed_list, set_up, task_result  # noqa: E402  (shared by every fine-tuning task)
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "smollm2-135m")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,71 +147,36 @@ def run(config: str, seed: int, train: torch.Tensor, test: torch.Tensor, args: a
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.step_time import machine_info
+    from benchmarks.step_time import publish
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--seeds", default="0")
+    add_common_args(ap, "0")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--test", type=int, default=32, help="held-out windows")
     ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the previous results file's runs of (config, seed) pairs not run now")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
+    configs = parse_configs(args)
     load_before = os.getloadavg()
     lm, tok = load_smollm2()
     train_text, test_text = load_kjv()
     train = windows(tok, train_text, args.seq)
     test = windows(tok, test_text, args.seq, limit=args.test)
-    runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for config in configs:
-            torch._dynamo.reset()
-            r = run(config, seed, train, test, args, lm)
-            runs.append(r)
-            print({k: v for k, v in r.items() if k != "losses"}, flush=True)
-    if args.merge:
-        runs = merge_previous(runs, os.path.join(args.out, "finetune_lm.json"), args,
-                              ("steps", "batch", "seq", "test", "lr"))
-
+    runs = run_grid(args.seeds, configs, lambda config, seed: run(config, seed, train, test, args, lm))
     import transformers
 
-    rows = summarize(runs, ("test_loss", "test_ppl", "train_loss_last10"))
-    result = {"rows": rows, "runs": runs, "machine": machine_info("cpu"), "torch": torch.__version__,
-              "transformers": transformers.__version__, "load_before": load_before, "load_after": os.getloadavg(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
-              "train_windows": len(train), "command": "python benchmarks/finetune_lm.py "
-              + shlex.join(argv if argv is not None else sys.argv[1:])}
-    md = render(result)
-    print(md)
-    if not args.no_save:
-        with open(os.path.join(args.out, "finetune_lm.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "finetune_lm.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    result = task_result("finetune_lm", args, argv, runs, load_before, ("steps", "batch", "seq", "test", "lr"),
+                         ("test_loss", "test_ppl", "train_loss_last10"), transformers=transformers.__version__,
+                         train_windows=len(train))
+    publish(result, render(result), args.out, "finetune_lm", not args.no_save)
     return result
 
 
 def render(result: dict[str, Any]) -> str:
-    a, info = result["args"], result["machine"]
+    a = result["args"]
     lines = [
-        "# Fine-tuning pretrained SmolLM2-135M on the King James Bible (benchmarks/finetune_lm.py)", "",
-        f"- machine: {info['cpu']} ({info['cpu_count']} CPUs); torch {result['torch']}, transformers "
-        f"{result['transformers']}",
-        f"- command: `{result['command']}`; date {result['date']}",
-        "- load average before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
-            *result["load_before"], *result["load_after"]),
+        *header(result, "Fine-tuning pretrained SmolLM2-135M on the King James Bible (benchmarks/finetune_lm.py)"),
         f"- {a['steps']} steps of batch {a['batch']} x {a['seq']} tokens, AdamW lr {a['lr']}; held out: "
         f"{a['test']} windows from {HELD_OUT_FROM} onward; seeds {seed_list(result)} (mean ± std)", "",
         "| config | held-out loss | gap vs FP32 | perplexity | train loss (last 10) | seeds |",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import os
 import shlex
@@ -65,7 +64,7 @@ def weight_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.step_time import build_workload, machine_info
+    from benchmarks.step_time import build_workload, machine_info, publish
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -121,13 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "load_before": load_before, "load_after": os.getloadavg(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "command": "python benchmarks/outliers.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    md = render(result)
-    print(md)
-    if not args.no_save:
-        with open(os.path.join(args.out, "outliers.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "outliers.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    publish(result, render(result), args.out, "outliers", not args.no_save)
     return result
 
 

@@ -503,6 +503,18 @@ def machine_info(device: str) -> dict[str, Any]:
     }
 
 
+def publish(result: dict[str, Any], md: str, out: str, name: str, save: bool = True) -> None:
+    """Print a benchmark's markdown page and, with ``save``, write it and its JSON as ``<out>/<name>.md`` and
+    ``<out>/<name>.json`` (the files benchmarks/report.py renders from)."""
+    print(md)
+    if save:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{name}.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def machine_lines(info: dict[str, Any], table: dict[str, Any], command: str) -> list[str]:
     fl = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["int8_dot_flags"].items())
     la = lambda t: "/".join(f"{v:.2f}" for v in t)  # noqa: E731

@@ -79,13 +79,11 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     folds = {plan.node: f for plan in todo if (f := _scale_fold(plan)) is not None}
     for plan in todo:
         args = gemm_operands(plan.node)
+        folded = folds.get(plan.node, (None,))[0]
         for op in plan.operands:
-            if op.spec is None:
+            if op.spec is None or op is folded:  # a folded gradient is quantized in phase 2, after the fold
                 continue
             base, chain = strip_operand(args[op.arg_index])
-            if plan.node in folds and op is folds[plan.node][0]:  # quantized in phase 2, after the fold
-                resolved[(plan.node, op.arg_index)] = ((base, op.spec, tuple(op.reduce_dims)), chain)
-                continue
             key = (base, op.spec, tuple(op.reduce_dims))
             requests[key].append((plan, op))
             resolved[(plan.node, op.arg_index)] = (key, chain)
@@ -112,16 +110,10 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
         posts: list[Callable[[fx.Node], fx.Node]] = []
         fold = folds.get(node)
         with graph.inserting_before(node):
-            for op in sorted(plan.operands, key=lambda o: fold is not None and o is fold[0]):  # weight first
-                if op.spec is None:
+            for op in plan.operands:
+                if op.spec is None or (fold is not None and op is fold[0]):
                     continue
                 key, chain = resolved[(node, op.arg_index)]
-                if fold is not None and op is fold[0]:
-                    wi = fold[1].arg_index
-                    new_args[2 * op.arg_index], new_args[2 * op.arg_index + 1], new_args[2 * wi + 1] = _fold_scale(
-                        graph, fake_mode, plan, op, key[0], new_args[2 * wi + 1], config, step)
-                    lowered.add(op.arg_index)
-                    continue
                 codes, scale = quantized[key]
                 hook = OPERAND_HOOKS.get(op.spec.quantizer)
                 if hook is not None:  # a quantizer whose GEMMs read it in several forms (BHQ)
@@ -135,6 +127,11 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
                 new_args[2 * op.arg_index] = codes
                 new_args[2 * op.arg_index + 1] = scale
                 lowered.add(op.arg_index)
+            if fold is not None:  # after the weight's codes and scale are in place
+                gi, wi = fold[0].arg_index, fold[1].arg_index
+                new_args[2 * gi], new_args[2 * gi + 1], new_args[2 * wi + 1] = _fold_scale(
+                    graph, fake_mode, plan, fold[0], args[gi], new_args[2 * wi + 1], config, step)
+                lowered.add(gi)
             for idx in (0, 1):
                 if idx not in lowered:  # full-precision operand: replay-free, the original arg
                     new_args[2 * idx] = args[idx]

@@ -90,10 +90,14 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
             info["codegen"][name] = {"device": "cpu", "kernel": "reference", "fused": False, "reason": why}
             return NotImplemented
         info["inlined_qgemm"] += 1
-        info["codegen"][name] = {"device": "cpu", "kernel": f"inductor:{info['path']}", "fused": True}
-        if a.dim() == 2 and b.dim() == 2:  # aten._int_mm (or the exact fp32 emulation), as the reference runs it
+        path = _gemm.gemm_path(a.shape, b.shape)
+        info["codegen"][name] = {"device": "cpu", "kernel": f"inductor:{path}", "fused": True}
+        if (a.dim() == 2 and b.dim() == 2) or path == "fp32":
+            # aten._int_mm or the exact fp32 emulation (one batched fp32 GEMM for small per-head products), as the
+            # reference runs it: the codes' float conversion fuses into the loop that writes them
             return _gemm.scaled_gemm(a, a_scale, b, b_scale, bias, out_dtype)
-        # a batched product (attention): the loop of int8 GEMMs stays one extern op, its epilogue is inlined
+        # a batched product of larger per-batch GEMMs: the loop of int8 GEMMs stays one extern op, its epilogue is
+        # inlined
         return _gemm.dequantize_epilogue(fqt.int_gemm.default(a, b), a_scale, b_scale, bias, out_dtype)
 
     def conv(role: str, a, sa, b, sb, weight_size, stride, groups):

@@ -12,6 +12,10 @@ is chosen per machine (docs/kernels.md, "The CPU integer GEMM"):
 Both give the same int32 result bit for bit, so the choice changes speed, never the numbers. `cpu_gemm_path` makes
 it once per process: the CPU must report int8 dot-product instructions, and a small probe must show ``_int_mm``
 exact and faster than fp32 ``mm``. ``FQTC_CPU_INT_GEMM=int_mm|fp32`` overrides it.
+
+A batched product with a right operand per batch (attention's per-head ``bmm``) has no batched ``_int_mm``: the
+``"int_mm"`` path loops over the batch. Where every per-batch product is small and ``K`` fits one exact fp32 chunk,
+one fp32 batched GEMM on the codes is faster than that loop (`gemm_path`, measured in docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ K_CHUNK = 1024  # 1024 * 127 * 127 = 16,516,096 < 2**24: exact partial sums in f
 # int32 accumulation holds K products of magnitude <= 128*128 while K*2^14 < 2^31
 INT32_K_LIMIT = (1 << 31) // (128 * 128) - 1
 CPU_GEMM_PATHS = ("int_mm", "fp32")
+# per-batch products of at most this many multiply-adds (M*K*N) run as one fp32 batched GEMM where K <= K_CHUNK,
+# instead of a loop of _int_mm calls (docs/kernels.md, "The CPU integer GEMM": 4x faster at 64x32x64 per batch,
+# equal at 128x64x128 on 1 thread and 2.6x faster on 2, 1.8x slower at 512x64x512)
+BMM_FP32_MACS = 1 << 21
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni")
 
 
@@ -131,12 +139,37 @@ def _int_mm_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(*batch, a.shape[-2], b.shape[-1])
 
 
+def _per_batch_rhs(a_shape, b_shape) -> bool:
+    """True when ``a @ b`` has a right operand per batch (no single GEMM over all rows)."""
+    return len(b_shape) > 2 and not all(s == 1 for s in b_shape[:-2]) and len(a_shape) >= 2
+
+
+def gemm_path(a_shape, b_shape, path: str | None = None) -> str:
+    """The exact implementation `int_gemm` runs on the CPU for int8 operands of these shapes: ``"int_mm"`` or
+    ``"fp32"``.
+
+    ``path`` forces one (tests run both on the same codes); None takes this machine's choice (`cpu_gemm_path`),
+    except that a batched product with a right operand per batch takes ``"fp32"`` (one batched fp32 GEMM, exact:
+    ``K <= K_CHUNK``) when each per-batch product has at most `BMM_FP32_MACS` multiply-adds, where the ``"int_mm"``
+    path's loop of small ``_int_mm`` calls costs more than the arithmetic."""
+    if path is not None:
+        if path not in CPU_GEMM_PATHS:
+            raise ValueError(f"unknown integer GEMM path {path!r}; allowed: {', '.join(CPU_GEMM_PATHS)}")
+        return path
+    chosen = cpu_gemm_path()
+    if chosen == "int_mm" and _per_batch_rhs(a_shape, b_shape):
+        m, k, n = a_shape[-2], a_shape[-1], b_shape[-1]
+        if k <= K_CHUNK and m * k * n <= BMM_FP32_MACS:
+            return "fp32"
+    return chosen
+
+
 def int_gemm(a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """Exact int32 ``a @ b`` for int8 codes (2-D ``mm`` or batched, batch dims broadcast).
 
-    ``path`` (CPU only): ``"int_mm"`` or ``"fp32"``; None takes this machine's choice (`cpu_gemm_path`). Both are
-    exact, so the result does not depend on it. Other devices run the fp32-chunked form (the CUDA graphs use the
-    Triton kernels in `fqtc.codegen` instead)."""
+    ``path`` (CPU only): ``"int_mm"`` or ``"fp32"``; None takes `gemm_path`'s choice for these shapes on this
+    machine. Both are exact, so the result does not depend on it. Other devices run the fp32-chunked form (the CUDA
+    graphs use the Triton kernels in `fqtc.codegen` instead)."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int_gemm expects int8 codes, got {a.dtype} and {b.dtype}")
     if path is not None and path not in CPU_GEMM_PATHS:
@@ -144,7 +177,7 @@ def int_gemm(a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch
     if a.numel() == 0 or b.numel() == 0:  # an empty batch, or K = 0: an (all-zero) int32 result of the right shape
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         return torch.zeros(*batch, a.shape[-2], b.shape[-1], dtype=torch.int32, device=a.device)
-    if a.device.type == "cpu" and (path or cpu_gemm_path()) == "int_mm":
+    if a.device.type == "cpu" and gemm_path(a.shape, b.shape, path) == "int_mm":
         return _int_mm_gemm(a, b)
     return _fp32_gemm(a, b)
 

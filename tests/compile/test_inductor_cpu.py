@@ -187,3 +187,56 @@ def test_stream_keys_op_equals_per_stream_keys():
     keys = torch.ops.fqt.stream_keys.default(11, streams, step)
     assert keys.tolist() == [int(torch.ops.fqt.stream_key.default(11, s, step)) for s in streams]
     assert keys.tolist() == [int(rng.stream_key(11, step, s)) for s in streams]
+
+
+class _Attn(nn.Module):
+    """Two heads of (x Wq)(x Wk)^T (x Wv) without softmax: every value is an integer sum or an elementwise epilogue,
+    so the eager and Inductor graphs must agree bit for bit on the batched GEMMs too."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.h, d // self.h).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        return ((q @ k.transpose(-1, -2)) @ v).transpose(1, 2).reshape(b, t, d)
+
+
+@pytest.mark.parametrize("forced", [None, "int_mm"])
+def test_inductor_batched_gemms_equal_eager_graphs(forced, monkeypatch):
+    """Attention's per-head products: small ones run as one exact fp32 batched GEMM (`gemm_path`), inlined so the
+    codes' float conversion fuses; larger ones keep the loop of int8 GEMMs as one extern op. Either way the
+    gradients equal the eager graphs' bit for bit, and each record names the form that ran."""
+    if forced == "int_mm":
+        if qgemm_ref.cpu_gemm_path() != "int_mm":
+            pytest.skip("this CPU has no fast int8 GEMM: every product takes the fp32 path")
+        monkeypatch.setattr(qgemm_ref, "BMM_FP32_MACS", 0)  # every per-head product takes the int8 loop
+    x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for compiler in ("eager", "inductor"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = _Attn()
+        with capture() as cgs:
+            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler})
+            fqtc.set_step(0)
+            out = f(x)
+            (out ** 2).sum().backward()
+        results[compiler] = (out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, cgs[0])
+    (out_e, grads_e, _), (out_i, grads_i, cg) = results["eager"], results["inductor"]
+    assert torch.equal(out_e, out_i)
+    for name, g in grads_e.items():
+        assert torch.equal(g, grads_i[name]), name
+    bmm = [r for r in cg.records if r["op"] in ("bmm", "matmul") and r.get("status") == "quantized"]
+    assert len(bmm) == 6  # two batched products, three GEMMs each
+    path = qgemm_ref.cpu_gemm_path()
+    want = "inductor:fp32" if forced is None else f"inductor:{path}"
+    assert {r["codegen"]["kernel"] for r in bmm} == {want}
+    extern = sum(n.target is torch.ops.fqt.int_gemm.default for gm in cg.compiled for n in gm.graph.nodes)
+    assert extern == (6 if want == "inductor:int_mm" else 0)

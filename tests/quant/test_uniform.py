@@ -196,3 +196,21 @@ def test_scaled_gemm_matches_dequantized_product():
     assert_close(scaled_gemm(qc, sc, qb, sb), ((qc.double() * sc) @ (qb.double() * sb)).float())
     # a float operand (scale None)
     assert_close(scaled_gemm(x, None, qb, sb), (x.double() @ (qb.double() * sb)).float())
+
+
+def test_gemm_path_per_shape(monkeypatch):
+    """Small per-batch products with K within one exact fp32 chunk take one fp32 batched GEMM on a machine whose
+    GEMM is _int_mm; 2-D products, shared right operands, large or long-K products keep the machine's path; a
+    forced path is always honoured. Both paths give the same int32 (test_int_gemm_paths_equal_on_same_codes)."""
+    from fqtc.quant import gemm
+
+    monkeypatch.setattr(gemm, "cpu_gemm_path", lambda: "int_mm")
+    assert gemm.gemm_path((32, 128, 64), (32, 64, 128)) == "fp32"  # 1M multiply-adds per head
+    assert gemm.gemm_path((2, 4, 128, 64), (2, 4, 64, 128)) == "fp32"
+    assert gemm.gemm_path((8, 512, 64), (8, 64, 512)) == "int_mm"  # 16M per batch: the int8 loop is faster
+    assert gemm.gemm_path((4, 16, 2048), (4, 2048, 16)) == "int_mm"  # K beyond one exact fp32 chunk
+    assert gemm.gemm_path((256, 1024), (1024, 1024)) == "int_mm"  # 2-D
+    assert gemm.gemm_path((4, 16, 64), (64, 32)) == "int_mm"  # shared right operand: one GEMM over all rows
+    assert gemm.gemm_path((32, 128, 64), (32, 64, 128), "int_mm") == "int_mm"
+    monkeypatch.setattr(gemm, "cpu_gemm_path", lambda: "fp32")
+    assert gemm.gemm_path((8, 512, 64), (8, 64, 512)) == "fp32"

@@ -39,9 +39,62 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fqtc.quant import block as _block
 from fqtc.quant import conv as _conv
 from fqtc.quant import gemm as _gemm
+from fqtc.quant import rng as _rng
 from fqtc.quant import uniform as _uniform
 
 fqt = torch.ops.fqt
+_LOWERED: set[str] = set()
+
+
+def _mix32_ops(ops: Any, x: Any) -> Any:
+    """`fqtc.quant.rng.mix32_i32` in Inductor's ``ops`` (int32, wrapping multiply): each intermediate is a Python
+    value used twice, so the loop body holds every operation once."""
+    def c(v: int) -> Any:
+        return ops.constant(v, torch.int32)
+
+    x = ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, c(16)), c(0xFFFF)))
+    x = ops.mul(x, c(_rng.M1_I32))
+    x = ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, c(15)), c(0x1FFFF)))
+    x = ops.mul(x, c(_rng.M2_I32))
+    return ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, c(16)), c(0xFFFF)))
+
+
+def register_counter_uniform_lowering() -> None:
+    """Lower ``fqt::counter_uniform`` to one Inductor pointwise loop computing `fqtc.quant.rng.uniform_like_key`.
+
+    Traced as aten ops, the hash is a chain of pointwise nodes in which every intermediate is read twice
+    (``x ^ (x >> 16)``); Inductor inlines a pointwise producer at each read, so the two lowbias32 rounds expand
+    2^6-fold while it generates code (its CSE removes the copies from the C++, not the Python work): 5.7 s of
+    compile time per stochastic quantizer. Here the loop body is written once. Same operations, same order, same
+    bits (tests/compile/test_inductor_cpu.py)."""
+    if "counter_uniform" in _LOWERED:
+        return
+    from torch._inductor import ir
+    from torch._inductor.lowering import register_lowering
+    from torch._inductor.virtualized import ops
+
+    @register_lowering(fqt.counter_uniform.default, type_promotion_kind=None)
+    def _lower(x: Any, key: Any) -> Any:
+        size = list(x.get_size())
+        strides = ir.FlexibleLayout.contiguous_strides(size)
+        load_key = key.make_loader()
+
+        def inner_fn(index: list[Any]) -> Any:
+            flat = sum((i * st for i, st in zip(index, strides)), 0)
+            idx = ops.index_expr(flat, torch.int32)
+            k = load_key([])  # int64, as uniform_like_key: wrap to the int32 bit pattern
+            k = ops.sub(ops.bitwise_and(ops.add(k, ops.constant(1 << 31, torch.int64)),
+                                        ops.constant(_rng.MASK32, torch.int64)),
+                        ops.constant(1 << 31, torch.int64))
+            h = _mix32_ops(ops, ops.bitwise_xor(idx, ops.to_dtype(k, torch.int32)))
+            h = _mix32_ops(ops, ops.bitwise_xor(h, ops.constant(_rng.GOLDEN_I32, torch.int32)))
+            bits24 = ops.bitwise_and(ops.bitwise_right_shift(h, ops.constant(8, torch.int32)),
+                                     ops.constant(0xFFFFFF, torch.int32))
+            return ops.mul(ops.to_dtype(bits24, torch.float32), ops.constant(1.0 / 16777216.0, torch.float32))
+
+        return ir.Pointwise.create(device=x.get_device(), dtype=torch.float32, inner_fn=inner_fn, ranges=size)
+
+    _LOWERED.add("counter_uniform")
 
 
 class _NodeTracker(fx.Interpreter):
@@ -54,6 +107,12 @@ class _NodeTracker(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         return super().run_node(n)
+
+
+def _draw(x: torch.Tensor) -> _uniform.Draw | None:
+    """The stochastic-rounding draws of a quantizer of ``x`` as one ``fqt::counter_uniform`` node (lowered by
+    `register_counter_uniform_lowering`), where its element indices fit int32 as the reference's fast path needs."""
+    return fqt.counter_uniform.default if x.numel() < (1 << 31) else None
 
 
 def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Callable]:
@@ -76,7 +135,8 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
             else:
                 key = fqt.stream_key.default(seed, stream, step)
         info["inlined_quantize"] += 1
-        return _uniform.quantize(x, bits, reduce_dims, rounding, seed=seed, step=0, stream=stream, amax=amax, key=key)
+        return _uniform.quantize(x, bits, reduce_dims, rounding, seed=seed, step=0, stream=stream, amax=amax, key=key,
+                                 draw=_draw(x))
 
     def qgemm(a, a_scale, b, b_scale, bias, out_dtype):
         name = tracker.current.name if tracker.current is not None else "?"
@@ -144,7 +204,8 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
             return NotImplemented
         key = fqt.stream_key.default(seed, stream, step) if rounding == "stochastic" else None
         info["inlined_quantize"] += 1
-        return _block.quantize_block(x, bits, dims, block, rounding, seed=seed, step=0, stream=stream, key=key)
+        return _block.quantize_block(x, bits, dims, block, rounding, seed=seed, step=0, stream=stream, key=key,
+                                     draw=_draw(x))
 
     def block_gemm(a, a_scale, b, b_scale, block, bias, out_dtype):
         """One int8 GEMM per K-block as in the reference; the block-order fp32 sum of the scaled products is
@@ -186,6 +247,7 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
     info: dict[str, Any] = {"inlined_quantize": 0, "inlined_qgemm": 0, "kept_ops": 0, "codegen": {},
                             "path": _gemm.cpu_gemm_path(), "streams": {}}
     _conv.probe_onednn_conv()  # likewise the conv path (quant/conv.py): a probe inside the trace would be traced
+    register_counter_uniform_lowering()
     for n in gm.graph.find_nodes(op="call_function", target=fqt.quantize.default):
         if len(n.args) > 5 and n.args[3] == "stochastic":  # (x, bits, dims, rounding, seed, stream, step)
             streams = info["streams"].setdefault(n.args[4], [])

@@ -83,7 +83,7 @@ def round_half_even(y):
 def round_codes(y, qmax, index, key, STOCHASTIC: tl.constexpr):
     """Integer-valued fp32 codes in [-qmax, qmax] (`fqtc.quant.uniform.round_codes`); +-inf clamps to +-qmax.
 
-    A NaN code (a non-finite group) becomes 0, as in `fqtc.quant.uniform.to_int8_codes`."""
+    A NaN code (a non-finite group) becomes 0, as in `fqtc.quant.uniform.round_codes`."""
     if STOCHASTIC:
         q = tl.floor(y + uniform01(index, key))
     else:

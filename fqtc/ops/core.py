@@ -48,6 +48,20 @@ def _(seed: int, streams: list[int], step: Tensor) -> Tensor:
     return torch.empty(len(streams), dtype=torch.int64, device=step.device)
 
 
+@torch.library.custom_op("fqt::counter_uniform", mutates_args=())
+def counter_uniform(x: Tensor, key: Tensor) -> Tensor:
+    """One U[0, 1) fp32 draw per element of ``x`` (row-major index) under a 0-d int64 stream ``key``: the draws of
+    `fqtc.quant.rng.uniform_like_key`. Only ``x``'s shape is used. The compiled CPU graphs lower it to one Inductor
+    loop (`fqtc.codegen.inductor_cpu`) instead of the hash's aten ops, which Inductor would re-expand at every
+    read of every intermediate."""
+    return _rng.uniform_like_key(x, key)
+
+
+@counter_uniform.register_fake
+def _(x: Tensor, key: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
 # -- quantize ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fqt::quantize", mutates_args=())
 def quantize(

@@ -89,15 +89,15 @@ def _i32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-_M1_I32, _M2_I32, _GOLDEN_I32 = _i32(M1), _i32(M2), _i32(GOLDEN)
+M1_I32, M2_I32, GOLDEN_I32 = _i32(M1), _i32(M2), _i32(GOLDEN)
 
 
 def mix32_i32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 on int32 tensors holding uint32 bit patterns (wrapping arithmetic)."""
     x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _M1_I32
+    x = x * M1_I32
     x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _M2_I32
+    x = x * M2_I32
     return x ^ ((x >> 16) & 0xFFFF)
 
 
@@ -122,5 +122,5 @@ def uniform_like_key(x: torch.Tensor, key: torch.Tensor, offset: int = 0) -> tor
     key32 = (((key + (1 << 31)) & MASK32) - (1 << 31)).to(torch.int32)
     idx = torch.arange(offset, offset + n, device=x.device, dtype=torch.int32).view(x.shape)
     h = mix32_i32(idx ^ key32)
-    h = mix32_i32(h ^ _GOLDEN_I32)  # the high index word is 0 below 2^31 elements
+    h = mix32_i32(h ^ GOLDEN_I32)  # the high index word is 0 below 2^31 elements
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)

@@ -17,7 +17,7 @@ the user instead of becoming finite garbage. Every quantizer (`fqtc.quant.gradq`
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -73,22 +73,35 @@ def check_amax(amax: torch.Tensor, x: torch.Tensor, reduce_dims: Sequence[int]) 
 
 
 def to_int8_codes(q: torch.Tensor) -> torch.Tensor:
-    """Integer-valued fp32 codes (already clamped) as int8; a NaN code (a non-finite group) becomes 0, because
-    casting NaN to an integer is undefined."""
-    # q == q is false exactly for NaN (an isnan that vectorizes when Inductor compiles this function)
-    return torch.where(q == q, q, torch.zeros_like(q)).to(torch.int8)
+    """`round_codes`'s integer-valued, clamped, NaN-free fp32 codes as int8."""
+    return q.to(torch.int8)
+
+
+# ``u`` of stochastic rounding from a precomputed key: ``draw(y, key)`` returns one U[0, 1) per element of ``y``,
+# the draws of `fqtc.quant.rng.uniform_like_key` (the compiled CPU graphs pass an op Inductor lowers to one loop,
+# docs/kernels.md "CPU graphs under Inductor")
+Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def round_codes(
     y: torch.Tensor, qmax: int, rounding: str, *, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0,
-    key: torch.Tensor | None = None,
+    key: torch.Tensor | None = None, draw: Draw | None = None,
 ) -> torch.Tensor:
     """Round real-valued codes ``y`` to integers in [-qmax, qmax] (still float32). ``key``: the precomputed
-    `fqtc.quant.rng.stream_key` of (seed, step, stream), when the caller has it."""
+    `fqtc.quant.rng.stream_key` of (seed, step, stream), when the caller has it; ``draw``: how to make the draws
+    from it (default `fqtc.quant.rng.uniform_like_key`, the same bits).
+
+    A NaN in ``y`` (a non-finite group) gives the code 0, because casting NaN to an integer is undefined; it is
+    replaced before rounding, where ``y`` is still cheap to recompute, so the compiled form reads the rounded codes
+    once (Inductor re-expands a value at every read)."""
+    y = torch.where(y == y, y, torch.zeros_like(y))  # y == y is false exactly for NaN (a vectorizable isnan)
     if rounding == "nearest":
         q = torch.round(y)
     elif rounding == "stochastic":
-        u = uniform_like(y, seed=seed, step=step, stream=stream) if key is None else uniform_like_key(y, key)
+        if key is None:
+            u = uniform_like(y, seed=seed, step=step, stream=stream)
+        else:
+            u = (draw or uniform_like_key)(y, key)
         q = torch.floor(y + u)
     else:
         raise ValueError(f"unknown rounding {rounding!r}; allowed: nearest, stochastic")
@@ -106,6 +119,7 @@ def quantize(
     stream: int = 0,
     amax: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
+    draw: Draw | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to int8 codes and an fp32 keepdim scale shared over ``reduce_dims``.
 
@@ -113,13 +127,15 @@ def quantize(
     2-D tensor one scale per column (channel). ``amax``: the keepdim group abs-max (`group_amax`) when the caller
     already has it (the codegen pass computes it in ``x``'s producer); the scale is made from it as given and codes
     beyond ``±qmax`` saturate, so with the exact abs-max the result equals ``amax=None`` bit for bit. ``key``: the
-    precomputed `fqtc.quant.rng.stream_key` (same bits as computing it from seed, step and stream).
+    precomputed `fqtc.quant.rng.stream_key` (same bits as computing it from seed, step and stream); ``draw``: see
+    `round_codes`.
     """
     if amax is None:
         scale = absmax_scale(x, bits, reduce_dims)
     else:
         scale = scale_from_amax(check_amax(amax, x, reduce_dims), bits)
-    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed=seed, step=step, stream=stream, key=key)
+    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed=seed, step=step, stream=stream, key=key,
+                    draw=draw)
     return to_int8_codes(q), scale
 
 

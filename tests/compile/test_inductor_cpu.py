@@ -240,3 +240,34 @@ def test_inductor_batched_gemms_equal_eager_graphs(forced, monkeypatch):
     assert {r["codegen"]["kernel"] for r in bmm} == {want}
     extern = sum(n.target is torch.ops.fqt.int_gemm.default for gm in cg.compiled for n in gm.graph.nodes)
     assert extern == (6 if want == "inductor:int_mm" else 0)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 17), (64, 33)])
+def test_counter_uniform_lowering_is_bit_exact(shape):
+    """``fqt::counter_uniform`` lowered to one Inductor loop (inductor_cpu.register_counter_uniform_lowering) draws
+    the reference's bits (fqtc.quant.rng.uniform_like_key) for any shape and any int64 key."""
+    from fqtc.codegen.inductor_cpu import register_counter_uniform_lowering
+
+    register_counter_uniform_lowering()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, k: torch.ops.fqt.counter_uniform.default(x, k), dynamic=False)
+    x = torch.zeros(shape)
+    for key in (0, 12345, 2**32 - 1, 2**40 + 5, -3):
+        k = torch.tensor(key, dtype=torch.int64)
+        assert torch.equal(f(x, k), rng.uniform_like_key(x, k)), key
+
+
+def test_stochastic_quantizers_draw_through_one_lowered_op():
+    """Structural: in the graphs handed to Inductor, every stochastic quantizer's draws are one
+    ``fqt::counter_uniform`` node (no hash traced as aten integer ops, which Inductor would re-expand)."""
+    torch._dynamo.reset()
+    m = _mlp(40)
+    with capture() as cgs:
+        f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": "inductor"})
+        f(torch.randn(8, 40)).sum().backward()
+    bw = cgs[0].compiled[1]
+    targets = [n.target for n in bw.graph.nodes if n.op == "call_function"]
+    n_sr = sum(r["operands"][k]["rounding"] == "stochastic" for r in cgs[0].records for k in r["operands"]
+               if r["operands"][k].get("bits") is not None)
+    assert n_sr > 0 and targets.count(torch.ops.fqt.counter_uniform.default) == n_sr
+    assert torch.ops.aten.bitwise_xor.Tensor not in targets and torch.ops.aten.bitwise_xor.Scalar not in targets

@@ -256,6 +256,11 @@ def _make_compiler(config: FQTConfig, observer: GemmObserver | None = None,
             for rec in cg.records:
                 if rec.get("node") in done["codegen"]:
                     rec["codegen"] = done["codegen"][rec["node"]]
+        if done["fallback_random"]:  # CPU dropout runs the eager kernel (inductor_cpu.lower_for_inductor)
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(fallback_random=True):
+                return compile_fx_inner(gm, example_inputs)
         return compile_fx_inner(gm, example_inputs)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: Any) -> Callable:

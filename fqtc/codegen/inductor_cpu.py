@@ -235,9 +235,10 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
     The backend traces the joint graph without Inductor's decompositions, so fqtc's passes see the same graph for
     every compiler (native LayerNorm / BatchNorm / activation backward ops included); this one pass turns the
     partitioned graph into the decomposed form Inductor lowers. Values are traced under the graph's fake mode.
-    Returns the new graph and ``{"inlined_quantize", "inlined_qgemm", "kept_ops", "codegen", "path"}``: counts,
-    and per GEMM node name the record entry ``{"device", "kernel": "inductor:<int_mm|fp32>" or "reference",
-    "fused", "reason"}`` (the backend copies it into the GEMM's record)."""
+    Returns the new graph and ``{"inlined_quantize", "inlined_qgemm", "kept_ops", "codegen", "path",
+    "fallback_random"}``: counts, per GEMM node name the record entry ``{"device", "kernel":
+    "inductor:<int_mm|fp32>" or "reference", "fused", "reason"}`` (the backend copies it into the GEMM's record),
+    and whether dropout stayed an eager call (compile the graph with Inductor's ``fallback_random``)."""
     from torch._dispatch.python import enable_python_dispatcher
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.fx_passes.replace_random import replace_random_passes
@@ -257,10 +258,20 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     tracker = _NodeTracker(gm)
     table = {**select_decomp_table(), **_decompositions(tracker, info)}
+    # CPU dropout stays aten.native_dropout, run by Inductor as a call to the eager kernel (compile with
+    # `fallback_random`): Inductor's own CPU random numbers are generated one element at a time, 188 ms of a 1 s
+    # MiniLM training step for its ~10M dropout draws, where the eager kernel draws them vectorized; and the masks
+    # come from torch's generator, as in eager mode
+    drops = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.native_dropout.default)
+    info["fallback_random"] = bool(drops) and all(
+        isinstance(d.args[0], fx.Node) and getattr(d.args[0].meta.get("val"), "device", None) is not None
+        and d.args[0].meta["val"].device.type == "cpu" for d in drops)
+    if info["fallback_random"]:
+        table.pop(torch.ops.aten.native_dropout.default, None)
     with fake_mode, enable_python_dispatcher():
         new = make_fx(tracker.run, table, tracing_mode="real")(*vals)
     new.meta.update(gm.meta)
-    # random ops (dropout's mask) become Inductor's seeded random ops, as its joint-graph passes would do
+    # other random ops become Inductor's seeded random ops, as its joint-graph passes would do
     with V.set_fake_mode(fake_mode):
         replace_random_passes(new)
     return new, info

@@ -59,30 +59,34 @@ def _mix32_ops(ops: Any, x: Any) -> Any:
     return ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, c(16)), c(0xFFFF)))
 
 
-def register_counter_uniform_lowering() -> None:
-    """Lower ``fqt::counter_uniform`` to one Inductor pointwise loop computing `fqtc.quant.rng.uniform_like_key`.
+def register_round_codes_lowering() -> None:
+    """Lower ``fqt::round_codes`` to one Inductor pointwise loop body computing `fqtc.quant.uniform.round_codes` and
+    the int8 cast, with the draws of `fqtc.quant.rng.uniform_like_key`.
 
-    Traced as aten ops, the hash is a chain of pointwise nodes in which every intermediate is read twice
-    (``x ^ (x >> 16)``); Inductor inlines a pointwise producer at each read, so the two lowbias32 rounds expand
-    2^6-fold while it generates code (its CSE removes the copies from the C++, not the Python work): 5.7 s of
-    compile time per stochastic quantizer. Here the loop body is written once. Same operations, same order, same
+    Traced as aten ops, the tail reads ``y`` twice (``where(y == y, y, 0)``) and the hash reads every intermediate
+    twice (``x ^ (x >> 16)``). Inductor inlines a pointwise producer at each read: the two lowbias32 rounds expanded
+    2^6-fold while it generated code (its CSE removes the copies from the C++, not the Python work: 5.7 s of compile
+    time per stochastic quantizer), and ``y`` (the GEMM epilogue, an activation, the division) was stored as fp32
+    and read back by a second loop. Here each value is loaded or computed once. Same operations, same order, same
     bits (tests/compile/test_inductor_cpu.py)."""
-    if "counter_uniform" in _LOWERED:
+    if "round_codes" in _LOWERED:
         return
     from torch._inductor import ir
     from torch._inductor.lowering import register_lowering
     from torch._inductor.virtualized import ops
 
-    @register_lowering(fqt.counter_uniform.default, type_promotion_kind=None)
-    def _lower(x: Any, key: Any) -> Any:
-        size = list(x.get_size())
+    @register_lowering(fqt.round_codes.default, type_promotion_kind=None)
+    def _lower(y: Any, qmax: int, rounding: str, key: Any = None) -> Any:
+        size = list(y.get_size())
         strides = ir.FlexibleLayout.contiguous_strides(size)
-        load_key = key.make_loader()
+        load_y = y.make_loader()
+        load_key = key.make_loader() if key is not None else None
+        f32 = torch.float32
 
-        def inner_fn(index: list[Any]) -> Any:
+        def uniform(index: list[Any]) -> Any:  # rng.uniform_like_key below 2^31 elements
             flat = sum((i * st for i, st in zip(index, strides)), 0)
             idx = ops.index_expr(flat, torch.int32)
-            k = load_key([])  # int64, as uniform_like_key: wrap to the int32 bit pattern
+            k = load_key([])  # int64: wrapped to its int32 bit pattern as the reference does
             k = ops.sub(ops.bitwise_and(ops.add(k, ops.constant(1 << 31, torch.int64)),
                                         ops.constant(_rng.MASK32, torch.int64)),
                         ops.constant(1 << 31, torch.int64))
@@ -90,11 +94,18 @@ def register_counter_uniform_lowering() -> None:
             h = _mix32_ops(ops, ops.bitwise_xor(h, ops.constant(_rng.GOLDEN_I32, torch.int32)))
             bits24 = ops.bitwise_and(ops.bitwise_right_shift(h, ops.constant(8, torch.int32)),
                                      ops.constant(0xFFFFFF, torch.int32))
-            return ops.mul(ops.to_dtype(bits24, torch.float32), ops.constant(1.0 / 16777216.0, torch.float32))
+            return ops.mul(ops.to_dtype(bits24, f32), ops.constant(1.0 / 16777216.0, f32))
 
-        return ir.Pointwise.create(device=x.get_device(), dtype=torch.float32, inner_fn=inner_fn, ranges=size)
+        def inner_fn(index: list[Any]) -> Any:
+            v = load_y(index)
+            v = ops.where(ops.eq(v, v), v, ops.constant(0.0, f32))
+            q = ops.floor(ops.add(v, uniform(index))) if rounding == "stochastic" else ops.round(v)
+            q = ops.minimum(ops.maximum(q, ops.constant(float(-qmax), f32)), ops.constant(float(qmax), f32))
+            return ops.to_dtype(q, torch.int8)
 
-    _LOWERED.add("counter_uniform")
+        return ir.Pointwise.create(device=y.get_device(), dtype=torch.int8, inner_fn=inner_fn, ranges=size)
+
+    _LOWERED.add("round_codes")
 
 
 class _NodeTracker(fx.Interpreter):
@@ -109,10 +120,10 @@ class _NodeTracker(fx.Interpreter):
         return super().run_node(n)
 
 
-def _draw(x: torch.Tensor) -> _uniform.Draw | None:
-    """The stochastic-rounding draws of a quantizer of ``x`` as one ``fqt::counter_uniform`` node (lowered by
-    `register_counter_uniform_lowering`), where its element indices fit int32 as the reference's fast path needs."""
-    return fqt.counter_uniform.default if x.numel() < (1 << 31) else None
+def _rounder(x: torch.Tensor) -> _uniform.Rounder | None:
+    """A quantizer's rounding tail as one ``fqt::round_codes`` node (lowered by `register_round_codes_lowering`),
+    where its element indices fit int32 as the reference's fast hash path needs."""
+    return fqt.round_codes.default if x.numel() < (1 << 31) else None
 
 
 def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Callable]:
@@ -136,7 +147,7 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
                 key = fqt.stream_key.default(seed, stream, step)
         info["inlined_quantize"] += 1
         return _uniform.quantize(x, bits, reduce_dims, rounding, seed=seed, step=0, stream=stream, amax=amax, key=key,
-                                 draw=_draw(x))
+                                 rounder=_rounder(x))
 
     def qgemm(a, a_scale, b, b_scale, bias, out_dtype):
         name = tracker.current.name if tracker.current is not None else "?"
@@ -205,7 +216,7 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         key = fqt.stream_key.default(seed, stream, step) if rounding == "stochastic" else None
         info["inlined_quantize"] += 1
         return _block.quantize_block(x, bits, dims, block, rounding, seed=seed, step=0, stream=stream, key=key,
-                                     draw=_draw(x))
+                                     rounder=_rounder(x))
 
     def block_gemm(a, a_scale, b, b_scale, block, bias, out_dtype):
         """One int8 GEMM per K-block as in the reference; the block-order fp32 sum of the scaled products is
@@ -248,7 +259,7 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
     info: dict[str, Any] = {"inlined_quantize": 0, "inlined_qgemm": 0, "kept_ops": 0, "codegen": {},
                             "path": _gemm.cpu_gemm_path(), "streams": {}}
     _conv.probe_onednn_conv()  # likewise the conv path (quant/conv.py): a probe inside the trace would be traced
-    register_counter_uniform_lowering()
+    register_round_codes_lowering()
     for n in gm.graph.find_nodes(op="call_function", target=fqt.quantize.default):
         if len(n.args) > 5 and n.args[3] == "stochastic":  # (x, bits, dims, rounding, seed, stream, step)
             streams = info["streams"].setdefault(n.args[4], [])

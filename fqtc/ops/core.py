@@ -48,18 +48,21 @@ def _(seed: int, streams: list[int], step: Tensor) -> Tensor:
     return torch.empty(len(streams), dtype=torch.int64, device=step.device)
 
 
-@torch.library.custom_op("fqt::counter_uniform", mutates_args=())
-def counter_uniform(x: Tensor, key: Tensor) -> Tensor:
-    """One U[0, 1) fp32 draw per element of ``x`` (row-major index) under a 0-d int64 stream ``key``: the draws of
-    `fqtc.quant.rng.uniform_like_key`. Only ``x``'s shape is used. The compiled CPU graphs lower it to one Inductor
-    loop (`fqtc.codegen.inductor_cpu`) instead of the hash's aten ops, which Inductor would re-expand at every
-    read of every intermediate."""
-    return _rng.uniform_like_key(x, key)
+@torch.library.custom_op("fqt::round_codes", mutates_args=())
+def round_codes(y: Tensor, qmax: int, rounding: str, key: Tensor | None = None) -> Tensor:
+    """int8 codes of real-valued codes ``y`` (``x / scale``): `fqtc.quant.uniform.round_codes` (NaN to 0, nearest
+    or stochastic rounding with the draws of the 0-d int64 stream ``key``, clamp to ``±qmax``) then the int8 cast.
+    The compiled CPU graphs lower it to one Inductor loop body (`fqtc.codegen.inductor_cpu`): traced as aten ops,
+    every value read twice (``y`` by the NaN test, the hash's ``x ^ (x >> 16)``) is re-expanded or stored by
+    Inductor."""
+    if rounding == "stochastic" and key is None:
+        raise ValueError("fqt::round_codes: stochastic rounding needs the stream key")
+    return _uniform.to_int8_codes(_uniform.round_codes(y, qmax, rounding, key=key))
 
 
-@counter_uniform.register_fake
-def _(x: Tensor, key: Tensor) -> Tensor:
-    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+@round_codes.register_fake
+def _(y: Tensor, qmax: int, rounding: str, key: Tensor | None = None) -> Tensor:
+    return torch.empty(y.shape, dtype=torch.int8, device=y.device)
 
 
 # -- quantize ----------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fqtc.quant.gemm import int_gemm
-from fqtc.quant.uniform import Draw, qmax_for, round_codes, scale_from_amax, to_int8_codes
+from fqtc.quant.uniform import Rounder, qmax_for, round_to_int8, scale_from_amax
 
 # Block sizes along K: powers of two (a Triton tile is one K-block; tl.dot needs K >= 16).
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -106,16 +106,15 @@ def quantize_block(
     step: torch.Tensor | int = 0,
     stream: int = 0,
     key: torch.Tensor | None = None,
-    draw: Draw | None = None,
+    rounder: Rounder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes of ``x`` and the compact fp32 scale of its blocks over ``dims`` (module docstring); ``key`` and
-    ``draw`` as in `fqtc.quant.uniform.round_codes`."""
+    ``rounder`` as in `fqtc.quant.uniform.quantize`."""
     check_block(block)
     scale = scale_from_amax(block_amax(x, dims, block), bits)
     full = expand_scale(scale, x.shape, dims, block)
-    q = round_codes(x.float() / full, qmax_for(bits), rounding, seed=seed, step=step, stream=stream, key=key,
-                    draw=draw)
-    return to_int8_codes(q), scale
+    return round_to_int8(x.float() / full, qmax_for(bits), rounding, seed=seed, step=step, stream=stream, key=key,
+                         rounder=rounder), scale
 
 
 def dequantize_block(codes: torch.Tensor, scale: torch.Tensor, dims: Sequence[int], block: int) -> torch.Tensor:

@@ -77,31 +77,25 @@ def to_int8_codes(q: torch.Tensor) -> torch.Tensor:
     return q.to(torch.int8)
 
 
-# ``u`` of stochastic rounding from a precomputed key: ``draw(y, key)`` returns one U[0, 1) per element of ``y``,
-# the draws of `fqtc.quant.rng.uniform_like_key` (the compiled CPU graphs pass an op Inductor lowers to one loop,
-# docs/kernels.md "CPU graphs under Inductor")
-Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# The rounding tail of a quantizer, real-valued codes -> int8 codes: ``rounder(y, qmax, rounding, key)`` must equal
+# ``to_int8_codes(round_codes(y, qmax, rounding, key=key))`` bit for bit (the compiled CPU graphs pass one op that
+# Inductor lowers to a single loop body, docs/kernels.md "CPU graphs under Inductor")
+Rounder = Callable[[torch.Tensor, int, str, "torch.Tensor | None"], torch.Tensor]
 
 
 def round_codes(
     y: torch.Tensor, qmax: int, rounding: str, *, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0,
-    key: torch.Tensor | None = None, draw: Draw | None = None,
+    key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round real-valued codes ``y`` to integers in [-qmax, qmax] (still float32). ``key``: the precomputed
-    `fqtc.quant.rng.stream_key` of (seed, step, stream), when the caller has it; ``draw``: how to make the draws
-    from it (default `fqtc.quant.rng.uniform_like_key`, the same bits).
+    `fqtc.quant.rng.stream_key` of (seed, step, stream), when the caller has it.
 
-    A NaN in ``y`` (a non-finite group) gives the code 0, because casting NaN to an integer is undefined; it is
-    replaced before rounding, where ``y`` is still cheap to recompute, so the compiled form reads the rounded codes
-    once (Inductor re-expands a value at every read)."""
+    A NaN in ``y`` (a non-finite group) gives the code 0, because casting NaN to an integer is undefined."""
     y = torch.where(y == y, y, torch.zeros_like(y))  # y == y is false exactly for NaN (a vectorizable isnan)
     if rounding == "nearest":
         q = torch.round(y)
     elif rounding == "stochastic":
-        if key is None:
-            u = uniform_like(y, seed=seed, step=step, stream=stream)
-        else:
-            u = (draw or uniform_like_key)(y, key)
+        u = uniform_like(y, seed=seed, step=step, stream=stream) if key is None else uniform_like_key(y, key)
         q = torch.floor(y + u)
     else:
         raise ValueError(f"unknown rounding {rounding!r}; allowed: nearest, stochastic")
@@ -119,7 +113,7 @@ def quantize(
     stream: int = 0,
     amax: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
-    draw: Draw | None = None,
+    rounder: Rounder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to int8 codes and an fp32 keepdim scale shared over ``reduce_dims``.
 
@@ -127,16 +121,26 @@ def quantize(
     2-D tensor one scale per column (channel). ``amax``: the keepdim group abs-max (`group_amax`) when the caller
     already has it (the codegen pass computes it in ``x``'s producer); the scale is made from it as given and codes
     beyond ``±qmax`` saturate, so with the exact abs-max the result equals ``amax=None`` bit for bit. ``key``: the
-    precomputed `fqtc.quant.rng.stream_key` (same bits as computing it from seed, step and stream); ``draw``: see
-    `round_codes`.
+    precomputed `fqtc.quant.rng.stream_key` (same bits as computing it from seed, step and stream); ``rounder``:
+    the rounding tail (`Rounder`), used where it has what it needs (nearest rounding, or a ``key``).
     """
     if amax is None:
         scale = absmax_scale(x, bits, reduce_dims)
     else:
         scale = scale_from_amax(check_amax(amax, x, reduce_dims), bits)
-    q = round_codes(x.float() / scale, qmax_for(bits), rounding, seed=seed, step=step, stream=stream, key=key,
-                    draw=draw)
-    return to_int8_codes(q), scale
+    return round_to_int8(x.float() / scale, qmax_for(bits), rounding, seed=seed, step=step, stream=stream, key=key,
+                         rounder=rounder), scale
+
+
+def round_to_int8(
+    y: torch.Tensor, qmax: int, rounding: str, *, seed: int = 0, step: torch.Tensor | int = 0, stream: int = 0,
+    key: torch.Tensor | None = None, rounder: Rounder | None = None,
+) -> torch.Tensor:
+    """int8 codes of real-valued codes ``y``: `round_codes` then `to_int8_codes`, or ``rounder`` (`Rounder`, the
+    same bits) where it has what it needs (nearest rounding, or a ``key``)."""
+    if rounder is not None and (rounding == "nearest" or key is not None):
+        return rounder(y, qmax, rounding, key)
+    return to_int8_codes(round_codes(y, qmax, rounding, seed=seed, step=step, stream=stream, key=key))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

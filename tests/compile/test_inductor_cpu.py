@@ -258,31 +258,39 @@ def test_inductor_batched_gemms_equal_eager_graphs(forced, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 17), (64, 33)])
-def test_counter_uniform_lowering_is_bit_exact(shape):
-    """``fqt::counter_uniform`` lowered to one Inductor loop (inductor_cpu.register_counter_uniform_lowering) draws
-    the reference's bits (fqtc.quant.rng.uniform_like_key) for any shape and any int64 key."""
-    from fqtc.codegen.inductor_cpu import register_counter_uniform_lowering
+def test_round_codes_lowering_is_bit_exact(shape):
+    """``fqt::round_codes`` lowered to one Inductor loop body (inductor_cpu.register_round_codes_lowering) gives the
+    reference's codes (fqtc.quant.uniform.round_codes + to_int8_codes) for any shape, any int64 key, both roundings,
+    saturating, NaN and infinite values, and ties (round half to even)."""
+    from fqtc.codegen.inductor_cpu import register_round_codes_lowering
 
-    register_counter_uniform_lowering()
-    torch._dynamo.reset()
-    f = torch.compile(lambda x, k: torch.ops.fqt.counter_uniform.default(x, k), dynamic=False)
-    x = torch.zeros(shape)
-    for key in (0, 12345, 2**32 - 1, 2**40 + 5, -3):
-        k = torch.tensor(key, dtype=torch.int64)
-        assert torch.equal(f(x, k), rng.uniform_like_key(x, k)), key
+    register_round_codes_lowering()
+    g = torch.Generator().manual_seed(len(shape))
+    y = torch.randn(shape, generator=g) * 90
+    flat = y.view(-1)
+    flat[::5] = torch.arange(0, flat[::5].numel()) - 3.5  # exact .5 ties
+    flat[1] = float("nan")
+    if flat.numel() > 3:
+        flat[2], flat[3] = float("inf"), -float("inf")
+    for rounding, qmax in (("nearest", 127), ("stochastic", 127), ("stochastic", 7)):
+        torch._dynamo.reset()
+        f = torch.compile(lambda y, k: torch.ops.fqt.round_codes.default(y, qmax, rounding, k), dynamic=False)
+        for key in (0, 12345, 2**32 - 1, 2**40 + 5, -3):
+            k = torch.tensor(key, dtype=torch.int64)
+            ref = uniform.to_int8_codes(uniform.round_codes(y, qmax, rounding, key=k))
+            assert torch.equal(f(y, k), ref), (rounding, key)
 
 
-def test_stochastic_quantizers_draw_through_one_lowered_op():
-    """Structural: in the graphs handed to Inductor, every stochastic quantizer's draws are one
-    ``fqt::counter_uniform`` node (no hash traced as aten integer ops, which Inductor would re-expand)."""
+def test_quantizers_round_through_one_lowered_op():
+    """Structural: in the graphs handed to Inductor, every quantizer's rounding tail is one ``fqt::round_codes`` node
+    (no hash traced as aten integer ops, which Inductor would re-expand at every read)."""
     torch._dynamo.reset()
     m = _mlp(40)
     with capture() as cgs:
         f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": "inductor"})
         f(torch.randn(8, 40)).sum().backward()
-    bw = cgs[0].compiled[1]
-    targets = [n.target for n in bw.graph.nodes if n.op == "call_function"]
-    n_sr = sum(r["operands"][k]["rounding"] == "stochastic" for r in cgs[0].records for k in r["operands"]
-               if r["operands"][k].get("bits") is not None)
-    assert n_sr > 0 and targets.count(torch.ops.fqt.counter_uniform.default) == n_sr
-    assert torch.ops.aten.bitwise_xor.Tensor not in targets and torch.ops.aten.bitwise_xor.Scalar not in targets
+    for gm, graph in zip(cgs[0].compiled, (cgs[0].forward, cgs[0].backward)):
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        n_q = sum(n.target is torch.ops.fqt.quantize.default for n in graph.graph.nodes)
+        assert n_q > 0 and targets.count(torch.ops.fqt.round_codes.default) == n_q
+        assert torch.ops.aten.bitwise_xor.Tensor not in targets and torch.ops.aten.bitwise_xor.Scalar not in targets

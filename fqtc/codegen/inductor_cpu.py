@@ -6,10 +6,11 @@ runs about twenty full-tensor aten passes (the counter-based hash of `fqtc.quant
 cast), each a separate read and write of memory. Inlined as aten ops, the same computation is pointwise integer
 and float arithmetic plus one reduction: Inductor's C++ backend emits one vectorized loop for the abs-max, fused
 into ``x``'s producer where it can, and one loop that hashes the element index, rounds and writes int8 codes
-(the element index is a loop variable there, not a tensor). ``fqt::qgemm`` becomes ``aten._int_mm`` (or the exact
-fp32 emulation, whichever `fqtc.quant.gemm.cpu_gemm_path` chose) with its dequantize epilogue
-``acc * a_scale * b_scale + bias`` as pointwise ops that Inductor fuses into the GEMM's consumer; a batched GEMM
-(attention) keeps its loop of int8 GEMMs as one ``fqt::int_gemm`` op and inlines the same epilogue.
+(the element index is a loop variable there, not a tensor; the rounding tail is one ``fqt::round_codes`` node with
+its own lowering, `register_round_codes_lowering`). ``fqt::qgemm`` becomes ``aten._int_mm`` (or the exact fp32
+emulation, whichever `fqtc.quant.gemm.gemm_path` chose) with its dequantize epilogue ``acc * a_scale * b_scale +
+bias`` as pointwise ops that Inductor fuses into the GEMM's consumer; a batched GEMM of large per-head products
+keeps its loop of int8 GEMMs as one ``fqt::int_gemm`` op and inlines the same epilogue.
 
 The inlined graph is the reference function traced as it runs (one ``make_fx`` pass over the whole graph, with the
 fqt ops' references in the decomposition table beside Inductor's own), so it computes the same bits: IEEE
@@ -23,12 +24,14 @@ which form runs.
 
 Before::  q = fqt.quantize(x, 8, [1], "stochastic", seed, stream, step); x8, sx = q[0], q[1]
           out = fqt.qgemm(x8, sx, w8t, swt, bias, float32)
-After::   amax = amax(abs(x), [1]); sx = where(amax > 0, amax / 127, ...); u = hash(iota ^ key(step)) ...
-          x8 = convert(clamp(floor(x / sx + u))); out = _int_mm(x8, w8t).float() * sx * swt + bias
+After::   amax = amax(abs(x), [1]); sx = where(amax > 0, amax / 127, ...); keys = fqt.stream_keys(seed, ..., step)
+          x8 = fqt.round_codes(x / sx, 127, "stochastic", keys[i])  # lowered: floor(y + hash(index ^ key)), clamp
+          out = _int_mm(x8, w8t).float() * sx * swt + bias
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -43,7 +46,6 @@ from fqtc.quant import rng as _rng
 from fqtc.quant import uniform as _uniform
 
 fqt = torch.ops.fqt
-_LOWERED: set[str] = set()
 
 
 def _mix32_ops(ops: Any, x: Any) -> Any:
@@ -59,6 +61,7 @@ def _mix32_ops(ops: Any, x: Any) -> Any:
     return ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, c(16)), c(0xFFFF)))
 
 
+@functools.cache  # registered once per process
 def register_round_codes_lowering() -> None:
     """Lower ``fqt::round_codes`` to one Inductor pointwise loop body computing `fqtc.quant.uniform.round_codes` and
     the int8 cast, with the draws of `fqtc.quant.rng.uniform_like_key`.
@@ -69,8 +72,6 @@ def register_round_codes_lowering() -> None:
     time per stochastic quantizer), and ``y`` (the GEMM epilogue, an activation, the division) was stored as fp32
     and read back by a second loop. Here each value is loaded or computed once. Same operations, same order, same
     bits (tests/compile/test_inductor_cpu.py)."""
-    if "round_codes" in _LOWERED:
-        return
     from torch._inductor import ir
     from torch._inductor.lowering import register_lowering
     from torch._inductor.virtualized import ops
@@ -104,8 +105,6 @@ def register_round_codes_lowering() -> None:
             return ops.to_dtype(q, torch.int8)
 
         return ir.Pointwise.create(device=y.get_device(), dtype=torch.int8, inner_fn=inner_fn, ranges=size)
-
-    _LOWERED.add("round_codes")
 
 
 class _NodeTracker(fx.Interpreter):
@@ -275,8 +274,7 @@ def lower_for_inductor(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, An
     # come from torch's generator, as in eager mode
     drops = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.native_dropout.default)
     info["fallback_random"] = bool(drops) and all(
-        isinstance(d.args[0], fx.Node) and getattr(d.args[0].meta.get("val"), "device", None) is not None
-        and d.args[0].meta["val"].device.type == "cpu" for d in drops)
+        isinstance(v := d.args[0].meta.get("val"), torch.Tensor) and v.device.type == "cpu" for d in drops)
     if info["fallback_random"]:
         table.pop(torch.ops.aten.native_dropout.default, None)
     with fake_mode, enable_python_dispatcher():

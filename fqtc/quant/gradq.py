@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fqtc.quant.rng import mix32_int, stream_key, uniform_from_index
-from fqtc.quant.uniform import absmax_scale, check_amax, qmax_for, round_codes, scale_from_amax, to_int8_codes
+from fqtc.quant.uniform import absmax_scale, check_amax, qmax_for, round_to_int8, scale_from_amax
 
 GRAD_QUANTIZERS: tuple[str, ...] = ("ptq", "psq", "scq", "bhq", "aq", "aq_topk")
 AQ_KEEP_BITS = 4  # bits per kept element in AQ (official 1-bit FQT code: 4 bits, keep 1/4 of the groups)
@@ -94,7 +94,7 @@ def group_scale(x: Tensor, bits: int, reduce_dims: Sequence[int]) -> Tensor:
 
 
 def _codes(y: Tensor, bits: int, rounding: str, seed: int, step: Tensor | int, stream: int) -> Tensor:
-    return to_int8_codes(round_codes(y, qmax_for(bits), rounding, seed=seed, step=step, stream=stream))
+    return round_to_int8(y, qmax_for(bits), rounding, seed=seed, step=step, stream=stream)
 
 
 def _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax=None) -> GradQuant:

@@ -161,22 +161,28 @@ class _ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def test_inductor_conv_step_equals_eager_graphs():
-    """Conv GEMMs under Inductor: the exact accumulator stays one extern op (fqt::conv2d*_acc) and its dequantize
-    epilogue is inlined; output and weight gradients equal the eager graphs' bit for bit."""
-    x = torch.randn(6, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+def _step_both(make_model, x: torch.Tensor) -> tuple[tuple, tuple]:
+    """One W8A8G8 training step (loss ``sum(out**2)``, step 0) of a fresh model under the eager and the Inductor
+    fw/bw compiler: ``(out, {name: grad}, CompiledGraph)`` for each."""
     results = {}
     for compiler in ("eager", "inductor"):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        m = _ConvNet()
+        m = make_model()
         with capture() as cgs:
             f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler})
             fqtc.set_step(0)
             out = f(x)
             (out ** 2).sum().backward()
         results[compiler] = (out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, cgs[0])
-    (out_e, grads_e, _), (out_i, grads_i, cg) = results["eager"], results["inductor"]
+    return results["eager"], results["inductor"]
+
+
+def test_inductor_conv_step_equals_eager_graphs():
+    """Conv GEMMs under Inductor: the exact accumulator stays one extern op (fqt::conv2d*_acc) and its dequantize
+    epilogue is inlined; output and weight gradients equal the eager graphs' bit for bit."""
+    x = torch.randn(6, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    (out_e, grads_e, _), (out_i, grads_i, cg) = _step_both(_ConvNet, x)
     assert torch.equal(out_e, out_i)
     for name, g in grads_e.items():
         if name.endswith("weight"):
@@ -233,18 +239,7 @@ def test_inductor_batched_gemms_equal_eager_graphs(forced, monkeypatch):
             pytest.skip("this CPU has no fast int8 GEMM: every product takes the fp32 path")
         monkeypatch.setattr(qgemm_ref, "BMM_FP32_MACS", 0)  # every per-head product takes the int8 loop
     x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(2))
-    results = {}
-    for compiler in ("eager", "inductor"):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        m = _Attn()
-        with capture() as cgs:
-            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler})
-            fqtc.set_step(0)
-            out = f(x)
-            (out ** 2).sum().backward()
-        results[compiler] = (out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, cgs[0])
-    (out_e, grads_e, _), (out_i, grads_i, cg) = results["eager"], results["inductor"]
+    (out_e, grads_e, _), (out_i, grads_i, cg) = _step_both(_Attn, x)
     assert torch.equal(out_e, out_i)
     for name, g in grads_e.items():
         assert torch.equal(g, grads_i[name]), name

@@ -51,10 +51,14 @@ def configs() -> dict[str, dict[str, Any]]:
                               ("block32", {"granularity": "block", "block_size": 32})):
             for rot in ("none", "hadamard"):
                 name = f"{bits} {layout}" + (" +rotate" if rot == "hadamard" else "")
-                out[name] = {"bits": bits, **extra, "rotate": rot, "compiler": "eager"}
+                out[name] = {"bits": bits, **extra, "rotate": rot, "compiler": "eager", "layout": "default"}
     # the default layout with per-channel weights in grad_input only (their scales folded into the gradient)
     out["W8A8G8 default +grad_input weight per channel"] = {"bits": "W8A8G8", "rules": TOKEN_RULES[1:2],
-                                                            "compiler": "eager"}
+                                                            "compiler": "eager", "layout": "default"}
+    # what the default options do on this checkpoint: layout="auto" measures its outlier features and picks the
+    # token layout + rotation (fqtc/passes/layout.py)
+    out["W8A8G8 default options (layout auto)"] = {"bits": "W8A8G8", "compiler": "eager"}
+    out["W4A8G8 default options (layout auto)"] = {"bits": "W4A8G8", "compiler": "eager"}
     return out
 
 

@@ -325,7 +325,9 @@ class Runner:
         if kind == "fp32":
             fwd = model if compiler == "eager" else torch.compile(isolated(model, self.config))
         elif kind == "fqt":
-            options = {"bits": rest[0], "compiler": compiler, **(TOKEN_ROT if "tokenrot" in rest else {}),
+            # the default layout throughout (on MiniLM, option layout="auto" picks the tokenrot layout: those rows)
+            options = {"bits": rest[0], "compiler": compiler, "layout": "default",
+                       **(TOKEN_ROT if "tokenrot" in rest else {}),
                        **({"rules": TOKEN_ROT["rules"]} if "token" in rest else {}),  # the layout, no rotation
                        **(BLOCK32 if "block32" in rest else {})}
             fwd = torch.compile(isolated(model, self.config), backend="fqt", options=options)

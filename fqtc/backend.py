@@ -41,6 +41,7 @@ from fqtc.codegen.lower import wrap_compiler
 from fqtc.config import FQTConfig
 from fqtc.ops.stepcounter import bound, counter_for, counter_of_params, tag_params
 from fqtc.passes import PassResult, run_passes
+from fqtc.passes.layout import expand_layout
 from fqtc.passes.lwq import flat_param_mask
 from fqtc.passes.optim_step import mark_optimizer_updates
 
@@ -286,6 +287,8 @@ def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[
     config = _config(options)
     if config.bits.auto and config.calibration is None and observer is None:
         return _calibrating_online(gm, example_inputs, config)
+    # the layout of the Linear sites, measured on this graph's first batch where it is "auto" (passes/layout.py)
+    config = expand_layout(config, gm, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
     names = [_param_name(p) if i < len(is_param) and is_param[i] else None for i, p in enumerate(placeholders)]

@@ -43,6 +43,7 @@ from fqtc.quant import block as _block
 from fqtc.quant import conv as _conv
 from fqtc.quant import gemm as _gemm
 from fqtc.quant import rng as _rng
+from fqtc.quant import rotate as _rotate
 from fqtc.quant import uniform as _uniform
 
 fqt = torch.ops.fqt
@@ -232,7 +233,22 @@ def _decompositions(tracker: _NodeTracker, info: dict[str, Any]) -> dict[Any, Ca
         return _block.block_gemm(a, a_scale, b, b_scale, block, bias, out_dtype,
                                  gemm=fqt.int_gemm.default if batched else _gemm.int_gemm)
 
+    def rotate(x, dim, block, seed, stream, inverse):
+        """The rotation as aten ops: the sign flip fuses into the loop that produces ``x`` (or, inverse, consumes the
+        product), the blockwise Hadamard is one matmul; signs and Hadamard block are constants of the graph."""
+        if x.device.type != "cpu":
+            return NotImplemented
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # computed once, on real tensors (the Hadamard block is cached)
+            signs = _rotate.random_signs(x.shape[dim], seed, stream).tolist()
+            h = _rotate.hadamard(block).tolist()
+        # torch.tensor of Python data: constants of the traced graph
+        return _rotate.rotate_with(x, dim, torch.tensor(signs, dtype=torch.float32),
+                                   torch.tensor(h, dtype=torch.float32), inverse)
+
     return {fqt.quantize.default: quantize, fqt.qgemm.default: qgemm, fqt.quantize_block.default: quantize_block,
+            fqt.rotate.default: rotate,
             fqt.block_gemm.default: block_gemm, fqt.qconv2d.default: qconv2d,
             fqt.qconv2d_input.default: qconv2d_input, fqt.qconv2d_weight.default: qconv2d_weight}
 

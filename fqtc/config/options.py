@@ -34,7 +34,10 @@ _OPTION_KEYS = (
     "bits", "seed", "rounding", "forward_rounding", "grad_rounding", "rules", "keep_fp",
     "partitioner", "compiler", "grad_quantizer", "log_sqnr", "budget", "calibration", "auto_objective",
     "auto_min_bits", "save_fp", "rotate", "rotate_block", "calibration_steps", "granularity", "block_size",
+    "layout",
 )
+# Values of option ``layout`` (fqtc/passes/layout.py, docs/outliers.md).
+LAYOUTS: tuple[str, ...] = ("auto", "default", "token_rot")
 # Saved-for-backward activations option ``save_fp`` can keep in fp32 (fqtc/passes/save_act.py), or "all".
 SAVE_FP_KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "gelu", "silu", "softmax", "log_softmax", "tanh",
                                   "sigmoid")
@@ -85,6 +88,12 @@ class FQTConfig:
             most ``budget``; default 2). Rules may still set fewer.
         save_fp: kinds of saved-for-backward activations kept in fp32 instead of 8-bit codes (debug switch,
             docs/saved_activations.md): any of `SAVE_FP_KINDS` or ``"all"``.
+        layout: operand layout of the GEMM sites (docs/outliers.md). ``"default"``: the per-role defaults.
+            ``"token_rot"``: the outlier-robust layout for pretrained transformers (per-token inputs, per-channel
+            weights in ``grad_input``, per-channel inputs for ``grad_weight``, Hadamard rotation of each Linear's
+            ``output`` GEMM). ``"auto"`` (default): ``token_rot`` for a graph whose first batch shows outlier
+            features (a Linear input with crest factor >= 24), ``default`` otherwise (`fqtc.passes.layout`).
+            Expressed as rules placed before ``rules``, which still win.
     """
 
     bits: BitConfig = field(default_factory=BitConfig)
@@ -108,6 +117,7 @@ class FQTConfig:
     rotate_block: int = 64
     granularity: str | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         sf = (self.save_fp,) if isinstance(self.save_fp, str) else self.save_fp
@@ -158,6 +168,8 @@ class FQTConfig:
             raise _bad("granularity", self.granularity, "'block' (block scaling of every uniform quantizer of linear "
                        "and bmm GEMMs) or unset (the per-role defaults); set other granularities with rules")
         check_block_size("block_size", self.block_size)
+        if self.layout not in LAYOUTS:
+            raise _bad("layout", self.layout, ", ".join(LAYOUTS) + " (docs/outliers.md)")
         rb = self.rotate_block
         if isinstance(rb, bool) or not isinstance(rb, int) or not 16 <= rb <= 256 or rb & (rb - 1):
             raise _bad("rotate_block", rb, "a power of two from 16 to 256 (the Hadamard block along K)")
@@ -188,7 +200,7 @@ class FQTConfig:
             kw["forward_rounding"] = kw["grad_rounding"] = r
         for k in ("forward_rounding", "grad_rounding", "grad_quantizer", "partitioner", "compiler", "budget",
                   "calibration", "auto_objective", "auto_min_bits", "save_fp", "rotate", "rotate_block",
-                  "calibration_steps", "granularity", "block_size"):
+                  "calibration_steps", "granularity", "block_size", "layout"):
             if k in options:
                 kw[k] = options[k]
         for k in ("budget", "auto_objective", "auto_min_bits", "calibration_steps"):

@@ -71,12 +71,18 @@ def rotate(x: torch.Tensor, dim: int, block: int, seed: int, stream: int, invers
     ``x.shape[dim]`` must be a multiple of ``block``. Returns fp32 (NaN/Inf spread within their block, as any
     rotation of a non-finite vector does)."""
     check_block(block)
-    xm = x.float().movedim(dim, -1)
-    k = xm.shape[-1]
+    k = x.shape[dim]
     if k % block:
         raise ValueError(f"rotation along a dimension of size {k}: not a multiple of the block size {block}")
-    signs = random_signs(k, seed, stream, x.device)
-    h = hadamard(block, x.device)
+    return rotate_with(x, dim, random_signs(k, seed, stream, x.device), hadamard(block, x.device), inverse)
+
+
+def rotate_with(x: torch.Tensor, dim: int, signs: torch.Tensor, h: torch.Tensor, inverse: bool = False
+                ) -> torch.Tensor:
+    """`rotate` with its constants given: ``signs`` (`random_signs` of the dimension) and ``h`` (`hadamard` of the
+    block). The compiled CPU graphs pass them as constants computed once (fqtc/codegen/inductor_cpu.py)."""
+    xm = x.float().movedim(dim, -1)
+    k, block = xm.shape[-1], h.shape[0]
     if not inverse:
         xm = xm * signs
     y = (xm.reshape(*xm.shape[:-1], k // block, block) @ h).reshape(xm.shape)

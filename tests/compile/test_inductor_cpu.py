@@ -52,17 +52,19 @@ def _mlp(width: int) -> nn.Module:
                          nn.Linear(width, 10))
 
 
-@pytest.mark.parametrize("rules", [[], [{"role": "grad_input", "operand": "weight", "granularity": "channel"}]],
-                         ids=["defaults", "weight_scales_folded"])
-def test_inductor_training_step_equals_eager_graphs(rules):
-    x = torch.randn(24, 40)
+@pytest.mark.parametrize("options", [{},
+                                     {"rules": [{"role": "grad_input", "operand": "weight", "granularity": "channel"}]},
+                                     {"layout": "token_rot"}],
+                         ids=["defaults", "weight_scales_folded", "token_rot"])
+def test_inductor_training_step_equals_eager_graphs(options):
+    x = torch.randn(24, 64)  # K = 64: a rotation block for the token_rot layout
     t = torch.randn(24, 10)
     results = {}
     for compiler in ("eager", "auto"):  # auto: Inductor for CPU graphs (FQTConfig)
         torch._dynamo.reset()
-        m = _mlp(40)
+        m = _mlp(64)
         with capture() as cgs:
-            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler, "rules": rules})
+            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler, **options})
             fqtc.set_step(0)  # same stochastic-rounding stream for both
             out = f(x)
             ((out - t) ** 2).mean().backward()
@@ -83,8 +85,11 @@ def test_inductor_training_step_equals_eager_graphs(rules):
         targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
         assert torch.ops.fqt.quantize.default not in targets
         assert torch.ops.fqt.qgemm.default not in targets
+        assert torch.ops.fqt.rotate.default not in targets  # the rotation inlined too (signs, Hadamard matmul)
         if qgemm_ref.cpu_gemm_path() == "int_mm":
             assert torch.ops.aten._int_mm.default in targets
+    if options.get("layout") == "token_rot":
+        assert any(n.target is torch.ops.fqt.rotate.default for n in cg.forward.graph.nodes)
     assert all(r["integer_gemm"] for r in cg.records)  # folded weight scales: grad_input is integer too
     kernels = {r["codegen"]["kernel"] for r in cg.records if r.get("status") == "quantized"}
     assert kernels == {f"inductor:{qgemm_ref.cpu_gemm_path()}"}

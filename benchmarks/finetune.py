@@ -65,6 +65,10 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "W8A8G8-block32": {"bits": "W8A8G8", "granularity": "block", "block_size": 32},
     "W4A8G8": {"bits": "W4A8G8", **_DEFAULT},
     "W4A8G8-token-rot": {"bits": "W4A8G8", **_DEFAULT, **TOKEN_ROT},
+    # the default options: layout="auto" (fqtc/passes/layout.py) picks the token layout + rotation on the Linears of
+    # a checkpoint with outlier features, attention's batched products keep the default layout
+    "W8A8G8-auto": {"bits": "W8A8G8"},
+    "W4A8G8-auto": {"bits": "W4A8G8"},
     "W4A8G8L4": {"bits": "W4A8G8L4", **_DEFAULT},
     "AQ-G1": {"bits": "W8A8G1", "grad_quantizer": "aq", **_DEFAULT},
     "PSQ-G2": {"bits": "W8A8G2", "grad_quantizer": "psq", **_DEFAULT},

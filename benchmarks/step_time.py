@@ -105,8 +105,11 @@ ALL_CONFIGS = (
 # transformers (per-token inputs, per-channel weights in grad_input, Hadamard rotation; "token": without the
 # rotation), to measure its cost
 OPTIONAL_CONFIGS = ("fqt-W8A8G8-tokenrot-eager", "fqt-W8A8G8-tokenrot-inductor", "fqt-W8A8G8-token-eager",
-                    "fqt-W8A8G8-token-inductor", "fqt-W8A8G8-block32-eager", "fqt-W8A8G8-block32-inductor")
-# and block scaling (docs/options.md, "Block scaling"), to measure what its per-K-block integer GEMMs cost
+                    "fqt-W8A8G8-token-inductor", "fqt-W8A8G8-block32-eager", "fqt-W8A8G8-block32-inductor",
+                    "fqt-W8A8G8-auto-eager", "fqt-W8A8G8-auto-inductor")
+# and block scaling (docs/options.md, "Block scaling"), to measure what its per-K-block integer GEMMs cost; "auto":
+# the default option layout="auto" (every other fqt config pins layout="default"), which on a checkpoint with
+# outlier features picks the token layout + rotation for its Linears
 BLOCK32: dict[str, Any] = {"granularity": "block", "block_size": 32}
 TOKEN_ROT: dict[str, Any] = {"rotate": "hadamard", "rules": [
     {"role": "output", "operand": "input", "granularity": "token"},
@@ -325,8 +328,9 @@ class Runner:
         if kind == "fp32":
             fwd = model if compiler == "eager" else torch.compile(isolated(model, self.config))
         elif kind == "fqt":
-            # the default layout throughout (on MiniLM, option layout="auto" picks the tokenrot layout: those rows)
-            options = {"bits": rest[0], "compiler": compiler, "layout": "default",
+            # the default layout unless the config names "auto" (the default option: token layout + rotation on
+            # the Linears of a checkpoint with outlier features, such as MiniLM)
+            options = {"bits": rest[0], "compiler": compiler, "layout": "auto" if "auto" in rest else "default",
                        **(TOKEN_ROT if "tokenrot" in rest else {}),
                        **({"rules": TOKEN_ROT["rules"]} if "token" in rest else {}),  # the layout, no rotation
                        **(BLOCK32 if "block32" in rest else {})}

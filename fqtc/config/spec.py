@@ -179,6 +179,8 @@ class Rule:
             the automatic policy.
         rotate: ``"hadamard"`` or ``"none"``: rotate (or not) the ``output`` GEMM of the matched Linear sites
             (option ``rotate``); such a rule sets nothing else and may name only ``module``/``module_type``/``role``.
+        warn_unmatched: warn when the rule matches no operand of a graph (the user's rules); False for rules fqtc
+            writes over every site itself (option ``layout``), which a graph may simply not need.
     """
 
     module: str = "*"
@@ -193,6 +195,7 @@ class Rule:
     label: str | None = None
     rotate: str | None = None
     block_size: int | None = None
+    warn_unmatched: bool = True
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:

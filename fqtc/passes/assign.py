@@ -126,7 +126,8 @@ def assign(sites: list[Site], config: FQTConfig) -> list[GemmPlan]:
     # a graph without a role (an inference graph has no backward GEMMs) gives the rules naming it nothing to match
     roles_here = {role for site in sites for role in site.roles}
     for i, hits in enumerate(rule_hits):
-        if hits == 0 and (config.rules[i].role is None or config.rules[i].role in roles_here):
+        if hits == 0 and config.rules[i].warn_unmatched and (config.rules[i].role is None
+                                                             or config.rules[i].role in roles_here):
             warnings.warn(
                 f"fqt: {config.rules[i].describe()} matched no GEMM operand; check the module glob and "
                 "module_type against the module paths and types shown by fqtc.explain()",

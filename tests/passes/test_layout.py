@@ -168,3 +168,36 @@ def test_unmeasurable_graph_warns_and_keeps_the_default():
     # block scaling is its own outlier remedy: no layout rules added
     cfg = L.expand_layout(FQTConfig(granularity="block"), seen["gm"], seen["inputs"])
     assert cfg.rules == ()
+
+
+class OutlierAttention(nn.Module):
+    """Outlier LayerNorm, then q/k/v Linears feeding SDPA: Linear and batched-product sites in one graph."""
+
+    def __init__(self, d: int = 256, heads: int = 4) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        with torch.no_grad():
+            self.ln.weight[3] = 200.0
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.ln(x)
+        q, k, v = (m(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+
+
+def test_token_rot_covers_linears_and_keeps_attention_products_integer():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        recs = _records(OutlierAttention(), {}, x)
+    # the Linears take the graph input, so no grad_input GEMM exists for the layout's grad_input rule: no warning
+    assert not [m for m in w if "matched no GEMM" in str(m.message)]
+    lin = [r for r in recs if r["module_type"] == "Linear" and r["role"] == "output"]
+    assert len(lin) == 3 and all(r["operands"]["input"]["granularity"] == "token" for r in lin)
+    bmm = [r for r in recs if r["op"] == "bmm"]
+    assert bmm and all(r["integer_gemm"] for r in bmm)
+    assert all(not o["reason"].startswith("layout") for r in bmm for o in r["operands"].values())

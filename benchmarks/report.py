@@ -105,7 +105,8 @@ def step_time_ratios(result: dict[str, Any]) -> str:
 # docs/outliers.md shows the configurations a reader chooses between, with the layouts spelled out
 OUTLIERS_DOC_ROWS = ["W8A8G8 default", "W8A8G8 default +rotate", "W8A8G8 default +grad_input weight per channel",
                      "W8A8G8 token", "W8A8G8 token +rotate",
-                     "W8A8G8 block32", "W8A8G8 block32 +rotate", "W4A8G8 token +rotate", "W4A8G8 block32 +rotate"]
+                     "W8A8G8 block32", "W8A8G8 block32 +rotate", "W4A8G8 token +rotate", "W4A8G8 block32 +rotate",
+                     "W8A8G8 default options (layout auto)", "W4A8G8 default options (layout auto)"]
 
 
 def outliers_doc_table(result: dict[str, Any]) -> str:

@@ -91,7 +91,7 @@ class FQTConfig:
         layout: operand layout of the GEMM sites (docs/outliers.md). ``"default"``: the per-role defaults.
             ``"token_rot"``: the outlier-robust layout for pretrained transformers (per-token inputs, per-channel
             weights in ``grad_input``, per-channel inputs for ``grad_weight``, Hadamard rotation of each Linear's
-            ``output`` GEMM) on the sites of ``nn.Linear`` modules. ``"auto"`` (default): ``token_rot`` for a
+            ``output`` GEMM). ``"auto"`` (default): ``token_rot`` for a
             graph whose first batch shows outlier features (a Linear input with crest factor >= 24), ``default``
             otherwise (`fqtc.passes.layout`). Expressed as rules placed before ``rules``, which still win.
     """

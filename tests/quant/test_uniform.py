@@ -182,6 +182,25 @@ def test_cpu_gemm_choice_recorded_and_overridable(monkeypatch):
         int_gemm(torch.zeros(2, 2, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.int8), "fast")
 
 
+@pytest.mark.parametrize("ratio, want", [(0.4, "int_mm"), (1.3, "int_mm"), (3.0, "fp32")])
+def test_cpu_gemm_probe_margin(ratio, want, monkeypatch):
+    """With int8 dot-product flags, `_int_mm` stays chosen while the probe times it within `PROBE_MARGIN` of fp32
+    `mm` (load swings timings by tens of percent), and is dropped when it is clearly slower."""
+    from fqtc.quant import gemm
+
+    monkeypatch.delenv("FQTC_CPU_INT_GEMM", raising=False)
+    monkeypatch.setattr(gemm, "cpu_int8_dot_flags", lambda: ["avx512_vnni"])
+    times = iter([ratio, 1.0])  # _int_mm, then fp32 mm
+    monkeypatch.setattr(gemm, "_min_ms", lambda fn, reps=9: next(times))
+    gemm.probe_cpu_gemm.cache_clear()
+    try:
+        info = gemm.probe_cpu_gemm()
+        assert info["path"] == want, info
+        assert (info["int_mm_ms"], info["fp32_ms"]) == (ratio, 1.0)
+    finally:
+        gemm.probe_cpu_gemm.cache_clear()
+
+
 def test_scaled_gemm_matches_dequantized_product():
     torch.manual_seed(0)
     x, w = torch.randn(9, 40), torch.randn(40, 6)

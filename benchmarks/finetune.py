@@ -22,8 +22,9 @@ Configurations (``--configs``):
 - ``W8A8G8-block32``: W8A8G8 with block scaling, one scale per 32 elements along K (docs/options.md);
 - ``W4A8G8L4``: latent weights (``fqtc.prepare`` W4 integer weight + 4-bit residual) with ``fqtc.optim.AdamW``;
 - ``AQ-G1``: ``grad_quantizer="aq"`` at G1 (one bit per gradient element on average);
-- ``PSQ-G2``: per-sample uniform gradients at 2 bits (the per-sample quantizer's minimum: 1-bit codes are only
-  defined for AQ in fqt, so the 1-bit FQT paper's PSQ-at-1-bit baseline is approximated by PSQ at 2 bits).
+- ``PSQ-G1``: per-sample gradients at 1 bit, two levels ``±max|g_i|`` per sample with stochastic rounding (the
+  1-bit FQT paper's per-sample 1-bit baseline, `fqtc.quant.gradq.psq_two_level`);
+- ``PSQ-G2``: per-sample uniform gradients at 2 bits (three levels).
 
 fqt runs use ``compiler="eager"`` (the same bits as Inductor, without Inductor's minutes of compile time per run).
 SmolLM2-135M causal-LM fine-tuning is benchmarks/finetune_lm.py and EfficientNet-Lite0 on Fashion-MNIST
@@ -73,6 +74,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "W4A8G8-token-rot-linear": {"bits": "W4A8G8", **_DEFAULT, "rules": _LINEAR_ONLY},
     "W4A8G8L4": {"bits": "W4A8G8L4", **_DEFAULT},
     "AQ-G1": {"bits": "W8A8G1", "grad_quantizer": "aq", **_DEFAULT},
+    "PSQ-G1": {"bits": "W8A8G1", "grad_quantizer": "psq", **_DEFAULT},
     "PSQ-G2": {"bits": "W8A8G2", "grad_quantizer": "psq", **_DEFAULT},
 }
 CLASSES = ("business", "entertainment", "politics", "sport", "tech")

@@ -86,6 +86,8 @@ def _fusable(q: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node | None, str
         x, quantizer, _bits, dims = qn.args[:4]
         if quantizer not in FUSABLE_GRAD_QUANTIZERS:
             return None, f"gradient quantizer {quantizer!r} is not a per-row/per-tensor codes x scale quantizer"
+        if _bits == 1:
+            return None, "the two-level (1-bit) PSQ has no fused prologue (its codes are not the uniform grid's)"
         if quantizer == "ptq":
             dims = list(range(_val(x).dim())) if _val(x) is not None else dims
     else:

@@ -25,6 +25,7 @@ from fqtc.config.spec import (  # noqa: F401
     GRANULARITIES,
     MAX_BITS,
     MIN_BITS,
+    ONE_BIT_QUANTIZERS,
     OPERANDS,
     PRESETS,
     QUANTIZERS,

@@ -14,11 +14,11 @@ from typing import Any, Mapping, Sequence
 
 from fqtc.config.spec import (
     _UNSET,
-    AVERAGE_BIT_QUANTIZERS,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_GRANULARITY,
     MAX_BITS,
     MIN_BITS,
+    ONE_BIT_QUANTIZERS,
     QUANTIZERS,
     ROTATIONS,
     ROUNDINGS,
@@ -155,9 +155,10 @@ class FQTConfig:
                 raise _bad(name, getattr(self, name), ", ".join(ROUNDINGS))
         if self.grad_quantizer not in QUANTIZERS:
             raise _bad("grad_quantizer", self.grad_quantizer, ", ".join(QUANTIZERS))
-        if self.bits.gradient == 1 and not self.bits.auto and self.grad_quantizer not in AVERAGE_BIT_QUANTIZERS:
-            raise ValueError(f"fqt option 'bits': G1 (an average of one bit per gradient element) needs "
-                             f"grad_quantizer='aq' (got {self.grad_quantizer!r}); other quantizers take G2..G8")
+        if self.bits.gradient == 1 and not self.bits.auto and self.grad_quantizer not in ONE_BIT_QUANTIZERS:
+            raise ValueError(f"fqt option 'bits': G1 (one bit per gradient element) needs grad_quantizer='aq' (an "
+                             f"average of one bit) or 'psq' (two levels per sample), got {self.grad_quantizer!r}; "
+                             f"other quantizers take G2..G8")
         if self.partitioner not in ("min_cut", "default"):
             raise _bad("partitioner", self.partitioner, "min_cut, default")
         if self.compiler not in ("auto", "eager", "inductor"):

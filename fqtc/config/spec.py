@@ -27,6 +27,9 @@ ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 # grouping per role (`GRAD_QUANTIZER_GRANULARITY`); aq/aq_topk take an *average* of bits, down to 1 (``G1``).
 QUANTIZERS: tuple[str, ...] = ("uniform", "ptq", "psq", "scq", "bhq", "aq", "aq_topk")
 AVERAGE_BIT_QUANTIZERS: tuple[str, ...] = ("aq", "aq_topk")
+# quantizers that take G1: AQ's average of one bit, and PSQ's two-level (±max) form, the per-sample 1-bit baseline
+# of the 1-bit FQT paper (`fqtc.quant.gradq.psq_two_level`)
+ONE_BIT_QUANTIZERS: tuple[str, ...] = (*AVERAGE_BIT_QUANTIZERS, "psq")
 MIN_BITS, MAX_BITS = 2, 8
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)G(\d+|AUTO)(?:L(\d+))?$")
@@ -97,14 +100,15 @@ def check_block_size(option: str, value: Any) -> int:
 
 
 def validate_bits(option: str, bits: Any, quantizer: str | None = None) -> int:
-    """Bits 2..8; 1 (an average of one bit) only for the AQ quantizers (``quantizer=None``: not known yet)."""
-    low = 1 if quantizer is None or quantizer in AVERAGE_BIT_QUANTIZERS else MIN_BITS
+    """Bits 2..8; 1 only for `ONE_BIT_QUANTIZERS` (AQ's average of one bit, PSQ's two levels; ``quantizer=None``:
+    not known yet)."""
+    low = 1 if quantizer is None or quantizer in ONE_BIT_QUANTIZERS else MIN_BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or not (low <= bits <= MAX_BITS):
         if bits == 1:
-            raise ValueError(f"fqt option {option!r}: 1 bit (an average of one bit per gradient element) needs "
-                             f"quantizer 'aq' (grad_quantizer='aq'); quantizer {quantizer!r} takes {MIN_BITS} to "
-                             f"{MAX_BITS} bits")
-        raise _bad(option, bits, f"an integer from {MIN_BITS} to {MAX_BITS} (1 only with quantizer 'aq')")
+            raise ValueError(f"fqt option {option!r}: 1 bit per gradient element needs quantizer 'aq' (an average "
+                             f"of one bit) or 'psq' (two levels per sample); quantizer {quantizer!r} takes "
+                             f"{MIN_BITS} to {MAX_BITS} bits")
+        raise _bad(option, bits, f"an integer from {MIN_BITS} to {MAX_BITS} (1 only with quantizer 'aq' or 'psq')")
     return bits
 
 

@@ -69,6 +69,9 @@ def _grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step
     if quantizer not in ("ptq", "psq", "scq"):
         raise NotImplementedError(f"fqtc.export_onnx: fqt::grad_quantize with quantizer {quantizer!r} has no ONNX "
                                   "translation (translated: ptq, psq, scq, aq, aq_topk)")
+    if bits == 1:
+        raise NotImplementedError("fqtc.export_onnx: the two-level (1-bit) PSQ has no ONNX translation (its codes "
+                                  "are -1/+1, not a uniform grid's); export PSQ at G2..G8 or AQ at G1")
     rank = _rank(x)
     if rank is None:
         raise NotImplementedError("fqtc.export_onnx: fqt::grad_quantize needs a static rank")

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fqtc.quant.rng import mix32_int, stream_key, uniform_from_index
-from fqtc.quant.uniform import absmax_scale, check_amax, qmax_for, round_to_int8, scale_from_amax
+from fqtc.quant.uniform import absmax_scale, check_amax, group_amax, qmax_for, round_to_int8, scale_from_amax
 
 GRAD_QUANTIZERS: tuple[str, ...] = ("ptq", "psq", "scq", "bhq", "aq", "aq_topk")
 AQ_KEEP_BITS = 4  # bits per kept element in AQ (official 1-bit FQT code: 4 bits, keep 1/4 of the groups)
@@ -132,11 +132,42 @@ def ptq(x: Tensor, bits: int, rounding: str = "stochastic", seed: int = 0, step:
 def psq(x: Tensor, bits: int, reduce_dims: Sequence[int] = (-1,), rounding: str = "stochastic", seed: int = 0,
         step: Tensor | int = 0, stream: int = 0, amax: Tensor | None = None) -> GradQuant:
     """Per-sample quantizer: one scale per group (default: per row of an ``N x C`` gradient, i.e. per sample).
+    ``bits=1``: the two-level form, `psq_two_level`.
 
     Variance bound: Var <= sum_i E * s_i^2 / 4 with ``s_i = max|x_i| / (2^(b-1)-1)`` per group i of E elements,
     i.e. E/(4B^2) * sum_i R_i^2 instead of PTQ's numel/(4B^2) * max_i R_i^2.
     """
+    if bits == 1:
+        return psq_two_level(x, reduce_dims, rounding, seed, step, stream, amax)
     return _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax)
+
+
+def psq_two_level(x: Tensor, reduce_dims: Sequence[int] = (-1,), rounding: str = "stochastic", seed: int = 0,
+                  step: Tensor | int = 0, stream: int = 0, amax: Tensor | None = None) -> GradQuant:
+    """PSQ at one bit: two levels per group, ``±s`` with ``s = max|x_i|``, codes ``-1``/``+1``.
+
+    The symmetric uniform grid has no two-level form (``qmax_for(1)`` gives three levels, -1/0/+1), so the 1-bit
+    per-sample quantizer the 1-bit FQT paper compares AQ against (../shared/papers.md, section 2) rounds
+    ``u = (x/s + 1)/2`` in [0, 1] to {0, 1} and maps it to ``2u - 1``: with SR, ``P(+1) = (1 + x/s)/2`` and
+    ``E[s * code] = x`` (unbiased); nearest rounding gives the sign. The draws are `round_to_int8`'s (the same
+    counter stream as every SR in fqtc). Variance: ``s^2 (1 - (x/s)^2) <= s^2`` per element (`two_level_variance`).
+    An all-zero group has codes 0 and scale 1; a non-finite group codes 0 and a NaN/Inf scale (the module's policy).
+    ``aux["levels"]`` is 2, so `variance_bound` uses the two-level step."""
+    amax = group_amax(x, reduce_dims) if amax is None else check_amax(amax, x, reduce_dims).float()
+    a = scale_from_amax(amax, 2)  # qmax_for(2) = 1: the scale is the group abs-max itself (1 for all-zero groups)
+    u = (x.float() / a + 1.0) * 0.5
+    bit = round_to_int8(u, 1, rounding, seed=seed, step=step, stream=stream)  # 0 or 1 (u in [0, 1])
+    finite = (amax > 0) & (amax < math.inf)  # all-zero and non-finite groups keep zero codes
+    codes = torch.where(finite, bit * 2 - 1, torch.zeros_like(bit)).to(torch.int8)
+    return GradQuant(codes, a, {"levels": torch.tensor(2)})
+
+
+def two_level_variance(x: Tensor, scale: Tensor) -> Tensor:
+    """Exact per-element variance of `psq_two_level`'s SR: ``(2s)^2 f (1 - f)`` with ``f = (x/s + 1)/2`` in [0, 1],
+    i.e. ``s^2 (1 - (x/s)^2)``."""
+    f = (x.float() / scale + 1.0) * 0.5
+    f = f - torch.floor(f)
+    return (4 * scale * scale * f * (1 - f)).expand_as(f)
 
 
 def scq_reduce_dims(role: str, ndim: int) -> list[int]:
@@ -438,6 +469,8 @@ def grad_quantize(x: Tensor, quantizer: str, bits: int, reduce_dims: Sequence[in
                          f"group abs-max); only {', '.join(AMAX_QUANTIZERS)} do: pass amax=None")
     if quantizer == "ptq":
         return ptq(x, bits, rounding, seed, step, stream, amax)
+    if quantizer == "psq" and bits == 1:
+        return psq_two_level(x, reduce_dims, rounding, seed, step, stream, amax)
     if quantizer in ("psq", "scq"):
         return _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax)
     if quantizer == "aq":
@@ -455,6 +488,8 @@ def grad_dequantize(q: GradQuant, quantizer: str, reduce_dims: Sequence[int]) ->
 
 def variance_bound(x: Tensor, q: GradQuant, quantizer: str, reduce_dims: Sequence[int]) -> Tensor:
     """Elementwise variance bound of a quantizer's result (AQ top-k is biased: its bound is not defined)."""
+    if quantizer == "psq" and "levels" in q.aux:
+        return two_level_variance(x, q.scale)
     if quantizer in ("ptq", "psq", "scq"):
         return uniform_variance_bound(x, q)
     if quantizer == "bhq":

@@ -91,6 +91,12 @@ def test_op_impls_match_grad_ops():
     want = torch.ops.fqt.grad_quantize(x, "aq", 2, [-1], "stochastic", 3, 55, step)
     _eq(got[0], want[0])
     assert impls.FALLBACKS
+    # PSQ's two-level (1-bit) codes are not the kernels' uniform grid: the reference runs, said once
+    with pytest.warns(UserWarning, match="two-level"):
+        got = impls.grad_quantize_cuda(x, "psq", 1, [-1], "stochastic", 3, 55, step)
+    want = torch.ops.fqt.grad_quantize(x, "psq", 1, [-1], "stochastic", 3, 55, step)
+    _eq(got[0], want[0])
+    _eq(got[1], want[1])
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

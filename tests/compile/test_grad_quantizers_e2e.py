@@ -43,7 +43,8 @@ def _grads(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quantizer,bits", [("ptq", "W8A8G4"), ("psq", "W8A8G4"), ("scq", "W8A8G4"),
-                                             ("bhq", "W4A4G5"), ("aq", "W4A4G1"), ("aq_topk", "W8A8G1")])
+                                             ("bhq", "W4A4G5"), ("aq", "W4A4G1"), ("aq_topk", "W8A8G1"),
+                                             ("psq", "W8A8G1")])
 def test_compiles_trains_and_lowers(quantizer, bits):
     model = _mlp()
     x, y = _batch()
@@ -105,7 +106,7 @@ def _mean_grad(options, runs: int):
 
 
 @pytest.mark.parametrize("quantizer,bits", [("uniform", "W8A8G3"), ("bhq", "W4A4G5"), ("aq", "W4A4G1"),
-                                             ("psq", "W4A4G2")])
+                                             ("psq", "W4A4G2"), ("psq", "W4A4G1")])
 def test_fqt_gradient_mean_converges_to_qat(quantizer, bits):
     """``uniform`` is the default gradient quantizer (per-sample / per-channel, stochastic rounding)."""
     runs = 100
@@ -131,7 +132,8 @@ def test_biased_topk_does_not_converge():
     assert err2 > 10 * float(var.sum()) / runs
 
 
-@pytest.mark.parametrize("quantizer,bits", [("bhq", "W8A8G5"), ("aq", "W8A8G1"), ("psq", "W8A8G4")])
+@pytest.mark.parametrize("quantizer,bits", [("bhq", "W8A8G5"), ("aq", "W8A8G1"), ("psq", "W8A8G4"),
+                                             ("psq", "W8A8G1")])
 def test_nonfinite_gradient_propagates(quantizer, bits):
     """A NaN in the loss gradient reaches the parameter gradients (a loss scaler can detect it) instead of being
     quantized away; a finite step on the same model gives finite gradients."""

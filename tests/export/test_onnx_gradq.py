@@ -165,3 +165,15 @@ def test_mlp_backward_matches_pytorch(tmp_path, options):
         else:  # bias gradients: fp32 ReduceSum vs torch.sum (max diff measured: 4.8e-7)
             torch.testing.assert_close(got, ref, msg=f"{which} {name}")
     assert exact == 2
+
+
+def test_psq_one_bit_export_is_refused_clearly(tmp_path):
+    """The two-level (1-bit) PSQ has no ONNX translation: export names it and the alternatives, never a silent
+    uniform-grid translation with other codes."""
+    x, step = _grad((6, 8)), torch.tensor(1, dtype=torch.int64)
+
+    def fn(x, step):
+        return torch.ops.fqt.grad_quantize.default(x, "psq", 1, [1], "stochastic", 0, 5, step)
+
+    with pytest.raises(NotImplementedError, match="two-level .*PSQ has no ONNX translation"):
+        _run_op(tmp_path, fn, (x, step))

@@ -36,10 +36,12 @@ def heavy_tailed(n: int = 32, c: int = 48, heavy: int = 2, factor: float = 100.0
     return x
 
 
-# (quantizer, bits, reduce_dims): SCQ's two groupings, PSQ/BHQ per sample, AQ at an average of 1 and 2 bits
+# (quantizer, bits, reduce_dims): SCQ's two groupings, PSQ/BHQ per sample (PSQ also at 1 bit), AQ at an average of
+# 1 and 2 bits
 CASES = [
     ("ptq", 4, [0, 1]),
     ("psq", 4, [1]),
+    ("psq", 1, [1]),  # the two-level form: codes -1/+1
     ("scq", 4, [1]),  # grad_input: samples
     ("scq", 4, [0]),  # grad_weight: channels
     ("bhq", 4, [1]),
@@ -81,6 +83,32 @@ def test_unbiased_and_variance_within_bound(name, bits, dims):
     slack = 0.15 if name == "aq" else 0.08
     assert emp <= bound * (1 + slack), f"{name}: empirical {emp:.4g} > bound {bound:.4g}"
     assert emp >= bound * (1 - slack), f"{name}: bound {bound:.4g} is not tight (empirical {emp:.4g})"
+
+
+def test_psq_one_bit_is_two_levels():
+    """PSQ at 1 bit: every code of a nonzero group is -1 or +1 (two levels, ±max|x_i| per sample, one bit each),
+    nearest rounding is the sign, an all-zero row keeps zero codes and a row with a NaN dequantizes to NaN while
+    the other rows stay finite."""
+    x = heavy_tailed(16, 24)
+    x[5] = 0.0
+    for rounding in ("stochastic", "nearest"):
+        q = G.grad_quantize(x, "psq", 1, [1], rounding, 0, 3, 7)
+        assert q.codes.dtype == torch.int8
+        nonzero = torch.ones(16, dtype=torch.bool)
+        nonzero[5] = False
+        assert set(q.codes[nonzero].unique().tolist()) == {-1, 1}
+        assert bool((q.codes[5] == 0).all()) and float(q.scale[5]) == 1.0
+        torch.testing.assert_close(q.scale[nonzero].flatten(), x.abs().amax(1)[nonzero])
+        if rounding == "nearest":
+            assert torch.equal(q.codes[nonzero], torch.where(x[nonzero] >= 0, 1, -1).to(torch.int8))
+    xn = x.clone()
+    xn[2, 3] = float("nan")
+    d = G.dequantize(G.grad_quantize(xn, "psq", 1, [1], "stochastic", 0, 3, 7))
+    assert bool(d[2].isnan().all()) and bool(torch.isfinite(d[torch.arange(16) != 2]).all())
+    # its variance is the two-level one, s^2 (1 - (x/s)^2): far above PSQ at 2 bits (three levels, step s)
+    v1 = float(G.variance_bound(x, G.grad_quantize(x, "psq", 1, [1]), "psq", [1]).sum())
+    v2 = float(G.variance_bound(x, G.grad_quantize(x, "psq", 2, [1]), "psq", [1]).sum())
+    assert v1 > v2
 
 
 def test_uniform_bounds_below_worst_case():
@@ -252,7 +280,10 @@ def test_config_bits_and_operands():
     with pytest.raises(ValueError, match="G1"):
         FQTConfig.from_options({"bits": "W8A8G1"})
     with pytest.raises(ValueError, match="needs quantizer 'aq'"):
-        FQTConfig.from_options({"rules": [{"operand": "grad_output", "quantizer": "psq", "bits": 1}]})
+        FQTConfig.from_options({"rules": [{"operand": "grad_output", "quantizer": "scq", "bits": 1}]})
+    spec, _ = FQTConfig.from_options({"grad_quantizer": "psq", "bits": "W8A8G1"}).resolve("fc", "grad_input",
+                                                                                         "grad_output")
+    assert (spec.bits, spec.quantizer, spec.granularity) == (1, "psq", "sample")
     with pytest.raises(ValueError, match="grad_output only"):
         FQTConfig.from_options({"rules": [{"operand": "weight", "quantizer": "bhq"}]})
     with pytest.raises(ValueError, match="grad_output only"):

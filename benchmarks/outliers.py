@@ -57,6 +57,11 @@ def configs() -> dict[str, dict[str, Any]]:
     # token layout + rotation (fqtc/passes/layout.py)
     out["W8A8G8 default options (layout auto)"] = {"bits": "W8A8G8", "compiler": "eager"}
     out["W4A8G8 default options (layout auto)"] = {"bits": "W4A8G8", "compiler": "eager"}
+    # the same with a smaller rotation block (option rotate_block; the default is 64): cheaper rotations
+    for bits in ("W8A8G8", "W4A8G8"):
+        for block in (16, 32):
+            out[f"{bits} default options, rotate_block {block}"] = {"bits": bits, "compiler": "eager",
+                                                                    "rotate_block": block}
     return out
 
 

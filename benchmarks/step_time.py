@@ -108,10 +108,11 @@ ALL_CONFIGS = (
 # rotation), to measure its cost
 OPTIONAL_CONFIGS = ("fqt-W8A8G8-tokenrot-eager", "fqt-W8A8G8-tokenrot-inductor", "fqt-W8A8G8-token-eager",
                     "fqt-W8A8G8-token-inductor", "fqt-W8A8G8-block32-eager", "fqt-W8A8G8-block32-inductor",
-                    "fqt-W8A8G8-auto-eager", "fqt-W8A8G8-auto-inductor")
+                    "fqt-W8A8G8-auto-eager", "fqt-W8A8G8-auto-inductor", "fqt-W8A8G8-auto-rb32-eager",
+                    "fqt-W8A8G8-auto-rb32-inductor")
 # and block scaling (docs/options.md, "Block scaling"), to measure what its per-K-block integer GEMMs cost; "auto":
 # the default option layout="auto" (every other fqt config pins layout="default"), which on a checkpoint with
-# outlier features picks the token layout + rotation for its Linears
+# outlier features picks the token layout + rotation for its Linears; "rb32": that with option rotate_block=32
 BLOCK32: dict[str, Any] = {"granularity": "block", "block_size": 32}
 TOKEN_ROT: dict[str, Any] = {"rotate": "hadamard", "rules": [dict(r) for r in TOKEN_ROT_RULES]}
 BASE = "fp32-eager"
@@ -332,7 +333,8 @@ class Runner:
             options = {"bits": rest[0], "compiler": compiler, "layout": "auto" if "auto" in rest else "default",
                        **(TOKEN_ROT if "tokenrot" in rest else {}),
                        **({"rules": TOKEN_ROT["rules"]} if "token" in rest else {}),  # the layout, no rotation
-                       **(BLOCK32 if "block32" in rest else {})}
+                       **(BLOCK32 if "block32" in rest else {}),
+                       **({"rotate_block": 32} if "rb32" in rest else {})}
             fwd = torch.compile(isolated(model, self.config), backend="fqt", options=options)
         elif kind == "torchao":
             from torchao import quantize_

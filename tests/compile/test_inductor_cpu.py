@@ -166,16 +166,16 @@ class _ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def _step_both(make_model, x: torch.Tensor) -> tuple[tuple, tuple]:
-    """One W8A8G8 training step (loss ``sum(out**2)``, step 0) of a fresh model under the eager and the Inductor
-    fw/bw compiler: ``(out, {name: grad}, CompiledGraph)`` for each."""
+def _step_both(make_model, x: torch.Tensor, options: dict | None = None) -> tuple[tuple, tuple]:
+    """One training step (loss ``sum(out**2)``, step 0; W8A8G8 unless ``options``) of a fresh model under the eager
+    and the Inductor fw/bw compiler: ``(out, {name: grad}, CompiledGraph)`` for each."""
     results = {}
     for compiler in ("eager", "inductor"):
         torch._dynamo.reset()
         torch.manual_seed(0)
         m = make_model()
         with capture() as cgs:
-            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", "compiler": compiler})
+            f = torch.compile(m, backend="fqt", options={"bits": "W8A8G8", **(options or {}), "compiler": compiler})
             fqtc.set_step(0)
             out = f(x)
             (out ** 2).sum().backward()
@@ -294,3 +294,18 @@ def test_quantizers_round_through_one_lowered_op():
         n_q = sum(n.target is torch.ops.fqt.quantize.default for n in graph.graph.nodes)
         assert n_q > 0 and targets.count(torch.ops.fqt.round_codes.default) == n_q
         assert torch.ops.aten.bitwise_xor.Tensor not in targets and torch.ops.aten.bitwise_xor.Scalar not in targets
+
+
+def test_inductor_one_bit_psq_equals_eager_graphs():
+    """PSQ at one bit (two levels per sample) under Inductor: the gradient quantizer stays the reference op, so
+    the step's output and every gradient equal the eager graphs' bit for bit."""
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    (out_e, grads_e, _), (out_i, grads_i, cg) = _step_both(
+        lambda: nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5)), x,
+        {"bits": "W8A8G1", "grad_quantizer": "psq"})
+    assert torch.equal(out_e, out_i)
+    for name, g in grads_e.items():
+        assert torch.equal(g, grads_i[name]), name
+    gq = [r for r in cg.records if r["role"] in ("grad_input", "grad_weight")]
+    assert gq and all(r["operands"]["grad_output"]["quantizer"] == "psq" and r["operands"]["grad_output"]["bits"] == 1
+                      for r in gq)

@@ -18,10 +18,8 @@ Output: ``<out>/compile_time.md`` and ``.json`` with machine, versions, load ave
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"unknown config(s) {sorted(unknown)}; available: {', '.join(CONFIGS)}")
-    from benchmarks.step_time import machine_info, publish
+    from benchmarks.step_time import publish, run_record
 
     load_before = os.getloadavg()
     rows = []
@@ -107,9 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{config} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    result = {"rows": rows, "machine": machine_info("cpu"), "threads": args.threads, "load_before": load_before,
-              "load_after": os.getloadavg(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "command": "python benchmarks/compile_time.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    result = {"rows": rows, **run_record("compile_time.py", argv), "threads": args.threads,
+              "load_before": load_before, "load_after": os.getloadavg()}
     publish(result, render(result), args.out, "compile_time", not args.no_save)
     return result
 

@@ -18,9 +18,7 @@ Output: ``<out>/crest.md`` and ``<out>/crest.json`` (``--out``, default benchmar
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
 import sys
 from typing import Any, Callable
 
@@ -92,7 +90,7 @@ def workloads() -> dict[str, Callable[[], tuple[nn.Module, tuple]]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.step_time import machine_info, publish
+    from benchmarks.step_time import publish, run_record
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -114,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "max": vals[-1], "max_linear": top,
                      "auto_layout": "token_rot" if vals[-1] >= OUTLIER_CREST else "default"})
         print(rows[-1], flush=True)
-    info = machine_info("cpu")
-    result = {"rows": rows, "machine": info, "torch": torch.__version__, "threshold": OUTLIER_CREST,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "command": "python benchmarks/crest.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    result = {"rows": rows, **run_record("crest.py", argv), "torch": torch.__version__, "threshold": OUTLIER_CREST}
     publish(result, render(result), args.out, "crest", not args.no_save)
     return result
 

@@ -44,7 +44,6 @@ Output: ``<out>/distributed.md`` and ``<out>/distributed.json`` (``--out``, defa
 import argparse
 import datetime
 import os
-import shlex
 import socket
 import statistics
 import sys
@@ -253,7 +252,7 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.step_time import machine_info, publish
+    from benchmarks.step_time import publish, run_record
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", default="2,4", help="comma-separated world sizes (default 2,4)")
@@ -292,11 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         row[k] = r[k]
             rows.append(row)
             print(row, flush=True)
-    info = machine_info("cpu")
-    result = {"rows": rows, "machine": info, "torch": torch.__version__, "load_before": load_before,
-              "load_after": os.getloadavg(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "command": "python benchmarks/distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "steps": args.steps}
+    result = {"rows": rows, **run_record("distributed.py", argv), "torch": torch.__version__,
+              "load_before": load_before, "load_after": os.getloadavg(), "steps": args.steps}
     publish(result, _markdown(result), args.out, "distributed", not args.no_save)
     return result
 

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import math
 import os
-import shlex
 import sys
 from typing import Any
 
@@ -71,7 +69,7 @@ def weight_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.step_time import build_workload, machine_info, publish
+    from benchmarks.step_time import build_workload, publish, run_record
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -120,13 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "saved_act_vs_fp32": saved_act_bytes(fwd, model) / ref_saved}
         rows.append(row)
         print(row, flush=True)
-    info = machine_info("cpu")
     import transformers
 
-    result = {"rows": rows, "machine": info, "torch": torch.__version__, "transformers": transformers.__version__,
-              "load_before": load_before, "load_after": os.getloadavg(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "command": "python benchmarks/outliers.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    result = {"rows": rows, **run_record("outliers.py", argv), "torch": torch.__version__,
+              "transformers": transformers.__version__, "load_before": load_before, "load_after": os.getloadavg()}
     publish(result, render(result), args.out, "outliers", not args.no_save)
     return result
 

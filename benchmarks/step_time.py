@@ -510,6 +510,13 @@ def machine_info(device: str) -> dict[str, Any]:
     }
 
 
+def run_record(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """The fields every benchmark result records beside its rows: ``machine`` (`machine_info` of the CPU), ``date``
+    (UTC, ISO) and ``command`` (``python benchmarks/<script> <args>``; ``argv`` None: this process's)."""
+    return {"machine": machine_info("cpu"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "command": f"python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:])}
+
+
 def publish(result: dict[str, Any], md: str, out: str, name: str, save: bool = True) -> None:
     """Print a benchmark's markdown page and, with ``save``, write it and its JSON as ``<out>/<name>.md`` and
     ``<out>/<name>.json`` (the files benchmarks/report.py renders from)."""

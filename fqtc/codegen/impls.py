@@ -106,7 +106,7 @@ def grad_quantize_cuda(x: Tensor, quantizer: str, bits: int, reduce_dims: list[i
     why = None
     if quantizer not in _kgq.KERNEL_QUANTIZERS:
         why = f"no kernel for gradient quantizer {quantizer!r} (host-side group sampling)"
-    elif bits == 1:  # PSQ's two-level form (`fqtc.quant.gradq.psq_two_level`): the kernels quantize on the uniform grid
+    elif _gradq.two_level(quantizer, bits):  # the kernels quantize on the uniform grid only
         why = "no kernel for the two-level (1-bit) PSQ"
     elif quantizer != "ptq":
         try:

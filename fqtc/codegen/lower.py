@@ -42,7 +42,7 @@ import torch.fx as fx
 from fqtc.fx_utils import copy_meta, graph_fake_mode, node_order, set_fake_val
 from fqtc.ops.fused import FUSABLE_GRAD_QUANTIZERS
 from fqtc.quant.gemm import not_integer_reason
-from fqtc.quant.gradq import AMAX_QUANTIZERS
+from fqtc.quant.gradq import AMAX_QUANTIZERS, two_level
 
 fqt = torch.ops.fqt
 # fqt::grad_quantize exists when the gradient quantizers (fqtc/ops/grad.py) are installed
@@ -86,7 +86,7 @@ def _fusable(q: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node | None, str
         x, quantizer, _bits, dims = qn.args[:4]
         if quantizer not in FUSABLE_GRAD_QUANTIZERS:
             return None, f"gradient quantizer {quantizer!r} is not a per-row/per-tensor codes x scale quantizer"
-        if _bits == 1:
+        if two_level(quantizer, _bits):
             return None, "the two-level (1-bit) PSQ has no fused prologue (its codes are not the uniform grid's)"
         if quantizer == "ptq":
             dims = list(range(_val(x).dim())) if _val(x) is not None else dims

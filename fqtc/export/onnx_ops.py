@@ -20,6 +20,7 @@ from fqtc.export._common import (
     _rank,
     _static_shape,
 )
+from fqtc.quant.gradq import two_level
 from fqtc.quant.rng import GOLDEN, M1, M2
 
 OPSET = 21  # the ONNX opset of the exported graphs (opset-21 int4/uint4 and blocked quantization)
@@ -69,7 +70,7 @@ def _grad_quantize(x, quantizer, bits, reduce_dims, rounding, seed, stream, step
     if quantizer not in ("ptq", "psq", "scq"):
         raise NotImplementedError(f"fqtc.export_onnx: fqt::grad_quantize with quantizer {quantizer!r} has no ONNX "
                                   "translation (translated: ptq, psq, scq, aq, aq_topk)")
-    if bits == 1:
+    if two_level(quantizer, bits):
         raise NotImplementedError("fqtc.export_onnx: the two-level (1-bit) PSQ has no ONNX translation (its codes "
                                   "are -1/+1, not a uniform grid's); export PSQ at G2..G8 or AQ at G1")
     rank = _rank(x)

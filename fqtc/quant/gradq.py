@@ -137,9 +137,15 @@ def psq(x: Tensor, bits: int, reduce_dims: Sequence[int] = (-1,), rounding: str 
     Variance bound: Var <= sum_i E * s_i^2 / 4 with ``s_i = max|x_i| / (2^(b-1)-1)`` per group i of E elements,
     i.e. E/(4B^2) * sum_i R_i^2 instead of PTQ's numel/(4B^2) * max_i R_i^2.
     """
-    if bits == 1:
+    if two_level("psq", bits):
         return psq_two_level(x, reduce_dims, rounding, seed, step, stream, amax)
     return _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax)
+
+
+def two_level(quantizer: str, bits: int) -> bool:
+    """True for the quantizer/bits pair that runs `psq_two_level` (PSQ at one bit): its codes are -1/+1, not the
+    uniform grid's, so kernels and exports that quantize on that grid must not take it."""
+    return quantizer == "psq" and bits == 1
 
 
 def psq_two_level(x: Tensor, reduce_dims: Sequence[int] = (-1,), rounding: str = "stochastic", seed: int = 0,
@@ -150,7 +156,7 @@ def psq_two_level(x: Tensor, reduce_dims: Sequence[int] = (-1,), rounding: str =
     per-sample quantizer the 1-bit FQT paper compares AQ against (../shared/papers.md, section 2) rounds
     ``u = (x/s + 1)/2`` in [0, 1] to {0, 1} and maps it to ``2u - 1``: with SR, ``P(+1) = (1 + x/s)/2`` and
     ``E[s * code] = x`` (unbiased); nearest rounding gives the sign. The draws are `round_to_int8`'s (the same
-    counter stream as every SR in fqtc). Variance: ``s^2 (1 - (x/s)^2) <= s^2`` per element (`two_level_variance`).
+    counter stream as every SR in fqtc). Variance: ``s^2 (1 - (x/s)^2) <= s^2`` per element.
     An all-zero group has codes 0 and scale 1; a non-finite group codes 0 and a NaN/Inf scale (the module's policy).
     ``aux["levels"]`` is 2, so `variance_bound` uses the two-level step."""
     amax = group_amax(x, reduce_dims) if amax is None else check_amax(amax, x, reduce_dims).float()
@@ -160,14 +166,6 @@ def psq_two_level(x: Tensor, reduce_dims: Sequence[int] = (-1,), rounding: str =
     finite = (amax > 0) & (amax < math.inf)  # all-zero and non-finite groups keep zero codes
     codes = torch.where(finite, bit * 2 - 1, torch.zeros_like(bit)).to(torch.int8)
     return GradQuant(codes, a, {"levels": torch.tensor(2)})
-
-
-def two_level_variance(x: Tensor, scale: Tensor) -> Tensor:
-    """Exact per-element variance of `psq_two_level`'s SR: ``(2s)^2 f (1 - f)`` with ``f = (x/s + 1)/2`` in [0, 1],
-    i.e. ``s^2 (1 - (x/s)^2)``."""
-    f = (x.float() / scale + 1.0) * 0.5
-    f = f - torch.floor(f)
-    return (4 * scale * scale * f * (1 - f)).expand_as(f)
 
 
 def scq_reduce_dims(role: str, ndim: int) -> list[int]:
@@ -469,9 +467,9 @@ def grad_quantize(x: Tensor, quantizer: str, bits: int, reduce_dims: Sequence[in
                          f"group abs-max); only {', '.join(AMAX_QUANTIZERS)} do: pass amax=None")
     if quantizer == "ptq":
         return ptq(x, bits, rounding, seed, step, stream, amax)
-    if quantizer == "psq" and bits == 1:
-        return psq_two_level(x, reduce_dims, rounding, seed, step, stream, amax)
-    if quantizer in ("psq", "scq"):
+    if quantizer == "psq":
+        return psq(x, bits, reduce_dims, rounding, seed, step, stream, amax)
+    if quantizer == "scq":
         return _uniform(x, bits, reduce_dims, rounding, seed, step, stream, amax)
     if quantizer == "aq":
         return aq(x, bits, reduce_dims, rounding, seed, step, stream)
@@ -488,8 +486,8 @@ def grad_dequantize(q: GradQuant, quantizer: str, reduce_dims: Sequence[int]) ->
 
 def variance_bound(x: Tensor, q: GradQuant, quantizer: str, reduce_dims: Sequence[int]) -> Tensor:
     """Elementwise variance bound of a quantizer's result (AQ top-k is biased: its bound is not defined)."""
-    if quantizer == "psq" and "levels" in q.aux:
-        return two_level_variance(x, q.scale)
+    if quantizer == "psq" and "levels" in q.aux:  # SR on the grid of step 2s through -s: sr_variance of x + s
+        return sr_variance(x.float() + q.scale, 2 * q.scale)
     if quantizer in ("ptq", "psq", "scq"):
         return uniform_variance_bound(x, q)
     if quantizer == "bhq":

@@ -59,6 +59,7 @@ from benchmarks.step_time import TOKEN_ROT  # noqa: E402  (the layout docs/outli
 # "-token-rot" rows are the layout option layout="auto" (the default) picks on these checkpoints' outlier features
 # (docs/outliers.md), written out as in docs/outliers.md.
 _DEFAULT = {"layout": "default"}
+W_GROUPS32 = {"role": "output", "operand": "weight", "granularity": "block", "block_size": 32}
 _LINEAR_ONLY = [{"role": "output", "module_type": "Linear", "rotate": "hadamard"},
                 *({**r, "module_type": "Linear"} for r in TOKEN_ROT["rules"])]
 CONFIGS: dict[str, dict[str, Any] | None] = {
@@ -72,6 +73,9 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     # (integer GEMMs on per-tensor scales), measured against the layout on every site (docs/outliers.md)
     "W8A8G8-token-rot-linear": {"bits": "W8A8G8", **_DEFAULT, "rules": _LINEAR_ONLY},
     "W4A8G8-token-rot-linear": {"bits": "W4A8G8", **_DEFAULT, "rules": _LINEAR_ONLY},
+    # 4-bit weights in 1 x 32 groups along K for the output GEMM, the backward GEMMs keeping the token layout's own
+    # per-channel weight (docs/options.md, "Block scaling"; the 4-bit recipe of docs/outliers.md)
+    "W4A8G8-token-g32": {"bits": "W4A8G8", **_DEFAULT, "rules": [*TOKEN_ROT["rules"], W_GROUPS32]},
     "W4A8G8L4": {"bits": "W4A8G8L4", **_DEFAULT},
     "AQ-G1": {"bits": "W8A8G1", "grad_quantizer": "aq", **_DEFAULT},
     "PSQ-G1": {"bits": "W8A8G1", "grad_quantizer": "psq", **_DEFAULT},
@@ -208,9 +212,11 @@ def run_grid(seeds: str, configs: list[str], run_one: Callable[[str, int], dict[
 
 def task_result(name: str, args: argparse.Namespace, argv: list[str] | None, runs: list[dict[str, Any]],
                 load_before: tuple[float, ...], same: tuple[str, ...],
-                metrics: tuple[str, ...] = ("acc", "test_loss", "train_loss_last10"), **extra: Any) -> dict[str, Any]:
+                metrics: tuple[str, ...] = ("acc", "test_loss", "train_loss_last10"), script: str | None = None,
+                **extra: Any) -> dict[str, Any]:
     """A task's result: its runs (merged with the previous ``<out>/<name>.json`` under ``--merge``, which must have
-    used the same ``same`` settings), the summary rows, machine, load, date and command."""
+    used the same ``same`` settings), the summary rows, machine, load, date and command (``script``: the
+    benchmark's file name when it is not ``name``)."""
     from benchmarks.step_time import machine_info
 
     if args.merge:
@@ -218,7 +224,8 @@ def task_result(name: str, args: argparse.Namespace, argv: list[str] | None, run
     return {"rows": summarize(runs, metrics), "runs": runs, "machine": machine_info("cpu"),
             "torch": torch.__version__, **extra, "load_before": load_before, "load_after": os.getloadavg(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
-            "command": f"python benchmarks/{name}.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+            "command": f"python benchmarks/{script or name}.py "
+                       + shlex.join(argv if argv is not None else sys.argv[1:])}
 
 
 def header(result: dict[str, Any], title: str) -> list[str]:

@@ -42,7 +42,27 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.finetune import add_common_args, header, parse_configs, run_grid, seed_list, set_up, task_result  # noqa: E402  (shared by every fine-tuning task)
+from benchmarks.finetune import (  # noqa: E402  (shared by every fine-tuning task)
+    CONFIGS,
+    TOKEN_ROT,
+    W_GROUPS32,
+    add_common_args,
+    header,
+    parse_configs,
+    run_grid,
+    seed_list,
+    set_up,
+    task_result,
+)
+
+# LM only: the 4-bit recipe with the tied LM head's weight at 8 bits (its 49152 x 576 rows at 4 bits cost the most
+# loss of any layer; docs/outliers.md)
+_HEAD8 = {"module": "lm.lm_head", "operand": "weight", "bits": 8}
+CONFIGS["W4A8G8-token-g32-head8"] = {"bits": "W4A8G8", "layout": "default",
+                                     "rules": [*TOKEN_ROT["rules"], W_GROUPS32, _HEAD8]}
+# the token layout without the rotation, per-channel 4-bit weights (``--steps 0`` compares the 4-bit choices)
+CONFIGS["W4A8G8-token"] = {"bits": "W4A8G8", "layout": "default", "rules": TOKEN_ROT["rules"]}
+CONFIGS["W4A8G8-token-head8"] = {"bits": "W4A8G8", "layout": "default", "rules": [*TOKEN_ROT["rules"], _HEAD8]}
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "smollm2-135m")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,7 +163,8 @@ def run(config: str, seed: int, train: torch.Tensor, test: torch.Tensor, args: a
             total += lm_loss(fwd(b[:, :-1]), b[:, 1:]).item() * len(b)
     test_loss = total / len(test)
     return {"config": config, "seed": seed, "test_loss": test_loss, "test_ppl": math.exp(test_loss),
-            "train_loss_last10": statistics.mean(losses[-10:]), "losses": losses, "train_s": train_s}
+            "train_loss_last10": statistics.mean(losses[-10:]) if losses else float("nan"), "losses": losses,
+            "train_s": train_s}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -166,26 +187,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = run_grid(args.seeds, configs, lambda config, seed: run(config, seed, train, test, args, lm))
     import transformers
 
-    result = task_result("finetune_lm", args, argv, runs, load_before, ("steps", "batch", "seq", "test", "lr"),
-                         ("test_loss", "test_ppl", "train_loss_last10"), transformers=transformers.__version__,
-                         train_windows=len(train))
-    publish(result, render(result), args.out, "finetune_lm", not args.no_save)
+    name = "finetune_lm" if args.steps else "finetune_lm_ptq"  # --steps 0: the quantized checkpoint as loaded
+    result = task_result(name, args, argv, runs, load_before, ("steps", "batch", "seq", "test", "lr"),
+                         ("test_loss", "test_ppl", "train_loss_last10"), script="finetune_lm",
+                         transformers=transformers.__version__, train_windows=len(train))
+    publish(result, render(result), args.out, name, not args.no_save)
     return result
 
 
 def render(result: dict[str, Any]) -> str:
     a = result["args"]
+    trained = bool(a["steps"])
+    title = ("Fine-tuning pretrained SmolLM2-135M on the King James Bible (benchmarks/finetune_lm.py)" if trained
+             else "Pretrained SmolLM2-135M quantized, before any fine-tuning step "
+             "(benchmarks/finetune_lm.py --steps 0)")
+    what = (f"{a['steps']} steps of batch {a['batch']} x {a['seq']} tokens, AdamW lr {a['lr']}" if trained else
+            f"no training step: the compiled model's inference graph on the checkpoint, batch {a['batch']} x "
+            f"{a['seq']} tokens")
     lines = [
-        *header(result, "Fine-tuning pretrained SmolLM2-135M on the King James Bible (benchmarks/finetune_lm.py)"),
-        f"- {a['steps']} steps of batch {a['batch']} x {a['seq']} tokens, AdamW lr {a['lr']}; held out: "
-        f"{a['test']} windows from {HELD_OUT_FROM} onward; seeds {seed_list(result)} (mean ± std)", "",
-        "| config | held-out loss | gap vs FP32 | perplexity | train loss (last 10) | seeds |",
-        "|---|---|---|---|---|---|",
+        *header(result, title),
+        f"- {what}; held out: {a['test']} windows from {HELD_OUT_FROM} onward; seeds {seed_list(result)} "
+        "(mean ± std)", "",
+        "| config | held-out loss | gap vs FP32 | perplexity |" + (" train loss (last 10) |" if trained else "")
+        + " seeds |",
+        "|---|---|---|---|" + ("---|" if trained else "") + "---|",
     ]
     for r in result["rows"]:
         gap = f"{r['test_loss_gap_pct']:+.2f}%" if "test_loss_gap_pct" in r else ""
+        train = f" {r['train_loss_last10']:.4f} |" if trained else ""
         lines.append(f"| {r['config']} | {r['test_loss']:.4f} ± {r['test_loss_std']:.4f} | {gap} | "
-                     f"{r['test_ppl']:.2f} | {r['train_loss_last10']:.4f} | {r['n']} |")
+                     f"{r['test_ppl']:.2f} |{train} {r['n']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,10 @@ The granularity is turned into the dims of the operand's *base* tensor (the node
 which one scale is shared: ``tensor`` -> all dims; ``token``/``sample`` (activations, gradients) and ``channel``
 (weights: output channels = rows of W) -> the last dim; ``channel`` (activations, gradients: feature columns) ->
 every dim but the last; ``block`` -> the dims that are blocked (`block_dims`): b x b tiles over the two matrix dims
-for the forward operands (input, weight), which a backward GEMM reads along their other dim, and 1 x b groups along
-the reduction dim for a gradient. The scales then follow the codes through the replayed transposes; a scale that varies
+for a forward operand (input, weight) whose other GEMM (``grad_input`` for the weight, ``grad_weight`` for the input)
+is also configured with blocks of the same size and so reads the same codes along the other dim; 1 x b groups along
+this GEMM's reduction dim for a gradient, and for a forward operand that only one GEMM reads in blocks (docs/options.md,
+"Block scaling"). The scales then follow the codes through the replayed transposes; a scale that varies
 along the GEMM's reduction axis cannot sit in the epilogue, so that GEMM multiplies dequantized operands (same
 product of the quantized values, no integer GEMM) and the record says so.
 
@@ -77,16 +79,33 @@ def reduce_dims_for(spec: QuantSpec, operand: str, ndim: int, where: str) -> lis
     return list(range(ndim - 1))  # channel of an activation/gradient: one scale per feature column
 
 
-def block_dims(base: fx.Node, chain: list[fx.Node], arg_index: int, operand: str) -> list[int]:
+def block_dims(base: fx.Node, chain: list[fx.Node], arg_index: int, tiles: bool) -> list[int]:
     """The base dims a block spec blocks (docs/options.md, "Block scaling"): the GEMM operand's two matrix dims
-    (b x b tiles) for a forward operand, its reduction dim (1 x b groups) for a gradient. Found by replaying the
-    transposes on a meta tensor whose dim ``i`` has size ``i + 2``."""
+    (b x b tiles, ``tiles``: codes two GEMMs read along different dims) or its reduction dim alone (1 x b groups).
+    Found by replaying the transposes on a meta tensor whose dim ``i`` has size ``i + 2``."""
     nd = base.meta["val"].dim()
     t = torch.empty([i + 2 for i in range(nd)], device="meta")
     for c in chain:
         t = c.target(t, *c.args[1:], **c.kwargs)
     red, other = (t.shape[-1], t.shape[-2]) if arg_index == 0 else (t.shape[-2], t.shape[-1])
-    return [red - 2] if operand == "grad_output" else sorted([red - 2, other - 2])
+    return sorted([red - 2, other - 2]) if tiles else [red - 2]
+
+
+# The other GEMM reading a forward operand: the weight (key "b") is read by ``output`` and ``grad_input``, the
+# forward input (key "a") by ``output`` and ``grad_weight`` (docs/architecture.md).
+_PARTNER = {("output", "a"): "grad_weight", ("grad_weight", "a"): "output",
+            ("output", "b"): "grad_input", ("grad_input", "b"): "output"}
+
+
+def _shares_tiles(site: GemmSite, role: str, key: str, spec: QuantSpec, peek) -> bool:
+    """Does the other GEMM reading this forward operand ask for blocks of the same size, so that both read one set
+    of b x b tiles? Decided from the configuration, not from the GEMMs present in this graph, so an inference graph
+    (no backward GEMMs) quantizes the operand exactly as the training graph's forward does."""
+    partner = _PARTNER.get((role, key))
+    if partner is None:
+        return False
+    other, _ = peek(site, partner, site.operand_name(key))
+    return other is not None and other.granularity == "block" and other.block_size == spec.block_size
 
 
 def _scale_ok(base: fx.Node, chain: list[fx.Node], reduce_dims: list[int], arg_index: int) -> bool:
@@ -116,13 +135,17 @@ def assign(sites: list[Site], config: FQTConfig) -> list[GemmPlan]:
         for i, rule in enumerate(config.rules):
             if rule.matches(key, role, operand, site.module_type):
                 rule_hits[i] += 1
-        return config.resolve(key, role, operand, site.module_type)
+        return peek(site, role, operand)
+
+    def peek(site: Site, role: str, operand: str) -> tuple[QuantSpec | None, str]:
+        """``resolve`` without counting rule hits (the spec of a GEMM this graph may not hold)."""
+        return config.resolve(site.module or site.name, role, operand, site.module_type)
 
     for site in sites:
         if isinstance(site, ConvSite):
             _assign_conv(site, resolve)
         else:
-            plans.extend(_assign_gemm(site, resolve))
+            plans.extend(_assign_gemm(site, resolve, peek))
     # a graph without a role (an inference graph has no backward GEMMs) gives the rules naming it nothing to match
     roles_here = {role for site in sites for role in site.roles}
     for i, hits in enumerate(rule_hits):
@@ -149,7 +172,7 @@ def _assign_conv(site: ConvSite, resolve) -> None:
             site.specs[(role, operand)] = (spec, reason)
 
 
-def _assign_gemm(site: GemmSite, resolve) -> list[GemmPlan]:
+def _assign_gemm(site: GemmSite, resolve, peek) -> list[GemmPlan]:
     plans = []
     for role, node in site.gemms.items():
         args = gemm_operands(node)
@@ -168,7 +191,7 @@ def _assign_gemm(site: GemmSite, resolve) -> list[GemmPlan]:
                 )
             dims: list[int] = []
             if spec is not None and spec.granularity == "block":
-                dims = block_dims(base, chain, idx, operand)
+                dims = block_dims(base, chain, idx, key != "g" and _shares_tiles(site, role, key, spec, peek))
             elif spec is not None:
                 where = f"site {site.name!r}, role {role!r}"
                 dims = reduce_dims_for(spec, operand, base.meta["val"].dim(), where)

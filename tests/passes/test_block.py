@@ -85,13 +85,59 @@ def test_compiled_numerics_equal_the_reference_functions():
     torch.testing.assert_close(lin.weight.grad, B.block_gemm(gc0.t(), gs0.t(), xc, xs, 16), rtol=0, atol=0)
 
 
-def test_inductor_lowering_is_bit_exact():
+def test_operand_one_gemm_reads_in_blocks_takes_groups():
+    """A rule setting blocks on the output GEMM's operands alone: the backward GEMMs read their own (default)
+    quantization of the weight and the input, so the output GEMM's operands get 1 x b groups along K (finer than
+    b x b tiles) in the training graph and in the inference graph alike, and the output equals the reference."""
+    torch.manual_seed(6)
+    lin = nn.Linear(80, 40)
+    x = torch.randn(37, 80, requires_grad=True)
+    opts = {"rules": [{"role": "output", "operand": "input", "granularity": "block", "block_size": 16},
+                      {"role": "output", "operand": "weight", "granularity": "block", "block_size": 16}]}
+    out, cgs = run_and_capture(lin, (x,), opts)
+    recs = {r["role"]: r for r in cgs[0].records}
+    assert recs["output"]["operands"]["weight"]["block_dims"] == [1]  # W [N, K]: groups along K
+    assert recs["output"]["operands"]["input"]["block_dims"] == [1]
+    assert recs["grad_input"]["operands"]["weight"]["granularity"] == "tensor"
+    assert recs["grad_weight"]["operands"]["input"]["granularity"] == "tensor"
+    xc, xs = B.quantize_block(x.detach(), 8, [1], 16)
+    wc, ws = B.quantize_block(lin.weight.detach(), 8, [1], 16)
+    expect = B.block_gemm(xc, xs, wc.t(), ws.t(), 16, lin.bias.detach())
+    torch.testing.assert_close(out.detach(), expect, rtol=0, atol=0)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(compile_fqt(lin, opts)(x.detach()), expect, rtol=0, atol=0)
+    # the same rules on both GEMMs reading the weight: one set of shared b x b tiles again
+    both = {"rules": [{"operand": "weight", "granularity": "block", "block_size": 16}]}
+    _, cgs = run_and_capture(lin, (x,), both)
+    recs = {r["role"]: r for r in cgs[0].records}
+    assert recs["output"]["operands"]["weight"]["block_dims"] == [0, 1]
+    assert recs["grad_input"]["operands"]["weight"]["block_dims"] == [0, 1]
+
+
+def test_inference_graph_quantizes_like_the_training_forward():
+    """granularity="block": the inference graph (no backward GEMMs) keeps the b x b tiles of the training graph's
+    forward, so evaluation sees the numerics training saw."""
+    m, x = _mlp(), torch.randn(24, 48)
+    train_out = compile_fqt(m, {**BLOCK})(x)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eval_out = compile_fqt(m, {**BLOCK})(x)
+    torch.testing.assert_close(eval_out, train_out.detach(), rtol=0, atol=0)
+
+
+_OUTPUT_GROUPS = {"rules": [{"role": "output", "operand": "input", "granularity": "block"},
+                            {"role": "output", "operand": "weight", "granularity": "block"}]}
+
+
+@pytest.mark.parametrize("opts", [{"granularity": "block"}, _OUTPUT_GROUPS], ids=["tiles", "output_groups"])
+def test_inductor_lowering_is_bit_exact(opts):
     x = torch.randn(24, 48)
     grads = {}
     for compiler in ("eager", "inductor"):
         torch._dynamo.reset()
         m = _mlp()
-        out = compile_fqt(m, {"granularity": "block", "compiler": compiler})(x)
+        out = compile_fqt(m, {**opts, "compiler": compiler})(x)
         out.pow(2).mean().backward()
         grads[compiler] = (out.detach(), [p.grad for n, p in m.named_parameters() if n.endswith("weight")])
     torch.testing.assert_close(grads["inductor"][0], grads["eager"][0], rtol=0, atol=0)

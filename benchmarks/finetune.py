@@ -41,6 +41,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import shlex
 import statistics
@@ -164,6 +165,9 @@ def summarize(runs: list[dict[str, Any]], metrics: tuple[str, ...] = ("acc", "te
         row: dict[str, Any] = {"config": config, "n": len(rs)}
         for k in metrics:
             vals = [r[k] for r in rs]
+            if any(math.isnan(v) for v in vals):  # a diverged run (non-finite loss) makes the row NaN, not an error
+                row[k], row[k + "_std"] = float("nan"), float("nan")
+                continue
             row[k] = statistics.mean(vals)
             row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)

@@ -89,9 +89,10 @@ def _source(operand: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def _plan(q: fx.Node, block: int) -> tuple[dict | None, str]:
+def _plan(q: fx.Node, block: int, peers: frozenset[fx.Node] = frozenset()) -> tuple[dict | None, str]:
     """What rotating site ``q`` (an output qgemm) takes: the two quantize nodes, the block and the consumers to
-    un-rotate; or None and the reason it cannot be rotated."""
+    un-rotate; or None and the reason it cannot be rotated. ``peers``: the other output GEMMs rotated together
+    with ``q`` because they read the same input codes (they reduce over the rotated K as ``q`` does)."""
     a, b = q.args[0], q.args[2]
     srcs = [_source(a), _source(b)]
     if any(s is None for s in srcs):
@@ -117,7 +118,7 @@ def _plan(q: fx.Node, block: int) -> tuple[dict | None, str]:
             if reader.target not in _GEMMS or axis is None or idx not in (0, 2):
                 return None, f"the codes are also read by {reader.target}"
             reduced = 1 if idx == 0 else 0
-            if reader is q:
+            if reader is q or (reader in peers and want == 1 and idx == 0):
                 if axis != want:
                     return None, "the rotated dimension is not the output GEMM's reduction"
                 continue
@@ -146,14 +147,46 @@ def rotate_linear_sites(gm: fx.GraphModule, config: FQTConfig) -> dict[str, int]
     if not candidates:
         return counters
     fake_mode = graph_fake_mode(graph)
-    for q, rec in candidates:
-        plan, why = _plan(q, config.rotate_block)
-        notes = rec.setdefault("notes", [])
-        if plan is None:
-            notes.append(f"rotate: not applied ({why})")
+    for group in _groups(candidates):
+        peers = frozenset(q for q, _ in group)
+        plans = [(q, rec, *_plan(q, config.rotate_block, peers - {q})) for q, rec in group]
+        why = next((w for _, _, p, w in plans if p is None), "")
+        if why:  # the sites sharing input codes are rotated together or not at all
+            for _, rec, _, _ in plans:
+                rec.setdefault("notes", []).append(f"rotate: not applied ({why})")
             continue
-        blk, stream = plan["block"], stable_stream(rec.get("site"), "rotate")
+        # one sign vector per input, from the group's first site name: a site rotated alone keeps its own stream, and
+        # every graph of the model (training, inference) draws the same signs
+        blk = plans[0][2]["block"]
+        stream = stable_stream(min(str(rec.get("site")) for _, rec in group), "rotate")
+        _apply(graph, fake_mode, config, plans, blk, stream, counters)
+    graph.lint()
+    gm.recompile()
+    return counters
+
+
+def _groups(candidates: list[tuple[fx.Node, dict]]) -> list[list[tuple[fx.Node, dict]]]:
+    """The candidate output GEMMs grouped by the input codes they read (graph order): Linear sites reading one
+    activation (attention's q/k/v projections, a gated MLP's gate/up) share its codes, so they share its rotation
+    (QuaRot rotates each activation once; every weight reading it absorbs the same rotation)."""
+    groups: dict[fx.Node | int, list[tuple[fx.Node, dict]]] = {}
+    for i, (q, rec) in enumerate(candidates):
+        src = _source(q.args[0])
+        groups.setdefault(src[0] if src is not None else i, []).append((q, rec))
+    return list(groups.values())
+
+
+def _apply(graph: fx.Graph, fake_mode, config: FQTConfig, plans: list, blk: int, stream: int,
+           counters: dict[str, int]) -> None:
+    """Insert the rotations of one group of sites: each quantizer's input once, each un-rotated consumer once."""
+    sites = [rec.get("site") for _, rec, _, _ in plans]
+    rotated: set[fx.Node] = set()
+    unrotate: dict[fx.Node, int] = {}
+    for q, rec, plan, _ in plans:
         for qn in plan["quantize"]:
+            if qn in rotated:  # the shared input codes: rotated once for the whole group
+                continue
+            rotated.add(qn)
             base = qn.args[0]
             with graph.inserting_before(qn):
                 r = graph.call_function(fqt.rotate.default, (base, 1, blk, config.seed, stream, False))
@@ -170,20 +203,21 @@ def rotate_linear_sites(gm: fx.GraphModule, config: FQTConfig) -> dict[str, int]
                 if obs.args[0] is base:
                     obs.args = (r, *obs.args[1:])
             counters["rotation_nodes"] += 1
-        for reader, dim in plan["unrotate"].items():
-            with graph.inserting_after(reader):
-                inv = graph.call_function(fqt.rotate.default, (reader, dim, blk, config.seed, stream, True))
-            copy_meta(inv, reader)
-            set_fake_val(inv, fake_mode)
-            reader.replace_all_uses_with(inv, delete_user_cb=lambda u: u is not inv)
-            other = reader.meta.get("fqt")
-            if other is not None:
-                other.setdefault("notes", []).append(
-                    f"reads codes rotated for {rec.get('site')}'s output GEMM: output un-rotated along dim {dim}")
-            counters["rotation_nodes"] += 1
+        unrotate.update(plan["unrotate"])
         rec["rotate"] = {"kind": "hadamard", "block": blk}
-        notes.append(f"rotated: randomized Hadamard (block {blk}) on input and weight along K before quantizing")
+        shared = f"; input rotated once with {', '.join(x for x in sites if x != rec.get('site'))} (shared input " \
+                 "codes)" if len(sites) > 1 else ""
+        rec.setdefault("notes", []).append(
+            f"rotated: randomized Hadamard (block {blk}) on input and weight along K before quantizing{shared}")
         counters["rotated_sites"] += 1
-    graph.lint()
-    gm.recompile()
-    return counters
+    for reader, dim in unrotate.items():
+        with graph.inserting_after(reader):
+            inv = graph.call_function(fqt.rotate.default, (reader, dim, blk, config.seed, stream, True))
+        copy_meta(inv, reader)
+        set_fake_val(inv, fake_mode)
+        reader.replace_all_uses_with(inv, delete_user_cb=lambda u: u is not inv)
+        other = reader.meta.get("fqt")
+        if other is not None:
+            other.setdefault("notes", []).append(
+                f"reads codes rotated for {' / '.join(sites)}'s output GEMM: output un-rotated along dim {dim}")
+        counters["rotation_nodes"] += 1

@@ -63,6 +63,55 @@ def test_rotated_linear_equals_reference(compiler):
     torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-5 * gx.abs().max().item())
 
 
+class _SharedInput(nn.Module):
+    """Three Linear sites reading one activation (attention's q/k/v projections): their input codes are shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 32), nn.Linear(64, 32), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], -1)
+
+
+def test_sites_sharing_an_input_rotate_together():
+    """q/k/v read the same input codes: the input is rotated once with one sign vector (the stream of the first
+    site name), each weight with the same signs, each weight gradient un-rotated; output and weight gradients
+    equal the reference (nearest rounding). A plan rotating one site alone would change the shared codes under the
+    others, so before joint rotation none of them was rotated."""
+    torch.manual_seed(0)
+    m = _SharedInput()
+    x = _data()
+    go = torch.randn(12, 96, generator=torch.Generator().manual_seed(1))
+    with capture() as cgs:
+        out = torch.compile(m, backend="fqt", options={"rotate": "hadamard", "rounding": "nearest",
+                                                       "compiler": "eager"})(x)
+        out.backward(go)
+    cg = cgs[0]
+    recs = {(r["site"], r["role"]): r for r in cg.records}
+    for site in "qkv":
+        assert recs[(site, "output")]["rotate"] == {"kind": "hadamard", "block": 64}
+        assert any("shared input codes" in n for n in recs[(site, "output")]["notes"])
+    fw_rot = [n for n in cg.forward.graph.nodes if n.target is torch.ops.fqt.rotate.default]
+    assert len(fw_rot) == 4  # the shared input once, three weights
+    bw_inv = [n for n in cg.backward.graph.nodes if n.target is torch.ops.fqt.rotate.default and n.args[-1]]
+    assert len(bw_inv) == 3  # each grad_weight output
+    stream = stable_stream("k", "rotate")
+    xr = R.rotate(x, 1, 64, 0, stream)
+    xq = _deq(xr, recs[("q", "output")]["operands"]["input"]["reduce_dims"])
+    ys = []
+    for i, site in enumerate("qkv"):
+        lin, g = getattr(m, site), go[:, 32 * i:32 * (i + 1)]
+        w_dims = recs[(site, "output")]["operands"]["weight"]["reduce_dims"]
+        wq = _deq(R.rotate(lin.weight.detach(), 1, 64, 0, stream), w_dims)
+        ys.append(xq @ wq.t() + lin.bias.detach())
+        gw_dims = recs[(site, "grad_weight")]["operands"]["grad_output"]["reduce_dims"]
+        gw = R.rotate(_deq(g, gw_dims).t() @ xq, 1, 64, 0, stream, inverse=True)
+        torch.testing.assert_close(lin.weight.grad, gw, rtol=1e-5, atol=1e-5 * gw.abs().max().item())
+    y = torch.cat(ys, -1)
+    torch.testing.assert_close(out.detach(), y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
 def test_site_without_a_block_and_rules():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 32), nn.ReLU(),

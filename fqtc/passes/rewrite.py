@@ -76,6 +76,7 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     # another GEMM (Linear -> Linear) changes that consumer's base node.
     requests: dict[tuple, list[tuple[GemmPlan, OperandPlan]]] = defaultdict(list)
     resolved: dict[tuple[fx.Node, int], tuple[tuple, list[fx.Node]]] = {}
+    bases: dict[tuple[fx.Node, int], fx.Node] = {}
     folds = {plan.node: f for plan in todo if (f := _scale_fold(plan)) is not None}
     for plan in todo:
         args = gemm_operands(plan.node)
@@ -84,20 +85,23 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
             if op.spec is None or op is folded:  # a folded gradient is quantized in phase 2, after the fold
                 continue
             base, chain = strip_operand(args[op.arg_index])
-            key = (base, op.spec, tuple(op.reduce_dims))
+            key = (same_tensor(base), op.spec, tuple(op.reduce_dims))
             requests[key].append((plan, op))
             resolved[(plan.node, op.arg_index)] = (key, chain)
+            bases[(plan.node, op.arg_index)] = base
 
     step = get_or_insert_step(graph, fake_mode, todo[0].node.meta["val"].device)
 
     quantized: dict[tuple, tuple[fx.Node, fx.Node]] = {}
-    for (base, spec, dims), users in requests.items():
+    for (same, spec, dims), users in requests.items():
         first_plan, first_op = min(users, key=lambda u: order[u[0].node])
+        # the first reader's own base node: it is defined before the quantizer, which precedes that reader
+        base = bases[(first_plan.node, first_op.arg_index)]
         q = _insert_quantize(graph, fake_mode, base, spec, list(dims), first_plan, first_op, config, step)
         if config.log_sqnr and q[1] is not None and spec.quantizer != "bhq" and any(
                 config.logs_sqnr(p.site.name, p.site.module, p.role) for p, _ in users):
             q = _insert_observer(graph, fake_mode, base, q, first_plan, first_op, step)
-        quantized[(base, spec, dims)] = q
+        quantized[(same, spec, dims)] = q
 
     # phase 2: replace each GEMM by qgemm on (replayed) codes and scales
     for plan in todo:
@@ -159,6 +163,23 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     graph.lint()
     gm.recompile()
     return {"gemms_rewritten": len(todo), "quantize_nodes": len(quantized)}
+
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def same_tensor(base: fx.Node) -> object:
+    """A key equal for nodes that are the same tensor: a view (reshape) is keyed by its input and shape, so GEMM
+    sites that each reshape one activation (Hugging Face attention's q/k/v projections flatten the same hidden
+    states three times) quantize it once and share the codes, as sites reading one node already do."""
+    if base.op == "call_function" and base.target in _VIEWS and isinstance(base.args[0], fx.Node):
+        try:
+            key = (base.target, base.args[0], tuple(base.args[1]))
+            hash(key)
+            return key
+        except TypeError:  # a shape holding something unhashable: key the node itself
+            return base
+    return base
 
 
 # Extension points (one entry per feature, registered by the module that owns it):

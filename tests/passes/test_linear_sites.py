@@ -103,3 +103,38 @@ def test_parameter_names_are_fqns():
     _, (cg,) = run_and_capture(model, (torch.randn(3, 12),))
     names = [n for n in cg.param_names if n is not None]
     assert names == [n for n, _ in model.named_parameters()], names
+
+
+class _Projections(nn.Module):
+    """Three Linear sites on one 3-D activation (attention's q/k/v): each flattens it with its own view node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.k(x), self.v(x)], -1)
+
+
+def test_sites_reshaping_one_activation_share_its_codes():
+    """The three views of one activation are one tensor: it is quantized once in forward (and its codes saved
+    once for the three grad_weight GEMMs), and each site's output equals its own reference exactly."""
+    from fqtc.quant.uniform import dequantize, quantize
+
+    torch.manual_seed(0)
+    m = _Projections()
+    x = torch.randn(2, 5, 16)
+    out, cgs = run_and_capture(m, (x,), {"rounding": "nearest"})
+    fw = cgs[0].forward
+    inputs = [n for n in fw.graph.find_nodes(op="call_function", target=torch.ops.fqt.quantize.default)
+              if n.meta["fqt"]["operand"] == "input"]
+    assert len(inputs) == 1, [n.meta["fqt"]["site"] for n in inputs]
+    recs = {(r["site"], r["role"]): r for r in cgs[0].records}
+    assert all(recs[(s, "grad_weight")]["status"] == "quantized" for s in "qkv")
+    x2 = x.reshape(10, 16)
+    xq = dequantize(*quantize(x2, 8, recs[("q", "output")]["operands"]["input"]["reduce_dims"]))
+    for i, s in enumerate("qkv"):
+        lin = getattr(m, s)
+        wq = dequantize(*quantize(lin.weight.detach(), 8, recs[(s, "output")]["operands"]["weight"]["reduce_dims"]))
+        want = (xq @ wq.t() + lin.bias.detach()).reshape(2, 5, 8)
+        assert_close(out.detach()[..., 8 * i:8 * (i + 1)], want, rtol=1e-5, atol=1e-6)

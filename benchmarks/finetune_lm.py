@@ -63,6 +63,8 @@ CONFIGS["W4A8G8-token-g32-head8"] = {"bits": "W4A8G8", "layout": "default",
 # the token layout without the rotation, per-channel 4-bit weights (``--steps 0`` compares the 4-bit choices)
 CONFIGS["W4A8G8-token"] = {"bits": "W4A8G8", "layout": "default", "rules": TOKEN_ROT["rules"]}
 CONFIGS["W4A8G8-token-head8"] = {"bits": "W4A8G8", "layout": "default", "rules": [*TOKEN_ROT["rules"], _HEAD8]}
+CONFIGS["W4A8G8-token-rot-g32-head8"] = {"bits": "W4A8G8", "layout": "default", "rotate": "hadamard",
+                                         "rules": [*TOKEN_ROT["rules"], W_GROUPS32, _HEAD8]}
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fqtc", "smollm2-135m")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

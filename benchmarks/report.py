@@ -24,7 +24,9 @@ Generated here:
 - ``results/finetune_lm.json`` (benchmarks/finetune_lm.py) -> ``results/finetune_lm.md`` and the "Fine-tuning a
   pretrained LM" section of benchmarks/README.md, once a run has written it;
 - ``results/finetune.json`` (benchmarks/finetune.py) -> ``results/finetune.md`` and the "Fine-tuning" section of
-  benchmarks/README.md, once a run has written it.
+  benchmarks/README.md, once a run has written it;
+- ``results/finetune_lm_ptq.json`` (benchmarks/finetune_lm.py ``--steps 0``) -> ``results/finetune_lm_ptq.md`` and
+  the table in docs/outliers.md, "4-bit weights on a decoder LM".
 
 A generated table sits between ``<!-- report.py: NAME -->`` and ``<!-- /report.py: NAME -->`` lines; the text
 around it (command, machine, reading) stays hand-written.
@@ -152,6 +154,7 @@ BLOCKS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     (README, "finetune", "finetune.json", _untitled("benchmarks.finetune", "render")),
     (README, "finetune_lm", "finetune_lm.json", _untitled("benchmarks.finetune_lm", "render")),
     (README, "finetune_cnn", "finetune_cnn.json", _untitled("benchmarks.finetune_cnn", "render")),
+    (OUTLIERS_DOC, "finetune_lm_ptq", "finetune_lm_ptq.json", _untitled("benchmarks.finetune_lm", "render")),
 ]
 
 
@@ -163,6 +166,7 @@ PAGES: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     (os.path.join(RESULTS, "finetune.md"), "finetune.json", _page("benchmarks.finetune", "render")),
     (os.path.join(RESULTS, "finetune_lm.md"), "finetune_lm.json", _page("benchmarks.finetune_lm", "render")),
     (os.path.join(RESULTS, "finetune_cnn.md"), "finetune_cnn.json", _page("benchmarks.finetune_cnn", "render")),
+    (os.path.join(RESULTS, "finetune_lm_ptq.md"), "finetune_lm_ptq.json", _page("benchmarks.finetune_lm", "render")),
 ]
 # (plot, result file, module, function(result, path))
 PLOTS: list[tuple[str, str, str, str]] = [

@@ -2,8 +2,9 @@
 ``fqt::block_gemm``).
 
 Preconditions: `assign` planned every GEMM (``node.meta["fqt"]``). Each operand's base tensor is quantized once per
-distinct (base, spec) — the forward activation's codes are shared by the ``output`` and ``grad_weight`` GEMMs, the
-gradient is quantized once per spec — right before its first consumer (inserting backward quantizers earlier
+distinct (base, spec) — the forward activation's codes are shared by the ``output`` and ``grad_weight`` GEMMs and
+by every site reading it (identical views of one activation count as one base, `same_tensor`), the gradient is
+quantized once per spec — right before its first consumer (inserting backward quantizers earlier
 would pull them into the forward partition). Transposes between base and GEMM are replayed on codes and scales.
 The stochastic-rounding key is (seed, step, stream): the step comes from one ``fqt::step`` node per graph, the
 stream is a stable hash of (site, role, operand, spec).
@@ -71,7 +72,7 @@ def rewrite(gm: fx.GraphModule, plans: list[GemmPlan], config: FQTConfig) -> dic
     if not todo:
         return {"gemms_rewritten": 0, "quantize_nodes": 0}
 
-    # phase 1: group operand requests by (base, spec, dims) so each base is quantized once per spec
+    # phase 1: group operand requests by (same tensor, spec, dims) so each tensor is quantized once per spec
     # Keys and transpose chains are resolved before any GEMM is replaced: replacing a GEMM whose output feeds
     # another GEMM (Linear -> Linear) changes that consumer's base node.
     requests: dict[tuple, list[tuple[GemmPlan, OperandPlan]]] = defaultdict(list)
